@@ -1,0 +1,1 @@
+"""Built-in architecture maps (installed as ``rewriter.architectures``)."""

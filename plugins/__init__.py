@@ -1,0 +1,1 @@
+"""Built-in edit strategies (installed as ``rewriter.plugins``)."""

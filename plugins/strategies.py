@@ -1,0 +1,92 @@
+"""The four built-in strategies of method.md: standard, projected, biprojected, norm-preserving.
+
+Directions are refined in float64 with two-pass Gram-Schmidt; weight updates run in the
+compute dtype (float32 or float64) in place, with rank-1 updates, so that an edit needs
+one working copy of the tensor and a few vectors beside it.
+"""
+from __future__ import annotations
+
+import torch
+
+from rewriter.directions import Measurements
+from rewriter.hookspecs import hookimpl
+from rewriter.strategy import Strategy
+
+
+def _normalize(v: torch.Tensor) -> torch.Tensor:
+    return v / torch.linalg.vector_norm(v)
+
+
+def remove_component(r: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """r minus its projection on ``unit``, done twice (two-pass Gram-Schmidt)."""
+    for _ in range(2):
+        r = r - (r @ unit) * unit
+    return r
+
+
+def standard_direction(m: Measurements, measurement: int, target: int) -> torch.Tensor:
+    return m.direction(measurement)
+
+
+def projected_direction(m: Measurements, measurement: int, target: int) -> torch.Tensor:
+    return remove_component(m.direction(measurement), _normalize(m.harmless_mean(measurement)))
+
+
+def biprojected_direction(m: Measurements, measurement: int, target: int) -> torch.Tensor:
+    return remove_component(projected_direction(m, measurement, target), _normalize(m.harmless_mean(target)))
+
+
+def subtractive(w: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[torch.Tensor, int]:
+    """W' = W - scale * r (r^T W), in place; ``w`` is [d_model, columns], ``r`` a unit vector."""
+    if scale:
+        w.addr_(r, r @ w, alpha=-scale)
+    return w, 0
+
+
+def norm_preserving(w: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[torch.Tensor, int]:
+    """Remove ``r`` from each column's direction and give every column back its norm.
+
+    A column left (numerically) parallel to ``r`` cannot keep its norm: it becomes zero
+    and is counted.
+    """
+    if not scale:
+        return w, 0
+    norms = torch.linalg.vector_norm(w, dim=0)
+    w.div_(norms.clamp_min(torch.finfo(w.dtype).tiny))
+    w.addr_(r, r @ w, alpha=-scale)
+    remainder = torch.linalg.vector_norm(w, dim=0)
+    degenerate = (remainder < torch.finfo(w.dtype).eps ** 0.5) & (norms > 0)
+    factor = torch.where(degenerate, torch.zeros_like(norms), norms / remainder.clamp_min(torch.finfo(w.dtype).tiny))
+    w.mul_(factor)
+    return w, int(degenerate.sum())
+
+
+BUILTIN = (
+    Strategy("standard", "r = harmful - harmless mean; W -= r r^T W", standard_direction, subtractive, subtractive),
+    Strategy(
+        "projected",
+        "r without its harmless component at the measurement layer; subtractive",
+        projected_direction,
+        subtractive,
+        subtractive,
+    ),
+    Strategy(
+        "biprojected",
+        "r also without the target layer's harmless component; subtractive",
+        biprojected_direction,
+        subtractive,
+        subtractive,
+    ),
+    Strategy(
+        "norm-preserving",
+        "biprojected r; column directions edited, column norms kept (the seed's method)",
+        biprojected_direction,
+        norm_preserving,
+        subtractive,
+    ),
+)
+
+
+@hookimpl
+def abliterate_strategies() -> list[Strategy]:
+    return list(BUILTIN)

@@ -1,0 +1,136 @@
+"""The streaming rewrite: source shards -> tensor stream -> edit -> shard writer -> output.
+
+Knows nothing about architectures or strategies: it receives ready ``TensorEdit``s by
+tensor name. Every other tensor is copied byte for byte. One edited tensor (plus its
+working copy) is in memory at a time.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint, Shard
+from .edits import TensorEdit
+from .errors import AbliterateError
+from .manifest import MANIFEST_NAME, Manifest
+from .safetensors_io import COPY_CHUNK, ShardWriter, write_atomic
+
+
+@dataclass
+class Summary:
+    tensors_edited: int = 0
+    columns_zeroed: int = 0
+    bytes_written: int = 0
+    shards_written: int = 0
+    shards_reused: int = 0
+    files_copied: int = 0
+    weights_left_out: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"tensors edited: {self.tensors_edited}",
+            f"columns zeroed (parallel to the direction): {self.columns_zeroed}",
+            f"shards written: {self.shards_written}, reused from an earlier run: {self.shards_reused}",
+            f"bytes written: {self.bytes_written:,}",
+            f"other files copied: {self.files_copied}",
+            f"time: {self.seconds:.1f} s",
+        ]
+        if self.weights_left_out:
+            out.append("left out (weights in another format, not edited): " + ", ".join(self.weights_left_out))
+        return out
+
+
+def check_output_path(source: Path, output: Path) -> None:
+    src, out = source.resolve(), output.resolve()
+    if out == src or src in out.parents:
+        raise AbliterateError(f"output {output} is the source or inside it; the source is never written")
+
+
+def rewrite(
+    ckpt: Checkpoint,
+    output: Path,
+    edits: Mapping[str, TensorEdit],
+    fingerprint: dict[str, Any],
+    *,
+    compute: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Summary:
+    """Write the edited checkpoint to ``output``; resumes a run with the same fingerprint."""
+    start = time.monotonic()
+    check_output_path(ckpt.root, output)
+    manifest = Manifest.prepare(output, fingerprint, overwrite)
+    summary = Summary()
+    keep, foreign = ckpt.other_files()
+    summary.weights_left_out = [str(p) for p in foreign]
+    for rel in keep:
+        if rel.name != MANIFEST_NAME:
+            _copy_file(ckpt.root / rel, output / rel)
+            summary.files_copied += 1
+    buffer = bytearray(COPY_CHUNK)
+    with tqdm(total=ckpt.data_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="rewrite", disable=not progress) as bar:
+        for shard in ckpt.shards:
+            target = output / shard.name
+            if manifest.finished(shard.name, target):
+                summary.shards_reused += 1
+                bar.update(shard.header.file_size)
+                continue
+            size, sha = _write_shard(shard, target, edits, compute, buffer, summary, bar)
+            manifest.record(shard.name, size, sha)
+            summary.shards_written += 1
+            summary.bytes_written += size
+    if ckpt.index_name:
+        write_atomic(output / ckpt.index_name, (ckpt.root / ckpt.index_name).read_bytes())
+    manifest.complete = True
+    manifest.save()
+    summary.seconds = time.monotonic() - start
+    return summary
+
+
+def _write_shard(
+    shard: Shard,
+    target: Path,
+    edits: Mapping[str, TensorEdit],
+    compute: torch.dtype,
+    buffer: bytearray,
+    summary: Summary,
+    bar: tqdm,
+) -> tuple[int, str]:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(target, shard.header)
+    bar.update(len(shard.header.raw))
+    try:
+        with open(shard.path, "rb") as src, safe_open(str(shard.path), framework="pt") as tensors:
+            for entry in shard.header.entries:
+                edit = edits.get(entry.name)
+                if edit is None:
+                    writer.copy_range(src, entry.start, entry.end, buffer)
+                else:
+                    new, zeroed = edit.apply(tensors.get_tensor(entry.name), compute)
+                    writer.write_tensor(new)
+                    del new
+                    summary.tensors_edited += 1
+                    summary.columns_zeroed += zeroed
+                bar.update(entry.end - entry.start)
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """Copy through a temporary name so that a reader never sees half a file."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.copyfile(src, tmp)
+    tmp.chmod(0o644)
+    tmp.replace(dst)

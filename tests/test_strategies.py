@@ -1,0 +1,150 @@
+"""The method.md invariants of every built-in strategy, on random matrices of several shapes and dtypes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rewriter.edits import TensorEdit
+from rewriter.plugins.strategies import (
+    BUILTIN,
+    biprojected_direction,
+    norm_preserving,
+    projected_direction,
+    standard_direction,
+    subtractive,
+)
+from tests.conftest import random_measurements
+
+SHAPES = [(64, 96), (96, 64), (257, 31)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def unit(d: int, seed: int = 0) -> torch.Tensor:
+    r = torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return r / r.norm()
+
+
+def edit(update, r: torch.Tensor, scale: float, axis: int = 0) -> TensorEdit:
+    return TensorEdit("w", 0, 0, "mlp", axis, scale, r, update)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_norm_preserving_keeps_column_norms_and_removes_direction_fp32(shape: tuple[int, int]) -> None:
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    r = unit(shape[0])
+    out, zeroed = norm_preserving(w.clone(), r.float(), 1.0)
+    assert zeroed == 0
+    torch.testing.assert_close(out.norm(dim=0), w.norm(dim=0), rtol=1e-5, atol=1e-6)
+    assert (r.float() @ out).abs().max() < 1e-5 * w.norm(dim=0).max()
+    assert not torch.allclose(out, w)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_norm_preserving_matches_the_textbook_formula(shape: tuple[int, int]) -> None:
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    r = unit(shape[0], 5)
+    alpha = 0.7
+    n = w.norm(dim=0, keepdim=True)
+    d = w / n
+    d2 = d - alpha * torch.outer(r, r @ d)
+    expected = d2 / d2.norm(dim=0, keepdim=True) * n
+    out, _ = norm_preserving(w.clone(), r, alpha)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", [s.name for s in BUILTIN])
+def test_every_strategy_in_every_dtype(shape: tuple[int, int], dtype: torch.dtype, name: str) -> None:
+    strategy = next(s for s in BUILTIN if s.name == name)
+    w = (torch.randn(shape, generator=torch.Generator().manual_seed(6)) * 0.05).to(dtype)
+    r = unit(shape[0], 7)
+    out, zeroed = edit(strategy.update_weight, r, 1.0).apply(w)
+    assert out.dtype == dtype and out.shape == w.shape and zeroed == 0
+    w32, o32 = w.float(), out.float()
+    tol = TOL[dtype]
+    # r^T W' = 0 at alpha = 1, to the stored dtype's precision
+    assert (r.float() @ o32).abs().max() <= tol * w32.norm(dim=0).max() * 4
+    if name == "norm-preserving":
+        torch.testing.assert_close(o32.norm(dim=0), w32.norm(dim=0), rtol=tol, atol=tol * 1e-2)
+    else:
+        expected = w32 - torch.outer(r.float(), r.float() @ w32)
+        torch.testing.assert_close(o32, expected.to(dtype).float(), rtol=tol, atol=tol * w32.abs().max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("update", [subtractive, norm_preserving])
+def test_alpha_zero_leaves_weights_exactly(dtype: torch.dtype, update) -> None:
+    w = torch.randn(48, 40, generator=torch.Generator().manual_seed(8)).to(dtype)
+    out, zeroed = edit(update, unit(48), 0.0).apply(w)
+    assert torch.equal(out.view(torch.uint8), w.view(torch.uint8)) and zeroed == 0
+
+
+def test_partial_alpha_leaves_part_of_the_direction() -> None:
+    w = torch.randn(32, 20, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    r = unit(32, 10)
+    out, _ = subtractive(w.clone(), r, 0.25)
+    torch.testing.assert_close(r @ out, 0.75 * (r @ w))
+
+
+def test_column_parallel_to_direction_is_zeroed_and_counted() -> None:
+    r = unit(16, 11).float()
+    w = torch.randn(16, 6, generator=torch.Generator().manual_seed(12))
+    w[:, 2] = 3.0 * r
+    w[:, 4] = -0.5 * r
+    w[:, 5] = 0.0  # an all-zero column stays zero and is not counted
+    out, zeroed = norm_preserving(w.clone(), r, 1.0)
+    assert zeroed == 2
+    assert torch.equal(out[:, 2], torch.zeros(16)) and torch.equal(out[:, 4], torch.zeros(16))
+    assert torch.equal(out[:, 5], torch.zeros(16))
+    keep = [0, 1, 3]
+    torch.testing.assert_close(out[:, keep].norm(dim=0), w[:, keep].norm(dim=0))
+
+
+def test_axis_other_than_zero_edits_the_residual_axis() -> None:
+    """A fused expert tensor [E, d_ff, d_model] has the residual on axis 2."""
+    d = 24
+    w = torch.randn(3, 10, d, generator=torch.Generator().manual_seed(13))
+    r = unit(d, 14)
+    out, _ = edit(norm_preserving, r, 1.0, axis=2).apply(w)
+    assert (out.double() @ r).abs().max() < 1e-5
+    torch.testing.assert_close(out.norm(dim=2), w.norm(dim=2))
+
+
+def test_bias_update_is_subtractive_for_every_strategy() -> None:
+    b = torch.randn(32, generator=torch.Generator().manual_seed(15))
+    r = unit(32, 16)
+    for s in BUILTIN:
+        out, _ = edit(s.update_bias, r, 1.0).apply(b)
+        torch.testing.assert_close(out, b - r.float() * (r.float() @ b))
+
+
+def test_direction_refinements_follow_method_md() -> None:
+    m = random_measurements(40, 6, seed=2)
+    r = m.harmful[3] - m.harmless[3]
+    assert torch.equal(standard_direction(m, 3, 5), r)
+    h3 = m.harmless[3] / m.harmless[3].norm()
+    h5 = m.harmless[5] / m.harmless[5].norm()
+    p = projected_direction(m, 3, 5)
+    assert abs(float(p @ h3)) < 1e-12
+    torch.testing.assert_close(p, r - (r @ h3) * h3)
+    b = biprojected_direction(m, 3, 5)
+    assert abs(float(b @ h5)) < 1e-12
+    torch.testing.assert_close(b, p - (p @ h5) * h5)
+    torch.testing.assert_close(biprojected_direction(m, 3, 3), projected_direction(m, 3, 3), rtol=0, atol=1e-12)
+    assert p.dtype == b.dtype == torch.float64
+
+
+def test_two_pass_gram_schmidt_survives_near_parallel_vectors() -> None:
+    """With harmful and harmless means nearly parallel, one pass leaves a visible harmless component."""
+    width = 512
+    g = torch.Generator().manual_seed(17)
+    harmless = torch.randn(width, generator=g, dtype=torch.float64) * 1e4
+    harmful = harmless * 1.001 + torch.randn(width, generator=g, dtype=torch.float64) * 1e-3
+    from rewriter.directions import Measurements
+
+    m = Measurements({0: harmful}, {0: harmless})
+    p = projected_direction(m, 0, 0)
+    h = harmless / harmless.norm()
+    assert abs(float(p @ h)) / float(p.norm()) < 1e-12
