@@ -1,0 +1,173 @@
+"""Every user mistake: one line, non-zero exit, no traceback, nothing written."""
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from rewriter.cli import main
+from rewriter.directions import Measurements
+from tests.conftest import random_measurements
+
+O_PROJ = "model.layers.1.self_attn.o_proj.weight"
+DOWN = "model.layers.2.mlp.down_proj.weight"
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_tensor_file(ckpt: Path, name: str, change: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    shard = ckpt / index["weight_map"][name]
+    tensors = load_file(shard)
+    change(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k in tensors or v != shard.name}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def fail(args: list[str], expected: str, out: Path | None = None) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output and expected in lines[0], lines[0]
+    if out is not None:
+        assert not out.exists(), "nothing may be written on an error"
+
+
+@pytest.fixture()
+def llama(checkpoint_factory: Callable[[str], Path]) -> Path:
+    return checkpoint_factory("llama")
+
+
+def test_plan_layer_out_of_range(llama: Path, directions_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--layers", "3-4:1"],
+         "plan layer 4 is out of range: the model has layers 0-3", out)
+
+
+def test_measurement_missing_from_direction_file(llama: Path, directions_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--layers", "1:9"],
+         "measurement layer 9 is not in the direction file (it has layers 0-3)", out)
+
+
+def test_direction_width_mismatch(llama: Path, tmp_path: Path) -> None:
+    d, out = tmp_path / "d.safetensors", tmp_path / "o"
+    random_measurements(32, 4).save(d)
+    fail(["rewrite", str(llama), str(out), "-d", str(d), "--layers", "1:1"],
+         "direction width 32 does not match the model width 64", out)
+
+
+def test_nan_direction(llama: Path, tmp_path: Path) -> None:
+    d, out = tmp_path / "d.safetensors", tmp_path / "o"
+    m = random_measurements(64, 4)
+    m.save(d)
+    tensors = load_file(d)
+    tensors["harmful_mean"][2, 5] = float("nan")
+    from safetensors import safe_open
+
+    with safe_open(str(d), "pt") as f:
+        meta = f.metadata()
+    save_file(tensors, d, metadata=meta)
+    fail(["rewrite", str(llama), str(out), "-d", str(d), "--layers", "1:2"], "harmful mean of layer 2 has NaN", out)
+
+
+def test_zero_direction(llama: Path, tmp_path: Path) -> None:
+    d, out = tmp_path / "d.safetensors", tmp_path / "o"
+    m = random_measurements(64, 4)
+    Measurements({**m.harmful, 1: m.harmless[1].clone()}, m.harmless).save(d)
+    fail(["rewrite", str(llama), str(out), "-d", str(d), "--layers", "2:1", "--strategy", "standard"],
+         "direction from measurement 1 is zero", out)
+
+
+def test_non_float_tensor_in_planned_position(llama: Path, directions_file: Path, tmp_path: Path) -> None:
+    ckpt, out = copy_checkpoint(llama, tmp_path / "int8"), tmp_path / "o"
+    edit_tensor_file(ckpt, O_PROJ, lambda t: t.update({O_PROJ: t[O_PROJ].to(torch.int8)}))
+    fail(["rewrite", str(ckpt), str(out), "-d", str(directions_file), "--layers", "1:1"],
+         f"{O_PROJ} has dtype I8; only F16, BF16, F32, F64 tensors can be edited", out)
+
+
+def test_quantized_checkpoint(llama: Path, directions_file: Path, tmp_path: Path) -> None:
+    ckpt, out = copy_checkpoint(llama, tmp_path / "q"), tmp_path / "o"
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    fail(["rewrite", str(ckpt), str(out), "-d", str(directions_file), "--layers", "1:1"],
+         "quantized checkpoint (quant_method 'gptq')", out)
+
+
+def test_planned_layer_with_missing_writer(llama: Path, directions_file: Path, tmp_path: Path) -> None:
+    ckpt, out = copy_checkpoint(llama, tmp_path / "missing"), tmp_path / "o"
+    edit_tensor_file(ckpt, DOWN, lambda t: t.pop(DOWN))
+    fail(["rewrite", str(ckpt), str(out), "-d", str(directions_file), "--layers", "1-3:1"],
+         f"layer 2: residual writer {DOWN} not found in the checkpoint (architecture llama)", out)
+
+
+def test_unknown_strategy(llama: Path, directions_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--layers", "1:1", "--strategy", "magic"],
+         "unknown strategy 'magic'; registered: biprojected, norm-preserving, projected, standard", out)
+
+
+def test_unknown_architecture(llama: Path, directions_file: Path, tmp_path: Path) -> None:
+    ckpt, out = copy_checkpoint(llama, tmp_path / "unknown"), tmp_path / "o"
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model_type"] = "mamba9"
+    (ckpt / "config.json").write_text(json.dumps(config))
+    fail(["rewrite", str(ckpt), str(out), "-d", str(directions_file), "--layers", "1:1"],
+         "unknown architecture: model_type 'mamba9'", out)
+
+
+def test_output_inside_source(llama: Path, directions_file: Path) -> None:
+    fail(["rewrite", str(llama), str(llama / "sub"), "-d", str(directions_file), "--layers", "1:1"],
+         "is the source or inside it", llama / "sub")
+
+
+def test_non_empty_foreign_output(llama: Path, directions_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--layers", "1:1"], "is not empty")
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--layers", "1:1", "--scale", "1.5"], "scale 1.5 is outside [0, 1]"),
+    (["--layers", "1-x:1"], "expected FIRST[-LAST]:MEASUREMENT"),
+    (["--layers", "1:1", "--layers", "1:2"], "layer 1 appears more than once"),
+    ([], "the plan edits no layer"),
+])
+def test_bad_layer_specs(llama: Path, directions_file: Path, tmp_path: Path, args: list[str], expected: str) -> None:
+    out = tmp_path / "o"
+    fail(["rewrite", str(llama), str(out), "-d", str(directions_file), *args], expected, out)
+
+
+def test_bad_plan_files(llama: Path, directions_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    plan = tmp_path / "plan.yml"
+    plan.write_text("ablate:\n  - layer: 1\n    measurement: 1\n    sparsity: 0.2\n")
+    fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--plan", str(plan)], "sparsity 0.2 is not supported", out)
+    plan.write_text("ablate: [{layer: 1}]\n")
+    fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--plan", str(plan)], "needs 'layer' and 'measurement'", out)
+    fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--plan", str(tmp_path / "nope.yml")], "plan file not found", out)
+    fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--plan", str(plan), "--layers", "1:1"], "either --plan or --layers", out)
+
+
+def test_missing_inputs(llama: Path, directions_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    fail(["rewrite", str(tmp_path / "nothing"), str(out), "-d", str(directions_file), "--layers", "1:1"], "checkpoint directory not found", out)
+    fail(["rewrite", str(llama), str(out), "-d", str(tmp_path / "none.safetensors"), "--layers", "1:1"], "direction file not found", out)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    fail(["rewrite", str(llama), str(out), "-d", str(junk), "--layers", "1:1"], "not a direction file", out)
+    fail(["rewrite", str(llama), str(out), "--layers", "1:1"], "no direction file given", out)

@@ -1,0 +1,119 @@
+"""Direction files (ours and the reference tool's), plans, dry runs, inspect, the console scripts."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rewriter.cli import main
+from rewriter.directions import CONVENTION, Measurements
+from rewriter.errors import AbliterateError
+from rewriter.plan import load_plan
+from tests.conftest import random_measurements
+
+
+def test_direction_file_round_trip(tmp_path: Path) -> None:
+    m = random_measurements(16, 5)
+    m.save(tmp_path / "d.safetensors")
+    back = Measurements.load(tmp_path / "d.safetensors")
+    assert back.layers == [0, 1, 2, 3, 4] and back.width == 16
+    assert all(torch.equal(back.harmful[n], m.harmful[n]) for n in m.layers)
+    assert back.metadata["convention"] == CONVENTION and back.metadata["model"] == "tiny-random"
+    assert back.harmful_count == 10
+
+
+def test_reference_measurement_file(tmp_path: Path) -> None:
+    m = random_measurements(16, 3)
+    ref = {"layers": 3}
+    for n in range(3):
+        ref[f"harmful_{n}"] = m.harmful[n].float()
+        ref[f"harmless_{n}"] = m.harmless[n].float()
+        ref[f"refuse_{n}"] = (m.harmful[n] - m.harmless[n]).float()
+    torch.save(ref, tmp_path / "model.refuse")
+    back = Measurements.load(tmp_path / "model.refuse")
+    assert back.layers == [0, 1, 2]
+    torch.testing.assert_close(back.direction(1), (m.harmful[1].float().double() - m.harmless[1].float().double()))
+
+
+class Evil:
+    def __reduce__(self):  # would run code if unpickled
+        return (print, ("pwned",))
+
+
+def test_pickled_objects_are_never_unpickled(tmp_path: Path) -> None:
+    torch.save({"harmful_0": Evil()}, tmp_path / "evil.refuse")
+    with pytest.raises(AbliterateError, match="not a direction file"):
+        Measurements.load(tmp_path / "evil.refuse")
+
+
+def test_reference_plan_yaml(tmp_path: Path) -> None:
+    plan_file = tmp_path / "plan.yml"
+    plan_file.write_text(
+        "model: google/gemma-3-12b-it\nmeasurements: out.refuse\noutput: outdir\nscale: 0.8\nablate:\n"
+        + "".join(f"  - layer: {n}\n    measurement: 23\n    sparsity: 0.00\n" for n in range(11, 24))
+        + "  - layer: 24\n    measurement: 29\n    scale: 0.5\n    components: {attention: 0.5}\n"
+    )
+    plan = load_plan(plan_file)
+    assert plan.model == "google/gemma-3-12b-it" and plan.measurements == "out.refuse" and plan.output == "outdir"
+    assert [e.layer for e in plan.entries] == list(range(11, 25))
+    assert plan.entries[0].scale == 0.8
+    assert plan.entries[-1].scale_for("attention") == 0.25 and plan.entries[-1].scale_for("mlp") == 0.5
+    assert load_plan_roundtrip(plan, tmp_path) == plan.as_dict()
+
+
+def load_plan_roundtrip(plan, tmp_path: Path) -> list[dict]:
+    (tmp_path / "again.yml").write_text(plan.to_yaml())
+    return load_plan(tmp_path / "again.yml").as_dict()
+
+
+def test_plan_file_drives_a_rewrite(checkpoint_factory: Callable[[str], Path], directions_file: Path, tmp_path: Path) -> None:
+    src = checkpoint_factory("mistral")
+    plan = tmp_path / "plan.yml"
+    out = tmp_path / "from-plan"
+    plan.write_text(f"model: {src}\nmeasurements: {directions_file}\noutput: {out}\nablate:\n"
+                    "  - {layer: 1, measurement: 2, scale: 1.0, components: {attention: 0.0}}\n")
+    result = CliRunner().invoke(main, ["rewrite", "--plan", str(plan), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "tensors edited: 2" in result.output  # the attention scale 0 still passes through the engine
+    from safetensors import safe_open
+
+    changed = []
+    for shard in src.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as a, safe_open(str(out / shard.name), "pt") as b:
+            changed += [k for k in a.keys() if not torch.equal(a.get_tensor(k), b.get_tensor(k))]
+    assert changed == ["model.layers.1.mlp.down_proj.weight"]
+
+
+def test_dry_run_writes_nothing(checkpoint_factory: Callable[[str], Path], directions_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["rewrite", str(checkpoint_factory("qwen3")), str(out), "-d", str(directions_file),
+                                       "--layers", "0-1:2", "--attn-scale", "0.5", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "layer   0  attention  measurement   2  scale 0.5" in result.output
+    assert "layer   1  mlp        measurement   2  scale 1" in result.output
+    assert "4 tensors in 2 layers would be edited" in result.output
+    assert not out.exists()
+
+
+def test_inspect(checkpoint_factory: Callable[[str], Path], directions_file: Path) -> None:
+    result = CliRunner().invoke(main, ["inspect", str(checkpoint_factory("gemma3")), "--layer", "2"])
+    assert result.exit_code == 0, result.output
+    assert "architecture: gemma3" in result.output and "decoder layers: 4; width: 64" in result.output
+    assert "language_model.model.layers.2.mlp.down_proj.weight  [64, 96] BF16" in result.output
+    result = CliRunner().invoke(main, ["inspect", str(directions_file)])
+    assert result.exit_code == 0 and "layers: 4 (0-3); width: 64" in result.output
+
+
+def test_console_scripts() -> None:
+    for script in ("rewrite", "abliterate"):
+        exe = shutil.which(script)
+        assert exe, f"console script {script} is not installed"
+        done = subprocess.run([exe, "--help"], capture_output=True, text=True)
+        assert done.returncode == 0 and "Usage:" in done.stdout
+    done = subprocess.run([shutil.which("rewrite"), "--strategy", "x"], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip().startswith("Error:") and "Traceback" not in done.stderr

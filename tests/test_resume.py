@@ -1,0 +1,80 @@
+"""A run killed mid-shard resumes: finished shards are kept, the half-written one is redone."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from rewriter.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", "from rewriter.cli import main; main()", *args],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_killed_run_resumes_to_the_same_bytes(checkpoint_factory: Callable[[str], Path], directions_file: Path,
+                                               tmp_path: Path) -> None:
+    src = checkpoint_factory("qwen2")
+    args = ["rewrite", str(src), "-d", str(directions_file), "--layers", "0-3:1", "-q"]
+    clean = tmp_path / "clean"
+    assert CliRunner().invoke(main, [*args, str(clean)]).exit_code == 0
+
+    out = tmp_path / "resumed"
+    killed = cli(*args, str(out), "-p", "no:strategies", "-p", "tests.killer_plugin", env={"KILL_AFTER_EDITS": "5"})
+    assert killed.returncode == -9, killed.stderr
+    manifest = json.loads((out / "abliteration.json").read_text())
+    assert not manifest["complete"]
+    done = set(manifest["shards"])
+    assert done, "the first shards should have been finished before the kill"
+    assert list(out.glob("*.partial")), "the kill should leave a half-written shard"
+    assert not (out / "model.safetensors.index.json").exists(), "the index is written last"
+    mtimes = {n: (out / n).stat().st_mtime_ns for n in done}
+
+    resumed = cli(*args, str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"reused from an earlier run: {len(done)}" in resumed.stdout
+    assert {n: (out / n).stat().st_mtime_ns for n in done} == mtimes
+    assert tree(out) == tree(clean)
+
+
+def test_corrupted_finished_shard_is_redone(checkpoint_factory: Callable[[str], Path], directions_file: Path,
+                                            tmp_path: Path) -> None:
+    src = checkpoint_factory("llama")
+    out = tmp_path / "out"
+    args = ["rewrite", str(src), str(out), "-d", str(directions_file), "--layers", "0-3:1", "-q"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    good = tree(out)
+    shard = sorted(out.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and "shards written: 1," in result.output
+    assert tree(out) == good
+
+
+def test_output_of_a_different_plan_needs_overwrite(checkpoint_factory: Callable[[str], Path], directions_file: Path,
+                                                    tmp_path: Path) -> None:
+    src, out = checkpoint_factory("llama"), tmp_path / "out"
+    base = ["rewrite", str(src), str(out), "-d", str(directions_file), "-q"]
+    assert CliRunner().invoke(main, [*base, "--layers", "1:1"]).exit_code == 0
+    first = tree(out)
+    refused = CliRunner().invoke(main, [*base, "--layers", "2:1"])
+    assert refused.exit_code == 1 and "different plan" in refused.output
+    assert tree(out) == first
+    assert CliRunner().invoke(main, [*base, "--layers", "2:1", "--overwrite"]).exit_code == 0
+    assert tree(out) != first
+    shutil.rmtree(out)
