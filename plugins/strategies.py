@@ -11,6 +11,7 @@ import torch
 from rewriter.directions import Measurements
 from rewriter.hookspecs import hookimpl
 from rewriter.strategy import Strategy
+from rewriter.tensor_math import column_norms
 
 
 def _normalize(v: torch.Tensor) -> torch.Tensor:
@@ -51,10 +52,10 @@ def norm_preserving(w: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[tor
     """
     if not scale:
         return w, 0
-    norms = torch.linalg.vector_norm(w, dim=0)
+    norms = column_norms(w)
     w.div_(norms.clamp_min(torch.finfo(w.dtype).tiny))
     w.addr_(r, r @ w, alpha=-scale)
-    remainder = torch.linalg.vector_norm(w, dim=0)
+    remainder = column_norms(w)
     degenerate = (remainder < torch.finfo(w.dtype).eps ** 0.5) & (norms > 0)
     factor = torch.where(degenerate, torch.zeros_like(norms), norms / remainder.clamp_min(torch.finfo(w.dtype).tiny))
     w.mul_(factor)
@@ -83,6 +84,7 @@ BUILTIN = (
         biprojected_direction,
         norm_preserving,
         subtractive,
+        preserves_column_norms=True,
     ),
 )
 

@@ -62,12 +62,13 @@ def main() -> None:
 @click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True, help="Dtype of the edit arithmetic.")
 @click.option("--dry-run", is_flag=True, help="Print what would be edited and write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace an output that holds a different rewrite.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Shards rewritten at once; each holds its own tensors in memory.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @plugin_option
 @click.pass_context
 def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, directions: Path | None, plan_file: Path | None,
                 layers: tuple[str, ...], scale: float, attn_scale: float, mlp_scale: float, strategy: str,
-                precision: str, dry_run: bool, overwrite: bool, quiet: bool, plugins: tuple[str, ...]) -> None:
+                precision: str, dry_run: bool, overwrite: bool, workers: int, quiet: bool, plugins: tuple[str, ...]) -> None:
     """Write an abliterated copy of the checkpoint SOURCE into OUTPUT.
 
     SOURCE is a directory with model.safetensors or an index and shards. Tensors are
@@ -100,10 +101,48 @@ def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, dir
             click.echo(line)
         return
     assert output is not None
-    summary = job.run(output, overwrite=overwrite, progress=not quiet)
+    summary = job.run(output, overwrite=overwrite, progress=not quiet, workers=workers)
     for line in summary.lines():
         click.echo(line)
     click.echo(f"output: {output}")
+
+
+@main.command("verify")
+@click.argument("source")
+@click.argument("output", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-d", "--directions", type=click.Path(path_type=Path), help="The direction file the rewrite used.")
+@click.option("--plan", "plan_file", type=click.Path(path_type=Path), help="The plan the rewrite used.")
+@click.option("--layers", multiple=True, metavar="FIRST[-LAST]:MEASUREMENT", help="The --layers the rewrite used.")
+@click.option("--scale", type=float, default=1.0, show_default=True)
+@click.option("--attn-scale", type=float, default=1.0, show_default=True)
+@click.option("--mlp-scale", type=float, default=1.0, show_default=True)
+@click.option("--strategy", default="norm-preserving", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@plugin_option
+@click.pass_context
+def verify_cmd(ctx: click.Context, source: str, output: Path, directions: Path | None, plan_file: Path | None,
+               layers: tuple[str, ...], scale: float, attn_scale: float, mlp_scale: float, strategy: str,
+               precision: str, quiet: bool, plugins: tuple[str, ...]) -> None:
+    """Check, streaming, that OUTPUT is SOURCE rewritten by this plan: untouched tensors
+    byte-identical, edited ones equal to a fresh edit and true to the strategy's
+    invariants (r^T W' = 0 at scale 1; column norms kept by norm-preserving), index,
+    other files and manifest complete. Run it before publishing. Exit 1 on any problem."""
+    from .pipeline import prepare
+    from .verify import verify
+
+    plan = _plan(ctx, plan_file, layers, scale, attn_scale, mlp_scale)
+    directions = directions or (Path(plan.measurements) if plan.measurements else None)
+    if directions is None:
+        raise AbliterateError("no direction file given (--directions or the plan's 'measurements')")
+    registry = Registry(plugins)
+    job = prepare(source, None, directions, plan, strategy, precision=precision, registry=registry)
+    problems = list(verify(job, registry.strategy(strategy), output, progress=not quiet))
+    for line in problems:
+        click.echo(line)
+    if problems:
+        raise AbliterateError(f"verify: {len(problems)} problem{'s' if len(problems) > 1 else ''} in {output}")
+    click.echo(f"verified: {len(job.edits)} edited tensors and every other byte of {output}")
 
 
 def _plan(ctx: click.Context, plan_file: Path | None, layers: tuple[str, ...], scale: float,

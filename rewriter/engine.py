@@ -7,21 +7,22 @@ working copy) is in memory at a time.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint, Shard
 from .edits import TensorEdit
 from .errors import AbliterateError
 from .manifest import MANIFEST_NAME, Manifest
-from .safetensors_io import COPY_CHUNK, ShardWriter, write_atomic
+from .safetensors_io import ShardWriter, read_tensor, write_atomic
 
 
 @dataclass
@@ -64,8 +65,13 @@ def rewrite(
     compute: torch.dtype = torch.float32,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int = 1,
 ) -> Summary:
-    """Write the edited checkpoint to ``output``; resumes a run with the same fingerprint."""
+    """Write the edited checkpoint to ``output``; resumes a run with the same fingerprint.
+
+    ``workers`` > 1 rewrites that many shards at once, on threads (the heavy work,
+    torch kernels, file I/O and hashing, releases the GIL); memory grows accordingly.
+    """
     start = time.monotonic()
     check_output_path(ckpt.root, output)
     manifest = Manifest.prepare(output, fingerprint, overwrite)
@@ -76,18 +82,41 @@ def rewrite(
         if rel.name != MANIFEST_NAME:
             _copy_file(ckpt.root / rel, output / rel)
             summary.files_copied += 1
-    buffer = bytearray(COPY_CHUNK)
+    lock = threading.Lock()
     with tqdm(total=ckpt.data_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="rewrite", disable=not progress) as bar:
-        for shard in ckpt.shards:
+
+        def advance(n: int) -> None:
+            with lock:
+                bar.update(n)
+
+        def one(shard: Shard) -> None:
             target = output / shard.name
             if manifest.finished(shard.name, target):
-                summary.shards_reused += 1
-                bar.update(shard.header.file_size)
-                continue
-            size, sha = _write_shard(shard, target, edits, compute, buffer, summary, bar)
-            manifest.record(shard.name, size, sha)
-            summary.shards_written += 1
-            summary.bytes_written += size
+                advance(shard.header.file_size)
+                with lock:
+                    summary.shards_reused += 1
+                return
+            edited, zeroed, size, sha = _write_shard(shard, target, edits, compute, advance)
+            with lock:
+                manifest.record(shard.name, size, sha)
+                summary.shards_written += 1
+                summary.bytes_written += size
+                summary.tensors_edited += edited
+                summary.columns_zeroed += zeroed
+
+        if workers <= 1:
+            for shard in ckpt.shards:
+                one(shard)
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="shard") as pool:
+                futures = [pool.submit(one, shard) for shard in ckpt.shards]
+                try:
+                    for future in as_completed(futures):
+                        future.result()
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
     if ckpt.index_name:
         write_atomic(output / ckpt.index_name, (ckpt.root / ckpt.index_name).read_bytes())
     manifest.complete = True
@@ -101,27 +130,27 @@ def _write_shard(
     target: Path,
     edits: Mapping[str, TensorEdit],
     compute: torch.dtype,
-    buffer: bytearray,
-    summary: Summary,
-    bar: tqdm,
-) -> tuple[int, str]:
+    advance: Callable[[int], None],
+) -> tuple[int, int, int, str]:
+    """(tensors edited, columns zeroed, bytes, sha256) of one rewritten shard."""
     target.parent.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(target, shard.header)
-    bar.update(len(shard.header.raw))
+    advance(len(shard.header.raw))
+    edited = zeroed = 0
     try:
-        with open(shard.path, "rb") as src, safe_open(str(shard.path), framework="pt") as tensors:
+        with open(shard.path, "rb") as src:
             for entry in shard.header.entries:
                 edit = edits.get(entry.name)
                 if edit is None:
-                    writer.copy_range(src, entry.start, entry.end, buffer)
+                    writer.copy_range(src, entry.start, entry.end)
                 else:
-                    new, zeroed = edit.apply(tensors.get_tensor(entry.name), compute)
+                    new, cols = edit.apply(read_tensor(src, entry), compute)
                     writer.write_tensor(new)
                     del new
-                    summary.tensors_edited += 1
-                    summary.columns_zeroed += zeroed
-                bar.update(entry.end - entry.start)
-        return writer.finish()
+                    edited += 1
+                    zeroed += cols
+                advance(entry.end - entry.start)
+        return (edited, zeroed, *writer.finish())
     except BaseException:
         writer.abort()
         raise

@@ -33,10 +33,10 @@ class RewriteJob:
     precision: str
     fingerprint: dict[str, Any]
 
-    def run(self, output: Path, *, overwrite: bool = False, progress: bool = True) -> Summary:
+    def run(self, output: Path, *, overwrite: bool = False, progress: bool = True, workers: int = 1) -> Summary:
         return rewrite(
             self.ckpt, output, self.edits, self.fingerprint,
-            compute=PRECISIONS[self.precision], overwrite=overwrite, progress=progress,
+            compute=PRECISIONS[self.precision], overwrite=overwrite, progress=progress, workers=workers,
         )
 
     def describe(self) -> Iterable[str]:

@@ -25,3 +25,6 @@ class Strategy:
     refine: Refine
     update_weight: Update
     update_bias: Update
+    # Invariants that ``abliterate verify`` checks on the output.
+    removes_direction: bool = True  # at scale 1, r^T W' = 0
+    preserves_column_norms: bool = False

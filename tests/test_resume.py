@@ -78,3 +78,17 @@ def test_output_of_a_different_plan_needs_overwrite(checkpoint_factory: Callable
     assert CliRunner().invoke(main, [*base, "--layers", "2:1", "--overwrite"]).exit_code == 0
     assert tree(out) != first
     shutil.rmtree(out)
+
+
+def test_parallel_workers_write_the_same_bytes(checkpoint_factory: Callable[[str], Path], directions_file: Path,
+                                               tmp_path: Path) -> None:
+    src = checkpoint_factory("gemma3_text")
+    outs = []
+    for workers in ("1", "3"):
+        out = tmp_path / f"w{workers}"
+        result = CliRunner().invoke(main, ["rewrite", str(src), str(out), "-d", str(directions_file),
+                                           "--layers", "0-3:1", "-q", "--workers", workers])
+        assert result.exit_code == 0, result.output
+        assert "tensors edited: 8" in result.output
+        outs.append(tree(out))
+    assert outs[0] == outs[1]
