@@ -33,15 +33,23 @@ class TensorEdit:
     direction: torch.Tensor
     update: Update
 
-    def apply(self, tensor: torch.Tensor, compute: torch.dtype = torch.float32) -> tuple[torch.Tensor, int]:
-        """The edited tensor in its stored dtype, and how many columns had to be zeroed."""
+    def apply(self, tensor: torch.Tensor, compute: torch.dtype = torch.float32,
+              reuse_input: bool = False) -> tuple[torch.Tensor, int]:
+        """The edited tensor in its stored dtype, and how many columns had to be zeroed.
+
+        With ``reuse_input`` the result is written into ``tensor`` itself (the engine owns
+        that buffer), which saves one stored-size copy per edit.
+        """
         if self.scale == 0:
             return tensor, 0
-        moved = tensor.to(compute, copy=True).movedim(self.axis, 0)
+        moved = tensor.to(compute, copy=not reuse_input).movedim(self.axis, 0)
         shape = moved.shape
-        matrix = moved.reshape(shape[0], -1)
-        edited, zeroed = self.update(matrix, self.direction.to(compute), self.scale)
-        return edited.reshape(shape).movedim(0, self.axis).to(tensor.dtype).contiguous(), zeroed
+        edited, zeroed = self.update(moved.reshape(shape[0], -1), self.direction.to(compute), self.scale)
+        result = edited.reshape(shape).movedim(0, self.axis)
+        if reuse_input:
+            tensor.copy_(result)
+            return tensor, zeroed
+        return result.to(tensor.dtype).contiguous(), zeroed
 
 
 def plan_edits(ckpt: Checkpoint, arch: Architecture, plan: Plan, meas: Measurements, strategy: Strategy) -> dict[str, TensorEdit]:

