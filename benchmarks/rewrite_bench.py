@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import synthetic  # noqa: E402
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import synthetic  # noqa: E402  (torch-free at import)
 
 
 def run(cmd: list[str]) -> tuple[float, int]:
@@ -59,11 +60,14 @@ def main() -> None:
           f"{'ratio':>6} {'MB/s':>6} {'peak RSS MiB':>12} {'(RSS-base)/tensor':>17}")
     for shard_gb in args.shard_gb:
         for size in args.sizes:
-            layers = max(1, round(size * 2**30 / synthetic.layer_bytes()))
             src = args.work / f"src-{size:g}-{shard_gb:g}"
             shutil.rmtree(args.work, ignore_errors=True)
-            synthetic.make(src, layers, int(shard_gb * 2**30))
-            directions = synthetic.directions(args.work / "directions.safetensors", layers)
+            # generated in a child, so that this process stays small: a child's ru_maxrss
+            # counts what it inherited at fork
+            made = subprocess.run([sys.executable, str(HERE / "synthetic.py"), str(src), "--gigabytes", str(size),
+                                   "--shard-gb", str(shard_gb)], check=True, capture_output=True, text=True)
+            layers = int(made.stdout.split()[-1])
+            directions = src.with_suffix(".directions.safetensors")
             nbytes = sum(p.stat().st_size for p in src.iterdir())
             for workers in args.workers:
                 cps, rws, rss = [], [], 0

@@ -2,18 +2,17 @@
 
     python benchmarks/synthetic.py OUT --gigabytes 2 --shard-gb 1
 
+writes OUT and OUT.directions.safetensors and prints the layer count.
+
 Tensor contents are random but reused per shape: timing and memory do not depend on them.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import struct
 from pathlib import Path
-
-import torch
-
-from rewriter.directions import Measurements
 
 D_MODEL, D_FF, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 3840, 15360, 16, 8, 256, 32768
 
@@ -37,7 +36,7 @@ def layer_shapes(d: int = D_MODEL, ff: int = D_FF) -> dict[str, tuple[int, ...]]
 
 
 def layer_bytes() -> int:
-    return sum(2 * torch.Size(s).numel() for s in layer_shapes().values())
+    return sum(2 * math.prod(s) for s in layer_shapes().values())
 
 
 def largest_edited_fp32_bytes() -> int:
@@ -46,11 +45,13 @@ def largest_edited_fp32_bytes() -> int:
 
 def make(out: Path, layers: int, shard_bytes: int, seed: int = 0) -> Path:
     """Write a gemma3_text-shaped bf16 checkpoint, one shard in memory at a time."""
+    import torch
+
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    pool: dict[tuple[int, ...], torch.Tensor] = {}
+    pool: dict[tuple[int, ...], "torch.Tensor"] = {}
 
-    def tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    def tensor(shape: tuple[int, ...]) -> "torch.Tensor":
         if shape not in pool:
             pool[shape] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
         return pool[shape]
@@ -61,7 +62,7 @@ def make(out: Path, layers: int, shard_bytes: int, seed: int = 0) -> Path:
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shape in items:
-        nbytes = 2 * torch.Size(shape).numel()
+        nbytes = 2 * math.prod(shape)
         if size and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -72,7 +73,7 @@ def make(out: Path, layers: int, shard_bytes: int, seed: int = 0) -> Path:
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         _write_safetensors(out / fname, [(n, tensor(s)) for n, s in shard])
         weight_map.update(dict.fromkeys((n for n, _ in shard), fname))
-    total = sum(2 * torch.Size(s).numel() for _, s in items)
+    total = sum(2 * math.prod(s) for _, s in items)
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     (out / "config.json").write_text(json.dumps({
         "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "hidden_size": D_MODEL,
@@ -81,8 +82,10 @@ def make(out: Path, layers: int, shard_bytes: int, seed: int = 0) -> Path:
     return out
 
 
-def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
+def _write_safetensors(path: Path, tensors: list) -> None:
     """A bf16 safetensors file written tensor by tensor (the pool's tensors repeat, so no dict of them)."""
+    import torch
+
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     pos = 0
     for name, t in tensors:
@@ -97,6 +100,10 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> N
 
 
 def directions(path: Path, layers: int, seed: int = 1) -> Path:
+    import torch
+
+    from rewriter.directions import Measurements
+
     g = torch.Generator().manual_seed(seed)
     harmless = {n: torch.randn(D_MODEL, generator=g, dtype=torch.float64) for n in range(layers)}
     harmful = {n: harmless[n] + torch.randn(D_MODEL, generator=g, dtype=torch.float64) for n in range(layers)}
@@ -107,13 +114,13 @@ def directions(path: Path, layers: int, seed: int = 1) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--gigabytes", type=float, default=1.0)
+    ap.add_argument("--gigabytes", type=float, default=1.0, help="size in GiB (whole layers)")
     ap.add_argument("--shard-gb", type=float, default=2.0)
     args = ap.parse_args()
     layers = max(1, round(args.gigabytes * 2**30 / layer_bytes()))
     make(args.out, layers, int(args.shard_gb * 2**30))
     directions(args.out.with_suffix(".directions.safetensors"), layers)
-    print(f"{args.out}: {layers} layers")
+    print(layers)
 
 
 if __name__ == "__main__":

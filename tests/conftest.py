@@ -101,3 +101,39 @@ def directions_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("directions") / "directions.safetensors"
     random_measurements(TEXT["hidden_size"], TEXT["num_hidden_layers"]).save(path)
     return path
+
+
+def tiny_tokenizer(path: Path, vocab_size: int = 128) -> None:
+    """A word-level tokenizer with a chat template, saved beside a tiny checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    words = [f"w{i}" for i in range(vocab_size - len(specials) - 8)]
+    vocab = {t: i for i, t in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>")
+    fast.chat_template = ("{% for m in messages %}<bos> {{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}<eos>{% endif %}")
+    fast.save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def qwen() -> Path:
+    """The real Qwen2.5-Coder-0.5B-Instruct example checkpoint (converted once, then cached)."""
+    from rewriter.example_models import example_model
+
+    return example_model("qwen2.5-coder-0.5b-instruct")
+
+
+@pytest.fixture(scope="session")
+def qwen_directions(qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directions measured on Qwen with the project's own measurement prompts."""
+    from rewriter.measure import measure
+    from rewriter.prompts import default_prompts
+
+    path = tmp_path_factory.mktemp("qwen") / "directions.safetensors"
+    measure(qwen, default_prompts("harmful-measure"), default_prompts("harmless-measure"), progress=False).save(path)
+    return path

@@ -1,0 +1,42 @@
+"""The whole pipeline on the real Qwen example: refusals fall, the model keeps its mind.
+
+Measurement prompts (the built-in measure halves) are disjoint from evaluation prompts
+(the eval halves). The comparison with the standard strategy is recorded, not asserted.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from rewriter.cli import main
+from rewriter.evaluate import evaluate
+from rewriter.pipeline import prepare
+from rewriter.plan import load_plan
+from rewriter.prompts import default_prompts
+
+
+def test_demo_abliterates_qwen(qwen: Path, tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    print("\n" + result.stdout)
+    before, after, n = report["refusals_before"], report["refusals_after"], report["prompts"]
+    assert before >= n / 3, f"the original refuses only {before}/{n}: the test would mean nothing"
+    assert after <= 0.3 * before, f"refusals fell only from {before} to {after}"
+    assert report["kl_after"] < 0.3
+    for name in ("directions.safetensors", "plan.yml", "report.json", "model/config.json", "model/abliteration.json"):
+        assert (out / name).is_file(), name
+
+    # the same plan with the standard strategy, recorded beside it
+    plan = load_plan(out / "plan.yml")
+    std = tmp_path / "standard"
+    prepare(qwen, std, out / "directions.safetensors", plan, "standard").run(std, progress=False)
+    ev = evaluate(std, default_prompts("harmful-eval"), default_prompts("harmless-eval"), original=qwen, progress=False)
+    print(f"strategy comparison on layers {report['layers']} (measurement {report['measurement']}), "
+          f"{n} held-out harmful prompts:\n"
+          f"  original         refusals {before:>3}/{n}  KL 0\n"
+          f"  norm-preserving  refusals {after:>3}/{n}  KL {report['kl_after']:.4f}\n"
+          f"  standard         refusals {ev.refusals:>3}/{n}  KL {ev.kl:.4f}")

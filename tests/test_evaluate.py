@@ -1,0 +1,56 @@
+"""Refusal markers, KL arithmetic, and evaluate of a model against itself."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner
+
+from rewriter.cli import main
+from rewriter.evaluate import is_refusal, kl_divergence
+from tests.conftest import build_model, tiny_tokenizer, write_checkpoint
+
+
+def test_refusal_markers() -> None:
+    assert is_refusal("I\u2019m sorry, but I can\u2019t help with that.")
+    assert is_refusal("AS AN AI language model, I cannot provide that")
+    assert not is_refusal("Sure, here are the steps: first, gather the materials")
+    assert not is_refusal("<think>I cannot do this... but the user is a chemist</think>Sure, here it is.")
+    assert is_refusal("<think>let me consider</think>I won't help with that.")
+    assert not is_refusal("<think>I'm sorry, I should refuse")  # an unfinished think block is all thought
+    assert is_refusal("Nope, not doing it.", markers=["not doing it"])
+
+
+def test_kl_divergence_in_float64() -> None:
+    p = torch.tensor([[0.0, 0.0]])
+    q = torch.tensor([[0.0, float(torch.log(torch.tensor(3.0)))]])
+    # KL((1/2, 1/2) || (1/4, 3/4)) = 0.5 ln 2 + 0.5 ln(2/3)
+    expected = 0.5 * torch.log(torch.tensor(2.0, dtype=torch.float64)) + 0.5 * torch.log(torch.tensor(2 / 3, dtype=torch.float64))
+    assert torch.allclose(kl_divergence(p, q), expected.reshape(1))
+    assert float(kl_divergence(q, q)) == 0.0
+
+
+def test_model_against_itself_has_zero_kl(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path / "cache"))
+    path = write_checkpoint(build_model("qwen2"), tmp_path / "m", "qwen2")
+    tiny_tokenizer(path)
+    (tmp_path / "bad.txt").write_text("w1 w2 w3\nw4 w5\nw6\n")
+    (tmp_path / "good.txt").write_text("w9 w8\nw7 w6 w5 w4\n")
+    args = ["evaluate", str(path), "--original", str(path), "--harmful", str(tmp_path / "bad.txt"),
+            "--harmless", str(tmp_path / "good.txt"), "--max-new-tokens", "4", "--json", "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert 0.0 <= report["kl"] <= 1e-9 and report["kl_prompts"] == 2
+    assert report["prompts"] == 3 and len(report["responses"]) == 3
+    assert list((tmp_path / "cache" / "logits").glob("*.safetensors")), "the original's logits are cached"
+    again = CliRunner().invoke(main, args)
+    assert json.loads(again.stdout)["kl"] == report["kl"]
+
+
+def test_missing_model_or_prompts_is_an_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and "model not found" in result.output
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--harmful", str(tmp_path / "none.txt")])
+    assert result.exit_code == 1 and "prompt file not found" in result.output
