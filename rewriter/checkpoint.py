@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import torch
 
 from .errors import AbliterateError
-from .safetensors_io import Header, TensorEntry, read_header
+from .safetensors_io import Header, TensorEntry, read_header, tensor_from_bytes
 
 INDEX_SUFFIX = ".safetensors.index.json"
 # Weights in other formats would carry the unedited model into the output: never copied.
@@ -22,18 +26,54 @@ class Shard:
     header: Header
 
 
+class ShardFiles(Protocol):
+    """Where shard bytes come from: local files, or a remote repo fetched shard by shard."""
+
+    def local(self, shard: Shard) -> AbstractContextManager[Path]:
+        """The shard as a local file for the duration of the block."""
+
+    def read(self, shard: Shard, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the shard (small reads: norms, headers)."""
+
+
+class LocalFiles:
+    @contextmanager
+    def local(self, shard: Shard) -> Iterator[Path]:
+        yield shard.path
+
+    def read(self, shard: Shard, start: int, end: int) -> bytes:
+        with open(shard.path, "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     root: Path
     config: dict[str, Any]
     shards: tuple[Shard, ...]
     index_name: str | None
+    files: ShardFiles = field(default_factory=LocalFiles)
+    origin: dict[str, str] | None = None  # where a remote checkpoint came from (repo, resolved revision)
 
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
         root = Path(path)
         if not root.is_dir():
             raise AbliterateError(f"checkpoint directory not found: {root}")
+        names = sorted(p.name for p in root.glob("*.safetensors"))
+
+        def header(name: str) -> Header:
+            if not (root / name).is_file():
+                raise AbliterateError(f"{root}: shard {name} listed in the index is missing")
+            return read_header(root / name)
+
+        return cls.assemble(root, names, header, any(root.glob("*.bin")))
+
+    @classmethod
+    def assemble(cls, root: Path, safetensors_files: list[str], header: Callable[[str], Header],
+                 has_bin: bool = False, **kw: Any) -> Checkpoint:
+        """A checkpoint from its folder of small files, its safetensors file names and their headers."""
         config = _read_json(root / "config.json", "config.json")
         indexes = sorted(p.name for p in root.glob("*" + INDEX_SUFFIX))
         if len(indexes) > 1:
@@ -44,21 +84,22 @@ class Checkpoint:
                 raise AbliterateError(f"{root / indexes[0]}: no weight_map")
             names = list(dict.fromkeys(weight_map.values()))
         else:
-            names = sorted(p.name for p in root.glob("*.safetensors"))
+            names = safetensors_files
             if len(names) != 1:
                 found = "no" if not names else f"{len(names)}"
-                other = " (only safetensors checkpoints are supported)" if any(root.glob("*.bin")) else ""
+                other = " (only safetensors checkpoints are supported)" if has_bin else ""
                 raise AbliterateError(f"{root}: {found} .safetensors files and no index{other}")
-        shards = []
-        for name in names:
-            p = root / name
-            if not p.is_file():
-                raise AbliterateError(f"{root}: shard {name} listed in the index is missing")
-            shards.append(Shard(name, p, read_header(p)))
-        ckpt = cls(root, config, tuple(shards), indexes[0] if indexes else None)
+        shards = tuple(Shard(name, root / name, header(name)) for name in names)
+        ckpt = cls(root, config, shards, indexes[0] if indexes else None, **kw)
         if indexes:
             ckpt._check_index(weight_map)
         return ckpt
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One (small) tensor, read on its own."""
+        shard = self.shard_of[name]
+        e = shard.header.entry(name)
+        return tensor_from_bytes(bytearray(self.files.read(shard, e.start, e.end)), e)
 
     def _check_index(self, weight_map: dict[str, str]) -> None:
         for name, shard in self.shard_of.items():

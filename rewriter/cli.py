@@ -5,6 +5,8 @@ traceback.
 """
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,15 +65,22 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Print what would be edited and write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace an output that holds a different rewrite.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Shards rewritten at once; each holds its own tensors in memory.")
+@click.option("--low-disk", is_flag=True, help="Hub source: download one shard at a time next to OUTPUT and delete it once rewritten (instead of the HF cache).")
+@click.option("--push-to", metavar="ORG/NAME", help="Publish to this Hub repo: shards upload as they are finished, then one commit with index, configs, plan, direction file and model card.")
+@click.option("--private/--public", default=True, show_default=True, help="Visibility of a repo that --push-to creates.")
+@click.option("--card-eval", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="'evaluate --json' output whose numbers go into the model card.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @plugin_option
 @click.pass_context
 def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, directions: Path | None, plan_file: Path | None,
                 layers: tuple[str, ...], scale: float, attn_scale: float, mlp_scale: float, strategy: str,
-                precision: str, dry_run: bool, overwrite: bool, workers: int, quiet: bool, plugins: tuple[str, ...]) -> None:
+                precision: str, dry_run: bool, overwrite: bool, workers: int, low_disk: bool, push_to: str | None,
+                private: bool, card_eval: Path | None, quiet: bool, plugins: tuple[str, ...]) -> None:
     """Write an abliterated copy of the checkpoint SOURCE into OUTPUT.
 
-    SOURCE is a directory with model.safetensors or an index and shards. Tensors are
+    SOURCE is a directory with model.safetensors or an index and shards, or a Hub repo
+    ORG/NAME[@REVISION] (fetched shard by shard; HF_ENDPOINT and HF_TOKEN are
+    honoured, and the token is never printed or written). Tensors are
     streamed one at a time: planned residual writers (o_proj, down_proj, their biases)
     are edited in fp32, all else is copied byte for byte. The source is never written;
     a rerun into the same OUTPUT resumes, skipping verified finished shards.
@@ -94,17 +103,68 @@ def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, dir
     if output is None and not dry_run:
         raise AbliterateError("no OUTPUT directory given (argument or the plan's 'output')")
     from .pipeline import prepare
+    from .publish import Publisher, publish
 
-    job = prepare(source, output, directions, plan, strategy, precision=precision, registry=Registry(plugins))
+    download_dir = output.with_name(f".{output.name}.download") if low_disk and output is not None else None
+    job = prepare(source, output, directions, plan, strategy, precision=precision, registry=Registry(plugins),
+                  download_dir=download_dir)
     if dry_run:
         for line in job.describe():
             click.echo(line)
+        if push_to:
+            click.echo(f"would push to {push_to} ({'private' if private else 'public'})")
         return
     assert output is not None
-    summary = job.run(output, overwrite=overwrite, progress=not quiet, workers=workers)
+    publisher = Publisher(push_to, private=private, log=lambda s: click.echo(s, err=True)) if push_to else None
+    if publisher:
+        publisher.start()  # fails fast on bad credentials, before any work
+    summary = job.run(output, overwrite=overwrite, progress=not quiet, workers=workers,
+                      on_shard=publisher.shard_done if publisher else None)
+    if download_dir is not None:
+        shutil.rmtree(download_dir, ignore_errors=True)
     for line in summary.lines():
         click.echo(line)
     click.echo(f"output: {output}")
+    if publisher and push_to:
+        commit = publish(output, push_to, publisher=publisher, base_model=job.ckpt.origin and job.ckpt.origin["repo"],
+                         directions=directions, evaluation=_card_eval(card_eval))
+        click.echo(f"pushed to {push_to} (commit {commit})")
+
+
+def _card_eval(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise AbliterateError(f"{path}: not the JSON that 'evaluate --json' writes") from None
+
+
+@main.command("push")
+@click.argument("output", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("repo")
+@click.option("-d", "--directions", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="The direction file used; uploaded beside the model (checked by hash).")
+@click.option("--base-model", help="Base model id for the card (default: the Hub source recorded in the manifest).")
+@click.option("--private/--public", default=True, show_default=True, help="Visibility of a repo this creates.")
+@click.option("--card-eval", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="'evaluate --json' output for the model card.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded and upload nothing.")
+def push_cmd(output: Path, repo: str, directions: Path | None, base_model: str | None, private: bool,
+             card_eval: Path | None, dry_run: bool) -> None:
+    """Publish a finished rewrite OUTPUT to the Hub repo REPO (ORG/NAME).
+
+    Shards are pre-uploaded one by one, then one commit adds the index, configs, plan,
+    direction file and model card, so a reader never sees an index pointing at missing
+    shards. Rerunning skips files the Hub already has. Repos are created private unless
+    --public: an abliterated model should be looked at before the world sees it.
+    """
+    from .publish import Publisher, publish
+
+    publisher = Publisher(repo, private=private, dry_run=dry_run, log=lambda s: click.echo(s, err=not dry_run))
+    publisher.start()
+    commit = publish(output, repo, publisher=publisher, base_model=base_model, directions=directions,
+                     evaluation=_card_eval(card_eval))
+    if commit:
+        click.echo(f"pushed {output} to {repo} (commit {commit})")
 
 
 @main.command("verify")

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 
 from .architecture import Architecture, ResidualWriter
 from .checkpoint import Checkpoint
@@ -97,8 +96,7 @@ def _through_norm(ckpt: Checkpoint, writer: ResidualWriter, r: torch.Tensor) -> 
     name = writer.output_norm.name
     if name not in ckpt.names:
         raise AbliterateError(f"norm {name} after {writer.name} not found in the checkpoint")
-    with safe_open(str(ckpt.shard_of[name].path), framework="pt") as f:
-        gain = f.get_tensor(name).to(torch.float64)
+    gain = ckpt.tensor(name).to(torch.float64)
     if gain.shape != r.shape:
         raise AbliterateError(f"norm {name} has shape {tuple(gain.shape)}, expected ({r.shape[0]},)")
     return r * (writer.output_norm.offset + gain)

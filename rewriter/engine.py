@@ -66,11 +66,14 @@ def rewrite(
     overwrite: bool = False,
     progress: bool = True,
     workers: int = 1,
+    on_shard: Callable[[str, Path], None] | None = None,
 ) -> Summary:
     """Write the edited checkpoint to ``output``; resumes a run with the same fingerprint.
 
     ``workers`` > 1 rewrites that many shards at once, on threads (the heavy work,
     torch kernels, file I/O and hashing, releases the GIL); memory grows accordingly.
+    ``on_shard(name, path)`` is called as each output shard is finished (or found
+    finished by a resumed run), e.g. to upload it while the next one is written.
     """
     start = time.monotonic()
     check_output_path(ckpt.root, output)
@@ -95,14 +98,18 @@ def rewrite(
                 advance(shard.header.file_size)
                 with lock:
                     summary.shards_reused += 1
-                return
-            edited, zeroed, size, sha = _write_shard(shard, target, edits, compute, advance)
-            with lock:
-                manifest.record(shard.name, size, sha)
-                summary.shards_written += 1
-                summary.bytes_written += size
-                summary.tensors_edited += edited
-                summary.columns_zeroed += zeroed
+            else:
+                with ckpt.files.local(shard) as path:
+                    edited, zeroed, size, sha = _write_shard(shard, path, target, edits, compute, advance)
+                with lock:
+                    manifest.record(shard.name, size, sha)
+                    summary.shards_written += 1
+                    summary.bytes_written += size
+                    summary.tensors_edited += edited
+                    summary.columns_zeroed += zeroed
+            if on_shard is not None:
+                with lock:
+                    on_shard(shard.name, target)
 
         if workers <= 1:
             for shard in ckpt.shards:
@@ -127,6 +134,7 @@ def rewrite(
 
 def _write_shard(
     shard: Shard,
+    source: Path,
     target: Path,
     edits: Mapping[str, TensorEdit],
     compute: torch.dtype,
@@ -138,7 +146,7 @@ def _write_shard(
     advance(len(shard.header.raw))
     edited = zeroed = 0
     try:
-        with open(shard.path, "rb") as src:
+        with open(source, "rb") as src:
             for entry in shard.header.entries:
                 edit = edits.get(entry.name)
                 if edit is None:

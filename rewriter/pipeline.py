@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from .checkpoint import Checkpoint, Shard
 from .directions import Measurements
 from .edits import TensorEdit, plan_edits
 from .engine import Summary, check_output_path, rewrite
+from .hub import open_hub_checkpoint, parse_spec
 from .plan import Plan
 from .registry import Registry
 from .safetensors_io import file_sha256
@@ -33,10 +34,11 @@ class RewriteJob:
     precision: str
     fingerprint: dict[str, Any]
 
-    def run(self, output: Path, *, overwrite: bool = False, progress: bool = True, workers: int = 1) -> Summary:
+    def run(self, output: Path, *, overwrite: bool = False, progress: bool = True, workers: int = 1,
+            on_shard: Callable[[str, Path], None] | None = None) -> Summary:
         return rewrite(
-            self.ckpt, output, self.edits, self.fingerprint,
-            compute=PRECISIONS[self.precision], overwrite=overwrite, progress=progress, workers=workers,
+            self.ckpt, output, self.edits, self.fingerprint, compute=PRECISIONS[self.precision],
+            overwrite=overwrite, progress=progress, workers=workers, on_shard=on_shard,
         )
 
     def describe(self) -> Iterable[str]:
@@ -60,10 +62,16 @@ def prepare(
     *,
     precision: str = "fp32",
     registry: Registry | None = None,
+    download_dir: Path | None = None,
 ) -> RewriteJob:
-    """Open and check everything a rewrite needs; raises AbliterateError on any problem."""
+    """Open and check everything a rewrite needs; raises AbliterateError on any problem.
+
+    ``source`` is a checkpoint directory or a Hub ``ORG/NAME[@REVISION]``; for the latter,
+    ``download_dir`` (--low-disk) holds one shard at a time instead of the HF cache.
+    """
     registry = registry or Registry()
-    ckpt = Checkpoint.open(source)
+    spec = parse_spec(str(source))
+    ckpt = open_hub_checkpoint(*spec, download_dir) if spec else Checkpoint.open(source)
     if output is not None:
         check_output_path(ckpt.root, Path(output))
     strat = registry.strategy(strategy)
@@ -76,6 +84,7 @@ def prepare(
         "plan": plan.as_dict(),
         "directions_sha256": file_sha256(Path(directions)),
         "source_headers": _header_digest(ckpt.shards),
+        **({"origin": ckpt.origin} if ckpt.origin else {}),
     }
     return RewriteJob(ckpt, arch, strategy, plan, edits, precision, fingerprint)
 

@@ -54,21 +54,23 @@ class Header:
         raise KeyError(name)
 
 
-def read_header(path: Path) -> Header:
-    """Parse and check a safetensors header without touching tensor data."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise AbliterateError(f"{path}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise AbliterateError(f"{path}: not a safetensors file (header length {n})")
-        text = f.read(n)
+def header_length(head: bytes, size: int, where: object) -> int:
+    """Length of the JSON header from a file's first 8 bytes, checked against the file size."""
+    if len(head) < 8:
+        raise AbliterateError(f"{where}: not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > _MAX_HEADER or 8 + n > size:
+        raise AbliterateError(f"{where}: not a safetensors file (header length {n})")
+    return n
+
+
+def parse_header(raw: bytes, size: int, where: object) -> Header:
+    """Check and parse ``raw`` (the 8-byte length and the JSON) of a file of ``size`` bytes."""
+    n = header_length(raw, size, where)
     try:
-        doc: dict[str, Any] = json.loads(text)
+        doc: dict[str, Any] = json.loads(raw[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AbliterateError(f"{path}: corrupt safetensors header ({exc})") from None
+        raise AbliterateError(f"{where}: corrupt safetensors header ({exc})") from None
     metadata = doc.pop("__metadata__", None) or {}
     base = 8 + n
     entries = []
@@ -79,11 +81,28 @@ def read_header(path: Path) -> Header:
     pos = base
     for e in entries:
         if e.start != pos or e.end < e.start:
-            raise AbliterateError(f"{path}: tensor data of '{e.name}' is not contiguous; the file is corrupt")
+            raise AbliterateError(f"{where}: tensor data of '{e.name}' is not contiguous; the file is corrupt")
         pos = e.end
     if pos != size:
-        raise AbliterateError(f"{path}: file is {size} bytes but its header describes {pos}; truncated or corrupt")
-    return Header(head + text, tuple(entries), dict(metadata), size)
+        raise AbliterateError(f"{where}: file is {size} bytes but its header describes {pos}; truncated or corrupt")
+    return Header(raw[: 8 + n], tuple(entries), dict(metadata), size)
+
+
+def read_header(path: Path) -> Header:
+    """Parse and check a safetensors header without touching tensor data."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        return parse_header(head + f.read(header_length(head, size, path)), size, path)
+
+
+def tensor_from_bytes(data: bytes | bytearray, entry: TensorEntry) -> torch.Tensor:
+    """A tensor over ``data`` (the entry's bytes), for the float dtypes that can be edited."""
+    if entry.dtype not in FLOAT_DTYPES:
+        raise AbliterateError(f"{entry.name}: dtype {entry.dtype} cannot be edited")
+    if not data:
+        return torch.empty(entry.shape, dtype=FLOAT_DTYPES[entry.dtype])
+    return torch.frombuffer(data, dtype=FLOAT_DTYPES[entry.dtype]).reshape(entry.shape)
 
 
 class ShardWriter:
@@ -173,13 +192,11 @@ def read_tensor(src: BinaryIO, entry: TensorEntry) -> torch.Tensor:
     (An mmap, as ``safe_open`` uses, faults pages in one at a time: four times slower
     for a 118 MB tensor here, and the pages stay counted in RSS while the file is open.)
     """
-    if entry.dtype not in FLOAT_DTYPES:
-        raise AbliterateError(f"{entry.name}: dtype {entry.dtype} cannot be edited")
     buf = bytearray(entry.end - entry.start)
     src.seek(entry.start)
     if src.readinto(buf) != len(buf):
         raise AbliterateError(f"{src.name}: unexpected end of file in '{entry.name}'")
-    return torch.frombuffer(buf, dtype=FLOAT_DTYPES[entry.dtype]).reshape(entry.shape) if buf else torch.empty(entry.shape, dtype=FLOAT_DTYPES[entry.dtype])
+    return tensor_from_bytes(buf, entry)
 
 
 def file_sha256(path: Path) -> str:

@@ -50,7 +50,7 @@ def verify(job: RewriteJob, strategy: Strategy, output: Path, progress: bool = T
                 yield f"{shard.name}: missing or of the wrong size"
                 bar.update(shard.header.file_size)
                 continue
-            with open(shard.path, "rb") as a, open(out, "rb") as b:
+            with ckpt.files.local(shard) as local, open(local, "rb") as a, open(out, "rb") as b:
                 if b.read(len(shard.header.raw)) != shard.header.raw:
                     yield f"{shard.name}: header differs from the source's"
                 for entry in shard.header.entries:

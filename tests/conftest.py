@@ -10,7 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import tempfile  # noqa: E402
+
+# Before huggingface_hub is imported (it reads these once): plain LFS transfers for the
+# loopback Hub, no telemetry, and a cache of the test run's own.
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="abliterate-test-hf-cache-")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from rewriter.directions import Measurements  # noqa: E402

@@ -1,0 +1,140 @@
+"""Publishing to the Hub: shards pre-uploaded as they are finished, then one commit with the
+index, configs, direction file, plan and model card, so that no reader ever sees an index
+pointing at missing shards. A rerun skips LFS objects the Hub already has.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import AbliterateError
+from .hub import endpoint, hub_error
+from .manifest import MANIFEST_NAME
+from .plan import Plan, PlanEntry
+from .safetensors_io import file_sha256
+
+
+class Publisher:
+    def __init__(self, repo: str, *, private: bool = True, dry_run: bool = False,
+                 log: Callable[[str], None] = lambda s: None) -> None:
+        from huggingface_hub import HfApi
+
+        self.repo, self.private, self.dry_run, self.log = repo, private, dry_run, log
+        self.api = HfApi(endpoint=endpoint())
+        self.ops: dict[str, Any] = {}
+
+    def _call(self, action: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except AbliterateError:
+            raise
+        except Exception as exc:
+            raise hub_error(exc, self.repo, action) from None
+
+    def start(self) -> None:
+        if self.dry_run:
+            self.log(f"would create {'private' if self.private else 'public'} repo {self.repo} (if missing)")
+            return
+        self._call("create", self.api.create_repo, self.repo, private=self.private, exist_ok=True)
+
+    def add(self, path_in_repo: str, content: Path | bytes, preupload: bool = False) -> None:
+        """Stage a file for the final commit; ``preupload`` sends an LFS file's bytes now."""
+        from huggingface_hub import CommitOperationAdd
+
+        size = content.stat().st_size if isinstance(content, Path) else len(content)
+        if self.dry_run:
+            self.log(f"would upload {path_in_repo} ({size:,} bytes)")
+            self.ops[path_in_repo] = None
+            return
+        op = CommitOperationAdd(path_in_repo, str(content) if isinstance(content, Path) else content)
+        if preupload:
+            self._call("upload to", self.api.preupload_lfs_files, self.repo, [op])
+        self.ops[path_in_repo] = op
+
+    def shard_done(self, name: str, path: Path) -> None:
+        """The engine's on_shard callback: upload a finished shard while the next is written."""
+        self.log(f"uploading {name}")
+        self.add(name, path, preupload=True)
+
+    def finish(self, output: Path, card: str, extra: dict[str, Path | bytes]) -> str | None:
+        """Commit everything in ``output`` not staged yet, the extras and the card, in one commit."""
+        for p in sorted(output.rglob("*")):
+            rel = p.relative_to(output).as_posix()
+            if p.is_file() and rel not in self.ops and not rel.endswith(".partial") and not rel.startswith("."):
+                self.add(rel, p, preupload=rel.endswith(".safetensors"))
+        for name, content in extra.items():
+            self.add(name, content)
+        self.add("README.md", card.encode())
+        if self.dry_run:
+            self.log(f"would commit {len(self.ops)} files to {self.repo}")
+            return None
+        info = self._call("commit to", self.api.create_commit, self.repo, list(self.ops.values()),
+                          commit_message=f"Abliterated with abliterate-rewriter {__version__}")
+        return str(info.oid)
+
+
+def model_card(manifest: dict[str, Any], *, base_model: str | None, evaluation: dict[str, Any] | None = None) -> str:
+    """README.md for the published model: metadata, method, plan, provenance, evaluation."""
+    fp = manifest.get("fingerprint", {})
+    strategy = fp.get("strategy", "unknown")
+    plan = fp.get("plan", [])
+    origin = fp.get("origin") or {}
+    base = base_model or origin.get("repo")
+    front = ["---", *( [f"base_model: {base}"] if base else []), "tags:", "- abliterated", f"- {strategy}", "---", ""]
+    lines = [
+        f"# {base.split('/')[-1] + ' (abliterated)' if base else 'Abliterated model'}",
+        "",
+        "This model is a directional ablation of its base: the refusal direction, the difference of mean "
+        "residual activations on harmful and harmless prompts, was removed from the weights that write into "
+        "the residual stream (attention and MLP output projections) of the layers below. "
+        f"The `{strategy}` strategy was used"
+        + (" (biprojected direction; column norms of each edited weight kept)." if strategy == "norm-preserving" else "."),
+        "",
+        "## Plan",
+        "",
+        "| layer | measurement | scale | components |",
+        "| --- | --- | --- | --- |",
+        *(f"| {e['layer']} | {e['measurement']} | {e['scale']:g} | {json.dumps(e.get('components') or {})} |" for e in plan),
+        "",
+        "## Provenance",
+        "",
+        f"- base model: {base or 'local checkpoint'}" + (f" at revision `{origin['revision']}`" if origin.get("revision") else ""),
+        f"- direction file sha256: `{fp.get('directions_sha256', 'unknown')}`",
+        f"- edit precision: {fp.get('precision', 'fp32')}",
+        f"- tool: abliterate-rewriter {manifest.get('tool_version', __version__)}",
+    ]
+    if evaluation:
+        lines += ["", "## Evaluation", "",
+                  f"- refusals on {evaluation.get('prompts')} harmful prompts: {evaluation.get('refusals')}"]
+        if evaluation.get("kl") is not None:
+            lines.append(f"- KL divergence from the base model on harmless prompts: {evaluation['kl']:.4f}")
+    return "\n".join(front + lines) + "\n"
+
+
+def plan_yaml(manifest: dict[str, Any]) -> bytes:
+    entries = tuple(PlanEntry(e["layer"], e["measurement"], e["scale"], e.get("components") or {})
+                    for e in manifest.get("fingerprint", {}).get("plan", []))
+    return Plan(entries).to_yaml().encode()
+
+
+def publish(output: Path, repo: str, *, publisher: Publisher, base_model: str | None = None,
+            directions: Path | None = None, evaluation: dict[str, Any] | None = None) -> str | None:
+    """Push a finished output folder (what ``abliterate push`` does, and ``rewrite --push-to`` ends with)."""
+    try:
+        manifest = json.loads((output / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        raise AbliterateError(f"{output}: no {MANIFEST_NAME}; push expects the output of rewrite") from None
+    if not manifest.get("complete"):
+        raise AbliterateError(f"{output}: the rewrite is not finished; run it again to complete it before pushing")
+    for name, rec in manifest.get("shards", {}).items():
+        if not (output / name).is_file() or (output / name).stat().st_size != rec["size"]:
+            raise AbliterateError(f"{output}: shard {name} is missing or changed since the rewrite")
+    extra: dict[str, Path | bytes] = {"plan.yml": plan_yaml(manifest)}
+    if directions is not None:
+        if file_sha256(directions) != manifest["fingerprint"].get("directions_sha256"):
+            raise AbliterateError(f"{directions} is not the direction file this output was made with")
+        extra["directions.safetensors"] = directions
+    return publisher.finish(output, model_card(manifest, base_model=base_model, evaluation=evaluation), extra)
