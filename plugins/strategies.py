@@ -11,7 +11,7 @@ import torch
 from rewriter.directions import Measurements
 from rewriter.hookspecs import hookimpl
 from rewriter.strategy import Strategy
-from rewriter.tensor_math import column_norms
+from rewriter.tensor_math import column_norms, scale_columns_add_outer_
 
 
 def _normalize(v: torch.Tensor) -> torch.Tensor:
@@ -47,17 +47,18 @@ def subtractive(w: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[torch.T
 def norm_preserving(w: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[torch.Tensor, int]:
     """Remove ``r`` from each column's direction and give every column back its norm.
 
-    A column left (numerically) parallel to ``r`` cannot keep its norm: it becomes zero
-    and is counted.
+    D = W / n; D' = D - scale r (r^T D), with the remainder norms measured in the same
+    pass; W' = D' * n / ||D'||. A column left (numerically) parallel to ``r`` cannot keep
+    its norm: it becomes zero and is counted.
     """
     if not scale:
         return w, 0
+    tiny = torch.finfo(w.dtype).tiny
     norms = column_norms(w)
-    w.div_(norms.clamp_min(torch.finfo(w.dtype).tiny))
-    w.addr_(r, r @ w, alpha=-scale)
-    remainder = column_norms(w)
+    inverse = 1.0 / norms.clamp_min(tiny)
+    remainder = scale_columns_add_outer_(w, inverse, r, (r @ w) * inverse, -scale)
     degenerate = (remainder < torch.finfo(w.dtype).eps ** 0.5) & (norms > 0)
-    factor = torch.where(degenerate, torch.zeros_like(norms), norms / remainder.clamp_min(torch.finfo(w.dtype).tiny))
+    factor = torch.where(degenerate, torch.zeros_like(norms), norms / remainder.clamp_min(tiny))
     w.mul_(factor)
     return w, int(degenerate.sum())
 

@@ -1,16 +1,18 @@
 """The streaming rewrite: source shards -> tensor stream -> edit -> shard writer -> output.
 
 Knows nothing about architectures or strategies: it receives ready ``TensorEdit``s by
-tensor name. Every other tensor is copied byte for byte. One edited tensor (plus its
-working copy) is in memory at a time.
+tensor name. Every other byte range is copied by the kernel, byte for byte. Per worker,
+memory holds two stored-dtype tensor buffers (one being written, one being edited) and
+one working copy in the compute dtype: about twice the largest edited tensor in float32.
 """
 from __future__ import annotations
 
+import math
 import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,8 @@ from .checkpoint import Checkpoint, Shard
 from .edits import TensorEdit
 from .errors import AbliterateError
 from .manifest import MANIFEST_NAME, Manifest
-from .safetensors_io import ShardWriter, read_tensor, write_atomic
+from .safetensors_io import read_tensor, write_atomic
+from .shard_writer import ShardWriter
 
 
 @dataclass
@@ -70,9 +73,9 @@ def rewrite(
 ) -> Summary:
     """Write the edited checkpoint to ``output``; resumes a run with the same fingerprint.
 
-    ``workers`` > 1 rewrites that many shards at once, on threads (the heavy work,
-    torch kernels, file I/O and hashing, releases the GIL); memory grows accordingly.
-    ``on_shard(name, path)`` is called as each output shard is finished (or found
+    ``workers`` > 1 rewrites that many shards at once, on threads (torch kernels and file
+    I/O release the GIL); memory grows accordingly. ``on_shard(name, path)`` is called,
+    on a background thread and in order, as each output shard is finished (or found
     finished by a resumed run), e.g. to upload it while the next one is written.
     """
     start = time.monotonic()
@@ -99,45 +102,27 @@ def _rewrite(ckpt: Checkpoint, output: Path, edits: Mapping[str, TensorEdit], ma
         if rel.name != MANIFEST_NAME:
             _copy_file(ckpt.root / rel, output / rel)
             summary.files_copied += 1
-    lock = threading.Lock()
-    with tqdm(total=ckpt.data_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="rewrite", disable=not progress) as bar:
-
-        def advance(n: int) -> None:
-            with lock:
-                bar.update(n)
-
-        def one(shard: Shard) -> None:
-            target = output / shard.name
-            if manifest.finished(shard.name, target):
-                advance(shard.header.file_size)
-                with lock:
-                    summary.shards_reused += 1
+    with tqdm(total=ckpt.data_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="rewrite",
+              disable=not progress) as bar:
+        run = _Run(ckpt, output, edits, manifest, compute, bar, summary, on_shard)
+        try:
+            if workers <= 1:
+                for shard in ckpt.shards:
+                    run.shard(shard)
             else:
-                with ckpt.files.local(shard) as path:
-                    edited, zeroed, size, sha = _write_shard(shard, path, target, edits, compute, advance)
-                with lock:
-                    manifest.record(shard.name, size, sha)
-                    summary.shards_written += 1
-                    summary.bytes_written += size
-                    summary.tensors_edited += edited
-                    summary.columns_zeroed += zeroed
-            if on_shard is not None:
-                with lock:
-                    on_shard(shard.name, target)
-
-        if workers <= 1:
-            for shard in ckpt.shards:
-                one(shard)
-        else:
-            with ThreadPoolExecutor(workers, thread_name_prefix="shard") as pool:
-                futures = [pool.submit(one, shard) for shard in ckpt.shards]
-                try:
-                    for future in as_completed(futures):
-                        future.result()
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
+                with ThreadPoolExecutor(workers, thread_name_prefix="shard") as pool:
+                    futures = [pool.submit(run.shard, shard) for shard in ckpt.shards]
+                    try:
+                        for future in as_completed(futures):
+                            future.result()
+                    except BaseException:
+                        for future in futures:
+                            future.cancel()
+                        raise
+        except BaseException:
+            run.close(failed=True)
+            raise
+        run.close(failed=False)
     if ckpt.index_name:
         write_atomic(output / ckpt.index_name, (ckpt.root / ckpt.index_name).read_bytes())
     manifest.complete = True
@@ -146,33 +131,130 @@ def _rewrite(ckpt: Checkpoint, output: Path, edits: Mapping[str, TensorEdit], ma
     return summary
 
 
+class _Run:
+    """One rewrite's shared state. Workers stream shards; one finisher thread commits them
+    (fsync, rename, manifest, ``on_shard``) in the order they were written, so that the next
+    shard streams meanwhile and an upload overlaps the rest of the rewrite."""
+
+    def __init__(self, ckpt: Checkpoint, output: Path, edits: Mapping[str, TensorEdit], manifest: Manifest,
+                 compute: torch.dtype, bar: tqdm, summary: Summary, on_shard: Callable[[str, Path], None] | None) -> None:
+        self.ckpt, self.output, self.edits, self.manifest = ckpt, output, edits, manifest
+        self.scratch = _Scratch(edits, ckpt, compute)
+        self.bar, self.summary, self.on_shard = bar, summary, on_shard
+        self.lock = threading.Lock()
+        self.finisher = ThreadPoolExecutor(1, thread_name_prefix="finish")
+        self.finishing: list[Future[None]] = []
+        self.failed = False
+
+    def advance(self, n: int) -> None:
+        with self.lock:
+            self.bar.update(n)
+
+    def shard(self, shard: Shard) -> None:
+        target = self.output / shard.name
+        written = None
+        if self.manifest.finished(shard.name, target):
+            self.advance(shard.header.file_size)
+        else:
+            with self.ckpt.files.local(shard) as path:
+                written = _write_shard(shard, path, target, self.edits, self.scratch, self.advance)
+        with self.lock:
+            self.finishing.append(self.finisher.submit(self._finish, shard, target, written))
+            for done in [f for f in self.finishing if f.done()]:
+                done.result()  # fail fast when finishing an earlier shard failed
+
+    def _finish(self, shard: Shard, target: Path, written: _Written | None) -> None:
+        s = self.summary
+        if written is None:
+            s.shards_reused += 1
+        else:
+            written.writer.commit()
+            self.manifest.record(shard.name, target)
+            s.shards_written += 1
+            s.bytes_written += written.writer.size
+            s.tensors_edited += written.edited
+            s.columns_zeroed += written.zeroed
+        if self.on_shard is not None and not self.failed:
+            self.on_shard(shard.name, target)
+
+    def close(self, failed: bool) -> None:
+        """Wait for the finisher. After a failure, shards already written are still committed
+        (a rerun reuses them) but no longer handed to ``on_shard``."""
+        self.failed = failed
+        self.finisher.shutdown(wait=True)
+        if not failed:
+            for future in self.finishing:
+                future.result()
+
+
+@dataclass
+class _Written:
+    """A shard whose bytes are all written to its ``.partial`` file, waiting to be committed."""
+
+    writer: ShardWriter
+    edited: int
+    zeroed: int
+
+
+class _Scratch(threading.local):
+    """Each worker thread's buffers, reused across tensors and shards.
+
+    Allocating and faulting in tensor-sized buffers for every edit cost more than the edit
+    math itself. A ShardWriter keeps at most ``PENDING`` tensors queued, so ``PENDING + 1``
+    read buffers let the next tensor be read while the last one is written; one working
+    copy in the compute dtype. Allocated on first use, in the thread that uses them.
+    """
+
+    PENDING = 1
+
+    def __init__(self, edits: Mapping[str, TensorEdit], ckpt: Checkpoint, compute: torch.dtype) -> None:
+        entries = [ckpt.entry(name) for name in edits]
+        self.read_bytes = max((e.end - e.start for e in entries), default=0)
+        self.numel = max((math.prod(e.shape) for e in entries), default=0)
+        self.compute = compute
+        self.reads: list[bytearray] = []
+        self.workspace: torch.Tensor | None = None
+
+    def read_buffer(self) -> bytearray:
+        if not self.reads:
+            self.reads = [bytearray(self.read_bytes) for _ in range(self.PENDING + 1)]
+        self.reads.append(self.reads.pop(0))
+        return self.reads[-1]
+
+    def work(self) -> torch.Tensor:
+        if self.workspace is None:
+            self.workspace = torch.empty(self.numel, dtype=self.compute)
+        return self.workspace
+
+
 def _write_shard(
     shard: Shard,
     source: Path,
     target: Path,
     edits: Mapping[str, TensorEdit],
-    compute: torch.dtype,
+    scratch: _Scratch,
     advance: Callable[[int], None],
-) -> tuple[int, int, int, str]:
-    """(tensors edited, columns zeroed, bytes, sha256) of one rewritten shard."""
+) -> _Written:
     target.parent.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(target, shard.header)
-    advance(len(shard.header.raw))
+    writer = ShardWriter(target, shard.header, depth=scratch.PENDING, written=advance)
     edited = zeroed = 0
+    copied = len(shard.header.raw)  # source bytes before this offset are queued
     try:
         with open(source, "rb") as src:
             for entry in shard.header.entries:
                 edit = edits.get(entry.name)
                 if edit is None:
-                    writer.copy_range(src, entry.start, entry.end)
-                else:
-                    new, cols = edit.apply(read_tensor(src, entry), compute, reuse_input=True)
-                    writer.write_tensor(new)
-                    del new
-                    edited += 1
-                    zeroed += cols
-                advance(entry.end - entry.start)
-        return (edited, zeroed, *writer.finish())
+                    continue
+                writer.copy(src.fileno(), copied, entry.start, src.name)  # the untouched run before it
+                tensor = read_tensor(src, entry, into=scratch.read_buffer())
+                new, cols = edit.apply(tensor, scratch.compute, in_place=True, workspace=scratch.work())
+                writer.write_tensor(new)
+                copied = entry.end
+                edited += 1
+                zeroed += cols
+            writer.copy(src.fileno(), copied, shard.header.file_size, src.name)
+            writer.close()
+        return _Written(writer, edited, zeroed)
     except BaseException:
         writer.abort()
         raise

@@ -8,7 +8,7 @@ from typing import Any
 
 from . import __version__
 from .errors import AbliterateError
-from .safetensors_io import file_sha256, write_atomic
+from .safetensors_io import write_atomic
 
 MANIFEST_NAME = "abliteration.json"
 
@@ -39,12 +39,19 @@ class Manifest:
         return manifest
 
     def finished(self, name: str, target: Path) -> bool:
-        """True when ``target`` is the shard this manifest recorded, by size and sha256."""
-        rec = self.shards.get(name)
-        return bool(rec) and target.is_file() and target.stat().st_size == rec["size"] and file_sha256(target) == rec["sha256"]
+        """True when ``target`` is the file this manifest recorded: same size and modification time.
 
-    def record(self, name: str, size: int, sha256: str) -> None:
-        self.shards[name] = {"size": size, "sha256": sha256}
+        Shards appear under their final name only once complete (written to ``.partial``,
+        fsynced, renamed), so this catches a shard replaced or edited since, without
+        reading it; ``abliterate verify`` compares contents.
+        """
+        rec = self.shards.get(name)
+        return bool(rec) and _identity(target) == (rec.get("size"), rec.get("mtime_ns"))
+
+    def record(self, name: str, target: Path) -> None:
+        """Record ``target`` (just renamed into place) as finished."""
+        size, mtime = _identity(target)
+        self.shards[name] = {"size": size, "mtime_ns": mtime}
         self.save()
 
     def save(self) -> None:
@@ -56,6 +63,14 @@ class Manifest:
             "shards": self.shards,
         }
         write_atomic(self.path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _identity(path: Path) -> tuple[int | None, int | None]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None, None
+    return st.st_size, st.st_mtime_ns
 
 
 def _load(path: Path) -> dict[str, Any] | None:

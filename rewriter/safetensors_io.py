@@ -1,20 +1,13 @@
-"""Safetensors headers and a streaming shard writer.
-
-safetensors has no streaming writer, but a rewrite changes no shape and no dtype: the
-source header (tensor order, offsets, ``__metadata__``, padding) is reused byte for byte,
-and tensor data is streamed after it, so resident memory never grows with shard size.
-"""
+"""Safetensors headers, checked without touching tensor data, and single-tensor reads."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import queue
 import struct
-import threading
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import torch
@@ -47,11 +40,12 @@ class Header:
     metadata: dict[str, str]
     file_size: int
 
+    @cached_property
+    def by_name(self) -> dict[str, TensorEntry]:
+        return {e.name: e for e in self.entries}
+
     def entry(self, name: str) -> TensorEntry:
-        for e in self.entries:
-            if e.name == name:
-                return e
-        raise KeyError(name)
+        return self.by_name[name]
 
 
 def header_length(head: bytes, size: int, where: object) -> int:
@@ -96,7 +90,7 @@ def read_header(path: Path) -> Header:
         return parse_header(head + f.read(header_length(head, size, path)), size, path)
 
 
-def tensor_from_bytes(data: bytes | bytearray, entry: TensorEntry) -> torch.Tensor:
+def tensor_from_bytes(data: bytes | bytearray | memoryview, entry: TensorEntry) -> torch.Tensor:
     """A tensor over ``data`` (the entry's bytes), for the float dtypes that can be edited."""
     if entry.dtype not in FLOAT_DTYPES:
         raise AbliterateError(f"{entry.name}: dtype {entry.dtype} cannot be edited")
@@ -105,96 +99,17 @@ def tensor_from_bytes(data: bytes | bytearray, entry: TensorEntry) -> torch.Tens
     return torch.frombuffer(data, dtype=FLOAT_DTYPES[entry.dtype]).reshape(entry.shape)
 
 
-class ShardWriter:
-    """Writes one shard to ``NAME.partial``; ``finish`` fsyncs and renames it into place.
-
-    Writing and sha256 hashing run on two background threads, each fed by a short queue,
-    so that the caller reads and edits the next tensor while earlier bytes are hashed
-    and go to disk (all three release the GIL). Each queue holds at most ``depth``
-    pending buffers, which bounds memory.
-    """
-
-    def __init__(self, final: Path, header: Header, depth: int = 1) -> None:
-        self.final = final
-        self.partial = final.with_name(final.name + ".partial")
-        self._f: BinaryIO = open(self.partial, "wb")
-        self._sha = hashlib.sha256()
-        self._error: BaseException | None = None
-        self._lanes = [self._lane(self._f.write, depth), self._lane(self._sha.update, depth)]
-        self.size = 0
-        self.write(header.raw)
-
-    def _lane(self, consume: Callable[[Any], Any], depth: int) -> tuple[queue.Queue[Any], threading.Thread]:
-        q: queue.Queue[Any] = queue.Queue(maxsize=depth)
-
-        def drain() -> None:
-            while (data := q.get()) is not None:
-                if self._error is None:
-                    try:
-                        consume(data)
-                    except BaseException as exc:  # reported to the caller on its next call
-                        self._error = exc
-
-        thread = threading.Thread(target=drain, name=f"{consume.__name__} {self.final.name}", daemon=True)
-        thread.start()
-        return q, thread
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def write(self, data: bytes | memoryview) -> None:
-        """Queue ``data``; the caller must not modify it afterwards."""
-        self._check()
-        for q, _ in self._lanes:
-            q.put(data)
-        self.size += len(data)
-
-    def write_tensor(self, tensor: torch.Tensor) -> None:
-        self.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-    def copy_range(self, src: BinaryIO, start: int, end: int) -> None:
-        """Copy bytes [start, end) of ``src`` in chunks of COPY_CHUNK."""
-        src.seek(start)
-        left = end - start
-        while left:
-            chunk = src.read(min(left, COPY_CHUNK))
-            if not chunk:
-                raise AbliterateError(f"{src.name}: unexpected end of file")
-            self.write(chunk)
-            left -= len(chunk)
-
-    def _stop(self) -> None:
-        for q, thread in self._lanes:
-            q.put(None)
-            thread.join()
-
-    def finish(self) -> tuple[int, str]:
-        self._stop()
-        self._check()
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.chmod(self.partial, 0o644)
-        os.replace(self.partial, self.final)
-        return self.size, self._sha.hexdigest()
-
-    def abort(self) -> None:
-        self._error = self._error or AbliterateError("aborted")
-        self._stop()
-        self._f.close()
-        self.partial.unlink(missing_ok=True)
-
-
-def read_tensor(src: BinaryIO, entry: TensorEntry) -> torch.Tensor:
-    """One tensor, read with a plain sequential read.
+def read_tensor(src: BinaryIO, entry: TensorEntry, into: bytearray | None = None) -> torch.Tensor:
+    """One tensor, read with a plain sequential read, into the front of ``into`` if given.
 
     (An mmap, as ``safe_open`` uses, faults pages in one at a time: four times slower
-    for a 118 MB tensor here, and the pages stay counted in RSS while the file is open.)
+    for a 118 MB tensor here, and the pages stay counted in RSS while the file is open.
+    A reused buffer also spares allocating and faulting in fresh pages for every tensor.)
     """
-    buf = bytearray(entry.end - entry.start)
+    n = entry.end - entry.start
+    buf = memoryview(into)[:n] if into is not None else memoryview(bytearray(n))
     src.seek(entry.start)
-    if src.readinto(buf) != len(buf):
+    if src.readinto(buf) != n:
         raise AbliterateError(f"{src.name}: unexpected end of file in '{entry.name}'")
     return tensor_from_bytes(buf, entry)
 

@@ -1,4 +1,5 @@
-"""A run killed mid-shard resumes: finished shards are kept, the half-written one is redone."""
+"""A run killed mid-shard resumes: finished shards are kept, the half-written one is redone;
+shards are committed, and handed on, only once complete."""
 from __future__ import annotations
 
 import json
@@ -9,9 +10,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from rewriter.cli import main
+from rewriter.errors import AbliterateError
+from rewriter.pipeline import prepare
+from rewriter.plan import parse_layer_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,8 +26,12 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
 
 
-def tree(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+def tree(path: Path) -> dict[str, object]:
+    """Every file's bytes; the manifest parsed, without the shards' modification times."""
+    files: dict[str, object] = {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+    manifest = json.loads(files.pop("abliteration.json"))
+    files["abliteration.json"] = {**manifest, "shards": {n: r["size"] for n, r in manifest["shards"].items()}}
+    return files
 
 
 def test_killed_run_resumes_to_the_same_bytes(checkpoint_factory: Callable[[str], Path], directions_file: Path,
@@ -33,7 +42,8 @@ def test_killed_run_resumes_to_the_same_bytes(checkpoint_factory: Callable[[str]
     assert CliRunner().invoke(main, [*args, str(clean)]).exit_code == 0
 
     out = tmp_path / "resumed"
-    killed = cli(*args, str(out), "-p", "no:strategies", "-p", "tests.killer_plugin", env={"KILL_AFTER_EDITS": "5"})
+    killed = cli(*args, str(out), "-p", "no:strategies", "-p", "tests.killer_plugin",
+                 env={"KILL_AFTER_EDITS": "5", "KILL_AFTER_FINISHED": str(out / "abliteration.json")})
     assert killed.returncode == -9, killed.stderr
     manifest = json.loads((out / "abliteration.json").read_text())
     assert not manifest["complete"]
@@ -92,3 +102,43 @@ def test_parallel_workers_write_the_same_bytes(checkpoint_factory: Callable[[str
         assert "tensors edited: 8" in result.output
         outs.append(tree(out))
     assert outs[0] == outs[1]
+
+
+def _job(src: Path, directions: Path):
+    return prepare(src, None, directions, parse_layer_specs(["0-3:1"], 1.0, {}), "norm-preserving")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_shard_is_handed_on_once_complete_and_in_place(checkpoint_factory: Callable[[str], Path],
+                                                             directions_file: Path, tmp_path: Path,
+                                                             workers: int) -> None:
+    """on_shard (e.g. an upload) sees each shard already renamed into place and in the manifest."""
+    src = checkpoint_factory("llama")
+    out = tmp_path / "out"
+    seen: list[str] = []
+
+    def on_shard(name: str, path: Path) -> None:
+        assert path == out / name and path.is_file() and not path.with_name(name + ".partial").exists()
+        assert name in json.loads((out / "abliteration.json").read_text())["shards"]
+        seen.append(name)
+
+    _job(src, directions_file).run(out, progress=False, workers=workers, on_shard=on_shard)
+    assert sorted(seen) == sorted(p.name for p in src.glob("*.safetensors"))
+
+
+def test_a_failing_hand_on_stops_the_run_and_keeps_what_was_written(checkpoint_factory: Callable[[str], Path],
+                                                                    directions_file: Path, tmp_path: Path) -> None:
+    src = checkpoint_factory("llama")
+    out = tmp_path / "out"
+    seen: list[str] = []
+
+    def failing(name: str, path: Path) -> None:
+        seen.append(name)
+        raise AbliterateError("upload refused")
+
+    with pytest.raises(AbliterateError, match="upload refused"):
+        _job(src, directions_file).run(out, progress=False, on_shard=failing)
+    assert len(seen) == 1, "after a failure no further shard is handed on"
+    assert not list(out.glob("*.partial")) and not (out / "model.safetensors.index.json").exists()
+    summary = _job(src, directions_file).run(out, progress=False)
+    assert summary.shards_reused >= 1 and summary.shards_reused + summary.shards_written == len(list(src.glob("*.safetensors")))

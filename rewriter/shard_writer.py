@@ -1,0 +1,148 @@
+"""Streams one output shard to ``NAME.partial`` on a background thread; ``commit`` renames it into place.
+
+safetensors has no streaming writer, but a rewrite changes no shape and no dtype: the
+source header (tensor order, offsets, ``__metadata__``, padding) is reused byte for byte
+and tensor data follows it, so memory never grows with shard size. Untouched byte ranges
+are copied by the kernel (``copy_file_range``, as ``cp`` does: no trip through user space),
+edited tensors are written from memory. One thread does both, in file order, while the
+caller reads and edits the next tensor.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .errors import AbliterateError
+from .safetensors_io import Header
+
+_MAX_IO = 1 << 30  # Linux moves at most 2 GiB - 4 KiB per read/write/copy call
+_CHUNK = 16 << 20  # buffer of the user-space fallback copy
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
+class _Copy(NamedTuple):
+    fd: int
+    start: int
+    length: int
+    name: str
+
+
+class ShardWriter:
+    """Bounded by ``depth`` tensors queued for writing (a queued range copy holds no memory).
+
+    ``written(n)`` is called on the writer thread as each piece reaches the file (progress).
+    Errors on the writer thread surface on the caller's next call, or in ``close``.
+    """
+
+    def __init__(self, final: Path, header: Header, depth: int = 1,
+                 written: Callable[[int], None] = lambda n: None) -> None:
+        self.final = final
+        self._written = written
+        self.partial = final.with_name(final.name + ".partial")
+        self.size = 0
+        self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._queue: queue.SimpleQueue[bytes | memoryview | _Copy | None] = queue.SimpleQueue()
+        self._buffers = threading.Semaphore(depth)
+        self._error: BaseException | None = None
+        self._kernel_copy = hasattr(os, "copy_file_range")
+        self._thread = threading.Thread(target=self._drain, name=f"write {final.name}", daemon=True)
+        self._thread.start()
+        self.write(header.raw)
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    self._copy(item) if isinstance(item, _Copy) else _write_all(self._fd, item)
+                    self._written(item.length if isinstance(item, _Copy) else len(item))
+            except BaseException as exc:  # reported to the caller on its next call
+                self._error = exc
+            finally:
+                if not isinstance(item, _Copy):
+                    self._buffers.release()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Queue ``data`` (waits while ``depth`` buffers are pending); the caller must not modify it afterwards."""
+        self._buffers.acquire()
+        self._check()
+        self._queue.put(data)
+        self.size += len(data)
+
+    def write_tensor(self, tensor: torch.Tensor) -> None:
+        self.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+    def copy(self, fd: int, start: int, end: int, name: str) -> None:
+        """Queue bytes [start, end) of the open file ``fd`` (named ``name`` in errors); it must stay open until ``close``."""
+        self._check()
+        if end > start:
+            self._queue.put(_Copy(fd, start, end - start, name))
+            self.size += end - start
+
+    def _copy(self, item: _Copy) -> None:
+        start, left = item.start, item.length
+        while left:
+            n = self._kernel(item.fd, start, min(left, _MAX_IO)) if self._kernel_copy else -1
+            if n < 0:
+                n = _copy_through_memory(item.fd, start, min(left, _CHUNK), self._fd)
+            if n == 0:
+                raise AbliterateError(f"{item.name}: unexpected end of file")
+            start, left = start + n, left - n
+
+    def _kernel(self, src: int, start: int, count: int) -> int:
+        """Bytes copied in the kernel, or -1 where this pair of files does not allow it."""
+        try:
+            return os.copy_file_range(src, self._fd, count, start)
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+            self._kernel_copy = False
+            return -1
+
+    def close(self) -> None:
+        """Wait until everything queued is written; after this the source files may be closed."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._check()
+
+    def commit(self) -> int:
+        """fsync and rename ``NAME.partial`` to ``NAME``; returns the size. Call after ``close``."""
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+        os.chmod(self.partial, 0o644)
+        os.replace(self.partial, self.final)
+        return self.size
+
+    def abort(self) -> None:
+        """Stop and remove the partial file (the caller is raising)."""
+        self._error = self._error or AbliterateError("aborted")
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        os.close(self._fd)
+        self.partial.unlink(missing_ok=True)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view[:_MAX_IO]):]
+
+
+def _copy_through_memory(src: int, start: int, count: int, dst: int) -> int:
+    data = os.pread(src, count, start)
+    _write_all(dst, data)
+    return len(data)

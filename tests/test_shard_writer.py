@@ -1,0 +1,95 @@
+"""The shard writer: kernel range copies and written tensors land in file order, atomically."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rewriter import shard_writer
+from rewriter.errors import AbliterateError
+from rewriter.safetensors_io import read_header
+from rewriter.shard_writer import ShardWriter
+
+SHM = Path("/dev/shm")
+
+
+def _source(folder: Path) -> Path:
+    tensors = {f"t{i}": torch.randn(64 + i, 33, dtype=torch.bfloat16) for i in range(6)}
+    save_file(tensors, folder / "src.safetensors", metadata={"format": "pt"})
+    return folder / "src.safetensors"
+
+
+def _rewrite_odd_tensors(src: Path, out: Path) -> int:
+    """Copy even tensors by range, write odd ones negated; returns the writer's byte count."""
+    header = read_header(src)
+    seen: list[int] = []
+    writer = ShardWriter(out, header, written=seen.append)
+    with open(src, "rb") as f:
+        for i, e in enumerate(header.entries):
+            if i % 2 == 0:
+                writer.copy(f.fileno(), e.start, e.end, f.name)
+            else:
+                f.seek(e.start)
+                writer.write_tensor(-torch.frombuffer(bytearray(f.read(e.end - e.start)), dtype=torch.bfloat16))
+        writer.close()
+    assert not out.exists(), "the shard appears only when committed"
+    assert sum(seen) == header.file_size, "progress reports every byte as it is written"
+    return writer.commit()
+
+
+def _check(src: Path, out: Path, size: int) -> None:
+    assert size == src.stat().st_size == out.stat().st_size
+    before, after = load_file(src), load_file(out)
+    for i, name in enumerate(sorted(before, key=lambda n: int(n[1:]))):
+        expected = before[name] if i % 2 == 0 else -before[name]
+        assert torch.equal(after[name], expected), name
+    assert oct(out.stat().st_mode & 0o777) == oct(0o644)
+    assert not list(out.parent.glob("*.partial"))
+
+
+def test_ranges_and_tensors_in_file_order(tmp_path: Path) -> None:
+    src = _source(tmp_path)
+    out = tmp_path / "out.safetensors"
+    _check(src, out, _rewrite_odd_tensors(src, out))
+
+
+def test_small_system_calls_and_the_memory_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short kernel copies and writes are continued; without copy_file_range, ranges go through memory."""
+    monkeypatch.setattr(shard_writer, "_MAX_IO", 1000)
+    monkeypatch.setattr(shard_writer, "_CHUNK", 777)
+    src = _source(tmp_path)
+    _check(src, tmp_path / "a.safetensors", _rewrite_odd_tensors(src, tmp_path / "a.safetensors"))
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    _check(src, tmp_path / "b.safetensors", _rewrite_odd_tensors(src, tmp_path / "b.safetensors"))
+
+
+@pytest.mark.skipif(not SHM.is_dir() or SHM.stat().st_dev == Path.cwd().stat().st_dev,
+                    reason="needs /dev/shm on another file system")
+def test_source_on_another_file_system(tmp_path: Path) -> None:
+    """Across file systems the kernel may refuse (EXDEV); the copy must still be exact."""
+    folder = SHM / f"abliterate-test-{os.getpid()}"
+    folder.mkdir()
+    try:
+        src = _source(folder)
+        out = tmp_path / "out.safetensors"
+        _check(src, out, _rewrite_odd_tensors(src, out))
+    finally:
+        for p in folder.iterdir():
+            p.unlink()
+        folder.rmdir()
+
+
+def test_a_short_source_fails_and_abort_leaves_nothing(tmp_path: Path) -> None:
+    src = _source(tmp_path)
+    header = read_header(src)
+    out = tmp_path / "out.safetensors"
+    writer = ShardWriter(out, header)
+    with open(src, "rb") as f:
+        writer.copy(f.fileno(), header.entries[-1].start, header.file_size + 10, f.name)
+        with pytest.raises(AbliterateError, match="unexpected end of file"):
+            writer.close()
+    writer.abort()
+    assert list(tmp_path.iterdir()) == [src]
