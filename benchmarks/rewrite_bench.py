@@ -5,9 +5,10 @@
 For each size: generate a Gemma-3-12B-shaped bf16 checkpoint, read it once so that both
 runs find it equally in the page cache, then time `cp -r` + `sync` and
 `rewrite --strategy norm-preserving` over every layer (which fsyncs each shard), in one
-run, ``--repeat`` times in alternating order (medians: the disk here is shared and noisy). Peak
-RSS is the child's own ru_maxrss (os.wait4), the maximum over repeats. Prints a table;
-asserts nothing.
+run, ``--repeat`` times in alternating order, each after a sync and a few seconds' rest
+(medians: the disk here is shared and noisy, and slows down right after a large write;
+use an even ``--repeat`` so that each goes first equally often). Peak RSS is the child's
+own ru_maxrss (os.wait4), the maximum over repeats. Prints a table; asserts nothing.
 """
 from __future__ import annotations
 
@@ -50,11 +51,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/abliterate-bench"))
     ap.add_argument("--workers", type=int, nargs="+", default=[1], help="--workers values to time")
     ap.add_argument("--repeat", type=int, default=2, help="alternating runs of each; medians are printed")
+    ap.add_argument("--settle", type=float, default=5.0, help="seconds of rest (after a sync) before each timed run")
     args = ap.parse_args()
     exe = shutil.which("abliterate") or sys.exit("abliterate is not installed")
-    baseline = run([sys.executable, "-c", "import torch, safetensors, tqdm, rewriter.cli"])[1]
+    startup, baseline = run([sys.executable, "-c", "import torch, safetensors, tqdm, rewriter.cli"])
     tensor = synthetic.largest_edited_fp32_bytes()
-    print(f"baseline RSS (python + torch + libraries): {baseline / 2**20:.0f} MiB; "
+    print(f"baseline (python + torch + libraries): {baseline / 2**20:.0f} MiB RSS, {startup:.1f} s to start; "
           f"largest edited tensor in fp32: {tensor / 2**20:.0f} MiB")
     print(f"{'size GiB':>8} {'shard GiB':>9} {'workers':>7} {'layers':>6} {'cp s':>7} {'rewrite s':>9} "
           f"{'ratio':>6} {'MB/s':>6} {'peak RSS MiB':>12} {'(RSS-base)/tensor':>17}")
@@ -79,6 +81,8 @@ def main() -> None:
                     order = ("cp", "rw") if rep % 2 == 0 else ("rw", "cp")
                     for which in order:
                         warm(src)
+                        os.sync()
+                        time.sleep(args.settle)
                         if which == "cp":
                             cps.append(run(["sh", "-c", f"cp -r '{src}' '{args.work / 'copy'}' && sync"])[0])
                             continue

@@ -64,7 +64,7 @@ def main() -> None:
 @click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True, help="Dtype of the edit arithmetic.")
 @click.option("--dry-run", is_flag=True, help="Print what would be edited and write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace an output that holds a different rewrite.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Shards rewritten at once; each holds its own tensors in memory.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Shards rewritten at once; each worker holds about twice the largest edited tensor (fp32) in memory.")
 @click.option("--low-disk", is_flag=True, help="Hub source: download one shard at a time next to OUTPUT and delete it once rewritten (instead of the HF cache).")
 @click.option("--push-to", metavar="ORG/NAME", help="Publish to this Hub repo: shards upload as they are finished, then one commit with index, configs, plan, direction file and model card.")
 @click.option("--private/--public", default=True, show_default=True, help="Visibility of a repo that --push-to creates.")
@@ -83,7 +83,7 @@ def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, dir
     honoured, and the token is never printed or written). Tensors are
     streamed one at a time: planned residual writers (o_proj, down_proj, their biases)
     are edited in fp32, all else is copied byte for byte. The source is never written;
-    a rerun into the same OUTPUT resumes, skipping verified finished shards.
+    a rerun into the same OUTPUT resumes, keeping the shards it finished.
 
     \b
     Strategies (see method.md):

@@ -92,22 +92,22 @@ class ShardWriter:
     def _copy(self, item: _Copy) -> None:
         start, left = item.start, item.length
         while left:
-            n = self._kernel(item.fd, start, min(left, _MAX_IO)) if self._kernel_copy else -1
-            if n < 0:
+            n = self._kernel(item.fd, start, min(left, _MAX_IO)) if self._kernel_copy else 0
+            if n == 0:  # refused, or nothing copied (some file systems answer so): through memory
+                self._kernel_copy = False
                 n = _copy_through_memory(item.fd, start, min(left, _CHUNK), self._fd)
             if n == 0:
                 raise AbliterateError(f"{item.name}: unexpected end of file")
             start, left = start + n, left - n
 
     def _kernel(self, src: int, start: int, count: int) -> int:
-        """Bytes copied in the kernel, or -1 where this pair of files does not allow it."""
+        """Bytes copied in the kernel; 0 where this pair of files does not allow it."""
         try:
             return os.copy_file_range(src, self._fd, count, start)
         except OSError as exc:
             if exc.errno not in _NO_KERNEL_COPY:
                 raise
-            self._kernel_copy = False
-            return -1
+            return 0
 
     def close(self) -> None:
         """Wait until everything queued is written; after this the source files may be closed."""

@@ -1,8 +1,11 @@
 """Tiny random checkpoints of every built-in architecture, written by transformers itself."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,13 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import tempfile  # noqa: E402
-
 # Before huggingface_hub is imported (it reads these once): plain LFS transfers for the
 # loopback Hub, no telemetry, and a cache of the test run's own.
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="abliterate-test-hf-cache-")
+atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from rewriter.directions import Measurements  # noqa: E402
