@@ -61,7 +61,7 @@ class ShardWriter:
             try:
                 if self._error is None:
                     self._copy(item) if isinstance(item, _Copy) else _write_all(self._fd, item)
-                    self._written(item.length if isinstance(item, _Copy) else len(item))
+                    self._written(item.length if isinstance(item, _Copy) else memoryview(item).nbytes)
             except BaseException as exc:  # reported to the caller on its next call
                 self._error = exc
             finally:
@@ -77,7 +77,7 @@ class ShardWriter:
         self._buffers.acquire()
         self._check()
         self._queue.put(data)
-        self.size += len(data)
+        self.size += memoryview(data).nbytes
 
     def write_tensor(self, tensor: torch.Tensor) -> None:
         self.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
