@@ -64,7 +64,7 @@ def main() -> None:
 @click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True, help="Dtype of the edit arithmetic.")
 @click.option("--dry-run", is_flag=True, help="Print what would be edited and write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace an output that holds a different rewrite.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Shards rewritten at once; each worker holds about twice the largest edited tensor (fp32) in memory.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Shards rewritten at once; memory is about workers + 1 times the largest edited tensor in fp32.")
 @click.option("--low-disk", is_flag=True, help="Hub source: download one shard at a time next to OUTPUT and delete it once rewritten (instead of the HF cache).")
 @click.option("--push-to", metavar="ORG/NAME", help="Publish to this Hub repo: shards upload as they are finished, then one commit with index, configs, plan, direction file and model card.")
 @click.option("--private/--public", default=True, show_default=True, help="Visibility of a repo that --push-to creates.")

@@ -1,9 +1,10 @@
 """The streaming rewrite: source shards -> tensor stream -> edit -> shard writer -> output.
 
 Knows nothing about architectures or strategies: it receives ready ``TensorEdit``s by
-tensor name. Every other byte range is copied by the kernel, byte for byte. Per worker,
-memory holds two stored-dtype tensor buffers (one being written, one being edited) and
-one working copy in the compute dtype: about twice the largest edited tensor in float32.
+tensor name. Every other byte range is copied by the kernel, byte for byte. Memory holds
+two stored-dtype tensor buffers per worker (one being written, one being edited) and one
+shared working copy in the compute dtype: about workers + 1 times the largest edited
+tensor in float32.
 """
 from __future__ import annotations
 
@@ -164,23 +165,31 @@ class _Run:
                 done.result()  # fail fast when finishing an earlier shard failed
 
     def _finish(self, shard: Shard, target: Path, written: _Written | None) -> None:
+        try:
+            if written is not None:
+                written.writer.commit()
+                self.manifest.record(shard.name, target)
+            self._count(written)
+            if self.on_shard is not None and not self.failed:
+                self.on_shard(shard.name, target)
+        except BaseException:
+            self.failed = True  # the shards queued behind this one are committed, not handed on
+            raise
+
+    def _count(self, written: _Written | None) -> None:
         s = self.summary
         if written is None:
             s.shards_reused += 1
         else:
-            written.writer.commit()
-            self.manifest.record(shard.name, target)
             s.shards_written += 1
             s.bytes_written += written.writer.size
             s.tensors_edited += written.edited
             s.columns_zeroed += written.zeroed
-        if self.on_shard is not None and not self.failed:
-            self.on_shard(shard.name, target)
 
     def close(self, failed: bool) -> None:
         """Wait for the finisher. After a failure, shards already written are still committed
         (a rerun reuses them) but no longer handed to ``on_shard``."""
-        self.failed = failed
+        self.failed = self.failed or failed
         self.finisher.shutdown(wait=True)
         if not failed:
             for future in self.finishing:
@@ -196,13 +205,15 @@ class _Written:
     zeroed: int
 
 
-class _Scratch(threading.local):
-    """Each worker thread's buffers, reused across tensors and shards.
+class _Scratch:
+    """Tensor-sized buffers, allocated once and reused across tensors and shards.
 
     Allocating and faulting in tensor-sized buffers for every edit cost more than the edit
-    math itself. A ShardWriter keeps at most ``PENDING`` tensors queued, so ``PENDING + 1``
-    read buffers let the next tensor be read while the last one is written; one working
-    copy in the compute dtype. Allocated on first use, in the thread that uses them.
+    math itself. A ShardWriter keeps at most ``PENDING`` tensors queued, so each worker
+    thread has ``PENDING + 1`` read buffers of its own: the next tensor is read while the
+    last one is written. The working copy in the compute dtype (the largest buffer) is
+    shared, and workers take turns with the edit math, a small part of the time: N
+    workers hold about N + 1 times the largest edited tensor in fp32.
     """
 
     PENDING = 1
@@ -212,19 +223,24 @@ class _Scratch(threading.local):
         self.read_bytes = max((e.end - e.start for e in entries), default=0)
         self.numel = max((math.prod(e.shape) for e in entries), default=0)
         self.compute = compute
-        self.reads: list[bytearray] = []
-        self.workspace: torch.Tensor | None = None
+        self._reads = threading.local()
+        self._workspace: torch.Tensor | None = None
+        self._turn = threading.Lock()
 
     def read_buffer(self) -> bytearray:
-        if not self.reads:
-            self.reads = [bytearray(self.read_bytes) for _ in range(self.PENDING + 1)]
-        self.reads.append(self.reads.pop(0))
-        return self.reads[-1]
+        """This thread's least recently used read buffer."""
+        ring: list[bytearray] | None = getattr(self._reads, "ring", None)
+        if ring is None:
+            ring = self._reads.ring = [bytearray(self.read_bytes) for _ in range(self.PENDING + 1)]
+        ring.append(ring.pop(0))
+        return ring[-1]
 
-    def work(self) -> torch.Tensor:
-        if self.workspace is None:
-            self.workspace = torch.empty(self.numel, dtype=self.compute)
-        return self.workspace
+    def edit(self, edit: TensorEdit, tensor: torch.Tensor) -> int:
+        """Apply ``edit`` to ``tensor`` in place in the shared working copy; returns the columns zeroed."""
+        with self._turn:
+            if self._workspace is None:
+                self._workspace = torch.empty(self.numel, dtype=self.compute)
+            return edit.apply(tensor, self.compute, in_place=True, workspace=self._workspace)[1]
 
 
 def _write_shard(
@@ -247,8 +263,8 @@ def _write_shard(
                     continue
                 writer.copy(src.fileno(), copied, entry.start, src.name)  # the untouched run before it
                 tensor = read_tensor(src, entry, into=scratch.read_buffer())
-                new, cols = edit.apply(tensor, scratch.compute, in_place=True, workspace=scratch.work())
-                writer.write_tensor(new)
+                cols = scratch.edit(edit, tensor)
+                writer.write_tensor(tensor)
                 copied = entry.end
                 edited += 1
                 zeroed += cols
