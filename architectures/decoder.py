@@ -5,9 +5,8 @@ Most dense decoder-only models share it; a plugin for such a model is one
 """
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from rewriter.architecture import Config, OutputNorm, ResidualWriter
 from rewriter.errors import AbliterateError
@@ -27,6 +26,7 @@ class DecoderMap:
     # Norms between each writer and the residual add, as (attention, mlp) names in the layer.
     output_norms: tuple[str, str] | None = None
     norm_offset: float = 1.0
+    components: tuple[str, ...] = ("attention", "mlp")
 
     def _config(self, config: Config) -> Config:
         return config.get(self.text_config) or {} if self.text_config else config
@@ -42,22 +42,25 @@ class DecoderMap:
         return config.get("model_type") in self.model_types and self.prefix(names) is not None
 
     def num_layers(self, config: Config) -> int:
-        return int(_require(self._config(config), "num_hidden_layers", self.name))
+        return _positive_int(self._config(config), "num_hidden_layers", self.name)
 
     def hidden_size(self, config: Config) -> int:
-        return int(_require(self._config(config), "hidden_size", self.name))
+        return _positive_int(self._config(config), "hidden_size", self.name)
 
     def residual_writers(self, layer: int, config: Config, names: Collection[str]) -> list[ResidualWriter]:
         base = f"{self.prefix(names)}.{layer}"
         writers = []
-        for i, (component, module) in enumerate((("attention", self.attention_out), ("mlp", self.mlp_out))):
+        for i, (component, module) in enumerate(zip(self.components, (self.attention_out, self.mlp_out))):
             norm = OutputNorm(f"{base}.{self.output_norms[i]}.weight", self.norm_offset) if self.output_norms else None
             writers.append(ResidualWriter(f"{base}.{module}.weight", component, output_norm=norm))
             writers.append(ResidualWriter(f"{base}.{module}.bias", component, required=False, bias=True, output_norm=norm))
         return writers
 
 
-def _require(config: Config, key: str, arch: str) -> Any:
-    if key not in config:
+def _positive_int(config: Config, key: str, arch: str) -> int:
+    if not isinstance(config, Mapping) or key not in config:
         raise AbliterateError(f"config.json has no '{key}' for architecture {arch}")
-    return config[key]
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise AbliterateError(f"config.json: '{key}' is {value!r}; expected a positive integer")
+    return value

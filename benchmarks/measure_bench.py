@@ -11,8 +11,9 @@ import time
 
 import torch
 
-from rewriter.measure import batches, format_prompts, last_token_states, load_model
-from rewriter.prompts import default_prompts
+from rewriter.lab.measure import last_token_states
+from rewriter.lab.models import batches, format_prompts, load_model
+from rewriter.lab.prompts import default_prompts
 
 
 def with_generate(lm, enc) -> torch.Tensor:

@@ -11,14 +11,14 @@ import argparse
 import time
 from pathlib import Path
 
-from rewriter.analyze import layer_metrics, suggest_plan
-from rewriter.demo import DEMO_MODEL
+from rewriter.lab.analyze import layer_metrics, suggest_plan
+from rewriter.lab.demo import DEMO_MODEL
 from rewriter.directions import Measurements
-from rewriter.evaluate import evaluate
-from rewriter.example_models import example_model
-from rewriter.measure import measure
+from rewriter.lab.evaluate import evaluate
+from rewriter.lab.example_models import example_model
+from rewriter.lab.measure import measure
 from rewriter.pipeline import prepare
-from rewriter.prompts import default_prompts
+from rewriter.lab.prompts import default_prompts
 
 STRATEGIES = ("standard", "projected", "biprojected", "norm-preserving")
 

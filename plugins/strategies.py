@@ -1,4 +1,4 @@
-"""The four built-in strategies of method.md: standard, projected, biprojected, norm-preserving.
+"""The four built-in strategies (docs/method.md): standard, projected, biprojected, norm-preserving.
 
 Directions are refined in float64 with two-pass Gram-Schmidt; weight updates run in the
 compute dtype (float32 or float64) in place, with rank-1 updates, so that an edit needs
@@ -9,13 +9,14 @@ from __future__ import annotations
 import torch
 
 from rewriter.directions import Measurements
+from rewriter.engine.edit import TensorEdit
 from rewriter.hookspecs import hookimpl
 from rewriter.strategy import Strategy
 from rewriter.tensor_math import column_norms, scale_columns_add_outer_
 
 
 def _normalize(v: torch.Tensor) -> torch.Tensor:
-    return v / torch.linalg.vector_norm(v)
+    return v / torch.linalg.vector_norm(v)  # the means are checked non-zero when read
 
 
 def remove_component(r: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
@@ -63,14 +64,35 @@ def norm_preserving(w: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[tor
     return w, int(degenerate.sum())
 
 
+def removes_direction(edit: TensorEdit, before: torch.Tensor, after: torch.Tensor, tol: float) -> str | None:
+    """At scale 1 nothing is written along the direction: |r^T w| / |w| <= tol for every column."""
+    if edit.scale != 1.0 or not after.numel():
+        return None
+    along = (edit.direction.to(after.dtype) @ after).abs()
+    worst = float((along / column_norms(after).clamp_min(1e-30)).max())
+    return f"still writes along the direction (|r^T w| / |w| up to {worst:.2e})" if worst > tol else None
+
+
+def keeps_column_norms(edit: TensorEdit, before: torch.Tensor, after: torch.Tensor, tol: float) -> str | None:
+    """Every weight column keeps its norm, except those zeroed for being parallel to r (counted by rewrite)."""
+    if edit.update is not norm_preserving or not after.numel():
+        return None
+    old, new = column_norms(before), column_norms(after)
+    kept = new > 0
+    worst = float(((new - old).abs()[kept] / old[kept].clamp_min(1e-30)).max()) if kept.any() else 0.0
+    return f"column norms changed (relative change up to {worst:.2e})" if worst > tol else None
+
+
 BUILTIN = (
-    Strategy("standard", "r = harmful - harmless mean; W -= r r^T W", standard_direction, subtractive, subtractive),
+    Strategy("standard", "r = harmful - harmless mean; W -= r r^T W", standard_direction, subtractive, subtractive,
+             (removes_direction,)),
     Strategy(
         "projected",
         "r without its harmless component at the measurement layer; subtractive",
         projected_direction,
         subtractive,
         subtractive,
+        (removes_direction,),
     ),
     Strategy(
         "biprojected",
@@ -78,14 +100,15 @@ BUILTIN = (
         biprojected_direction,
         subtractive,
         subtractive,
+        (removes_direction,),
     ),
     Strategy(
         "norm-preserving",
-        "biprojected r; column directions edited, column norms kept (the seed's method)",
+        "biprojected r; column directions edited, column norms kept",
         biprojected_direction,
         norm_preserving,
         subtractive,
-        preserves_column_norms=True,
+        (removes_direction, keeps_column_norms),
     ),
 )
 

@@ -24,6 +24,8 @@ class OutputNorm:
 class ResidualWriter:
     """One tensor that writes into the residual stream.
 
+    ``component`` is one of the map's ``components`` (e.g. attention, mlp, experts).
+
     ``axis`` is the tensor axis that spans the model width (0 for a ``[d_model, d_in]``
     Linear weight and for a bias; 1 or 2 for fused ``[E, ...]`` expert tensors).
     A required writer that the checkpoint lacks is an error; an optional one (a bias)
@@ -43,6 +45,8 @@ class Architecture(Protocol):
     """An architecture map, as returned by ``abliterate_architectures()``."""
 
     name: str
+    summary: str  # one line for ``abliterate plugins``
+    components: tuple[str, ...]  # the component names its writers carry; plans scale them by name
 
     def matches(self, config: Config, names: Collection[str]) -> bool:
         """True when this map understands a checkpoint with this config and tensor names."""

@@ -1,18 +1,24 @@
 """Direction files: per-layer harmful and harmless means, and the metadata that says how."""
 from __future__ import annotations
 
+import hashlib
+import io
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from . import __version__
 from .errors import AbliterateError
+from .io.files import write_atomic
+from .io.safetensors_io import parse_header
 
 FORMAT = "abliterate-directions/1"
 CONVENTION = (
@@ -31,6 +37,7 @@ class Measurements:
     harmful_count: int = 0
     harmless_count: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
+    sha256: str = ""  # of the file it was read from
 
     def __post_init__(self) -> None:
         if not self.harmful or set(self.harmful) != set(self.harmless):
@@ -44,6 +51,7 @@ class Measurements:
                 if not torch.isfinite(means[layer]).all():
                     raise AbliterateError(f"direction data: {kind} mean of layer {layer} has NaN or inf values")
 
+
     @property
     def layers(self) -> list[int]:
         return sorted(self.harmful)
@@ -52,19 +60,21 @@ class Measurements:
     def width(self) -> int:
         return next(iter(self.harmful.values())).shape[0]
 
-    def _get(self, means: Mapping[int, torch.Tensor], layer: int) -> torch.Tensor:
+    def _get(self, kind: str, means: Mapping[int, torch.Tensor], layer: int) -> torch.Tensor:
         if layer not in means:
             raise AbliterateError(
                 f"measurement layer {layer} is not in the direction file (it has layers "
                 f"{_ranges(self.layers)})"
             )
+        if not means[layer].any():
+            raise AbliterateError(f"direction data: the {kind} mean of layer {layer} is zero")
         return means[layer]
 
     def harmful_mean(self, layer: int) -> torch.Tensor:
-        return self._get(self.harmful, layer)
+        return self._get("harmful", self.harmful, layer)
 
     def harmless_mean(self, layer: int) -> torch.Tensor:
-        return self._get(self.harmless, layer)
+        return self._get("harmless", self.harmless, layer)
 
     def direction(self, layer: int) -> torch.Tensor:
         """The refusal direction r_N = harmful_mean[N] - harmless_mean[N], float64."""
@@ -85,57 +95,86 @@ class Measurements:
             "harmless_count": str(self.harmless_count),
         }
         meta.setdefault("tool_version", __version__)
-        save_file(tensors, str(path), metadata=meta)
+        write_atomic(Path(path), save_safetensors(tensors, metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path) -> Measurements:
-        """Read this tool's safetensors file, or the reference tool's torch-saved dict."""
+        """Read this tool's safetensors file, or the reference tool's torch-saved dict (read once, hashed)."""
         p = Path(path)
         if not p.is_file():
             raise AbliterateError(f"direction file not found: {p}")
-        with open(p, "rb") as f:
-            magic = f.read(4)
-        if zipfile.is_zipfile(p) or magic[:2] == b"\x80\x02":
-            return _load_reference(p)
-        return _load_native(p)
+        data = p.read_bytes()
+        if data[:2] == b"\x80\x02" or zipfile.is_zipfile(io.BytesIO(data)):
+            m = _load_reference(p, data)
+        else:
+            m = _load_native(p, data)
+        m.sha256 = hashlib.sha256(data).hexdigest()
+        return m
 
 
-def _load_native(p: Path) -> Measurements:
+def _load_native(p: Path, data: bytes) -> Measurements:
     try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as exc:
+        meta = parse_header(data, len(data), p).metadata
+    except AbliterateError as exc:
+        raise AbliterateError(f"{p}: not a direction file ({str(exc).removeprefix(f'{p}: ')})") from None
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError) as exc:
         raise AbliterateError(f"{p}: not a direction file ({exc})") from None
     if meta.get("format") != FORMAT or not {"layers", "harmful_mean", "harmless_mean"} <= tensors.keys():
         raise AbliterateError(f"{p}: not a direction file (format '{meta.get('format')}', expected '{FORMAT}')")
-    layers = [int(n) for n in tensors["layers"].tolist()]
-    harmful, harmless = tensors["harmful_mean"], tensors["harmless_mean"]
-    if harmful.shape[0] != len(layers) or harmless.shape != harmful.shape:
+    layers_t, harmful, harmless = tensors["layers"], tensors["harmful_mean"], tensors["harmless_mean"]
+    if layers_t.dtype != torch.int64 or layers_t.dim() != 1:
+        raise AbliterateError(f"{p}: 'layers' must be a 1-D int64 tensor, found {layers_t.dtype} {list(layers_t.shape)}")
+    layers = [int(n) for n in layers_t.tolist()]
+    if len(set(layers)) != len(layers) or min(layers, default=0) < 0:
+        raise AbliterateError(f"{p}: 'layers' must list distinct non-negative layer numbers, found {layers[:16]}")
+    if harmful.dim() != 2 or harmful.shape[0] != len(layers) or harmless.shape != harmful.shape:
         raise AbliterateError(f"{p}: layers and means disagree in shape")
+    if not harmful.is_floating_point() or not harmless.is_floating_point():
+        raise AbliterateError(f"{p}: the means must be float tensors")
     return Measurements(
         {n: harmful[i] for i, n in enumerate(layers)},
         {n: harmless[i] for i, n in enumerate(layers)},
-        int(meta.get("harmful_count", 0)),
-        int(meta.get("harmless_count", 0)),
+        _count(meta, "harmful_count", p),
+        _count(meta, "harmless_count", p),
         meta,
     )
 
 
-def _load_reference(p: Path) -> Measurements:
+def _count(meta: Mapping[str, str], key: str, p: Path) -> int:
+    value = meta.get(key, "0")
+    if not value.isdigit():
+        raise AbliterateError(f"{p}: metadata {key} is {value!r}, not a number of prompts")
+    return int(value)
+
+
+_REFERENCE_KEY = re.compile(r"^(harmful|harmless|refuse)_(\d+)$")
+
+
+def _load_reference(p: Path, data: bytes) -> Measurements:
     """The reference tool's file: ``{"layers": L, "harmful_N": t, "harmless_N": t, "refuse_N": t, ...}``."""
     try:
-        data = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as exc:
+        doc = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
         raise AbliterateError(f"{p}: not a direction file ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise AbliterateError(f"{p}: not a direction file (a {type(data).__name__}, expected a dict)")
-    harmful = {int(k.split("_", 1)[1]): v for k, v in data.items() if k.startswith("harmful_")}
-    harmless = {int(k.split("_", 1)[1]): v for k, v in data.items() if k.startswith("harmless_")}
-    if not harmful:
+    if not isinstance(doc, dict):
+        raise AbliterateError(f"{p}: not a direction file (a {type(doc).__name__}, expected a dict)")
+    means: dict[str, dict[int, torch.Tensor]] = {"harmful": {}, "harmless": {}}
+    for key, value in doc.items():
+        if key == "layers":
+            continue
+        m = _REFERENCE_KEY.match(key) if isinstance(key, str) else None
+        if m is None:
+            raise AbliterateError(f"{p}: unexpected key {key!r} (expected layers, harmful_N, harmless_N, refuse_N)")
+        if m[1] in means:
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() != 1:
+                raise AbliterateError(f"{p}: {key} is not a 1-D float tensor")
+            means[m[1]][int(m[2])] = value
+    if not means["harmful"]:
         raise AbliterateError(f"{p}: no harmful_N / harmless_N entries; not a measurement file")
     meta = {"source_format": "llm-abliteration measure.py (torch.save)", "convention": CONVENTION}
-    return Measurements(harmful, harmless, metadata=meta)
+    return Measurements(means["harmful"], means["harmless"], metadata=meta)
 
 
 def _ranges(layers: list[int]) -> str:

@@ -9,17 +9,17 @@ from typing import Any
 
 import torch
 
+from . import __version__
 from .architecture import Architecture
-from .checkpoint import Checkpoint, Shard
 from .directions import Measurements
-from .edits import TensorEdit, plan_edits
-from .engine import Summary, check_output_path, rewrite
-from .hub import open_hub_checkpoint, parse_spec
+from .dtypes import DTYPES, PRECISIONS, dtype_name
+from .edits import PlannedEdit, plan_edits
+from .engine.rewrite import Summary, check_output_path, rewrite
+from .io.checkpoint import Checkpoint, Shard
+from .io.hub import open_hub_checkpoint, parse_spec
 from .plan import Plan
 from .registry import Registry
-from .safetensors_io import file_sha256
-
-PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
+from .strategy import Strategy
 
 
 @dataclass(frozen=True)
@@ -28,28 +28,35 @@ class RewriteJob:
 
     ckpt: Checkpoint
     arch: Architecture
-    strategy: str
+    strategy: Strategy
     plan: Plan
-    edits: Mapping[str, TensorEdit]
+    edits: Mapping[str, PlannedEdit]
     precision: str
     fingerprint: dict[str, Any]
+    record: dict[str, Any]
+
+    @property
+    def compute(self) -> torch.dtype:
+        return DTYPES[self.precision]
 
     def run(self, output: Path, *, overwrite: bool = False, progress: bool = True, workers: int = 1,
             on_shard: Callable[[str, Path], None] | None = None) -> Summary:
         return rewrite(
-            self.ckpt, output, self.edits, self.fingerprint, compute=PRECISIONS[self.precision],
+            self.ckpt, output, self.edits, self.fingerprint, record=self.record, compute=self.compute,
             overwrite=overwrite, progress=progress, workers=workers, on_shard=on_shard,
         )
 
     def describe(self) -> Iterable[str]:
         """What a dry run prints: per layer, per component, which measurement and scale."""
-        yield f"architecture: {self.arch.name}; strategy: {self.strategy}; precision: {self.precision}"
-        by_layer: dict[int, list[TensorEdit]] = {}
+        yield f"architecture: {self.arch.name}; strategy: {self.strategy.name}; precision: {self.precision}"
+        by_layer: dict[int, list[PlannedEdit]] = {}
         for e in self.edits.values():
             by_layer.setdefault(e.layer, []).append(e)
+        width = max((len(e.component) for e in self.edits.values()), default=9)
         for layer in sorted(by_layer):
             for e in by_layer[layer]:
-                yield f"  layer {layer:>3}  {e.component:<9}  measurement {e.measurement:>3}  scale {e.scale:<5g}  {e.name}"
+                yield (f"  layer {layer:>3}  {e.component:<{width}}  measurement {e.measurement:>3}  "
+                       f"scale {e.scale:<5g}  {e.name}")
         yield f"{len(self.edits)} tensors in {len(by_layer)} layers would be edited"
 
 
@@ -60,7 +67,7 @@ def prepare(
     plan: Plan,
     strategy: str,
     *,
-    precision: str = "fp32",
+    precision: str = "float32",
     registry: Registry | None = None,
     download_dir: Path | None = None,
 ) -> RewriteJob:
@@ -70,6 +77,7 @@ def prepare(
     ``download_dir`` (--low-disk) holds one shard at a time instead of the HF cache.
     """
     registry = registry or Registry()
+    precision = dtype_name(precision, PRECISIONS)
     spec = parse_spec(str(source))
     ckpt = open_hub_checkpoint(*spec, download_dir) if spec else Checkpoint.open(source)
     if output is not None:
@@ -79,14 +87,22 @@ def prepare(
     arch = registry.architecture_for(ckpt.config, ckpt.names)
     edits = plan_edits(ckpt, arch, plan, meas, strat)
     fingerprint = {
-        "strategy": strategy,
+        "strategy": strat.name,
         "precision": precision,
         "plan": plan.as_dict(),
-        "directions_sha256": file_sha256(Path(directions)),
+        "directions_sha256": meas.sha256,
         "source_headers": _header_digest(ckpt.shards),
         **({"origin": ckpt.origin} if ckpt.origin else {}),
     }
-    return RewriteJob(ckpt, arch, strategy, plan, edits, precision, fingerprint)
+    record = {
+        "source": str(source) if spec else str(Path(source).resolve()),
+        "directions": str(Path(directions).resolve()),
+        "architecture": arch.name,
+        "strategy_summary": strat.summary,
+        "torch_version": torch.__version__,
+        "tool_version": __version__,
+    }
+    return RewriteJob(ckpt, arch, strat, plan, edits, precision, fingerprint, record)
 
 
 def _header_digest(shards: Sequence[Shard]) -> dict[str, Any]:

@@ -56,6 +56,11 @@ class Registry:
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
             origin = dists.get(id(impl.plugin), getattr(impl.plugin, "__file__", None) or repr(impl.plugin))
             for item in impl.function() or ():
+                if kind == "architecture" and not isinstance(item, Architecture):
+                    missing = [m for m in ("name", "summary", "components", "matches", "num_layers", "hidden_size",
+                                           "residual_writers") if not hasattr(item, m)]
+                    raise AbliterateError(f"plugin '{impl.plugin_name}': architecture {getattr(item, 'name', item)!r} "
+                                          f"lacks {', '.join(missing)} (see rewriter.architecture.Architecture)")
                 if item.name in found:
                     raise AbliterateError(
                         f"{kind} '{item.name}' is provided by both plugin '{found[item.name].plugin}' "
@@ -107,5 +112,4 @@ def describe(registry: Registry) -> Iterable[str]:
         yield f"{title}:"
         for name in sorted(provided):
             p = provided[name]
-            summary = getattr(p.item, "summary", "")
-            yield f"  {name:<20} {summary}  [plugin {p.plugin}; {p.origin}]".rstrip()
+            yield f"  {name:<20} {p.item.summary}  [plugin {p.plugin}; {p.origin}]"

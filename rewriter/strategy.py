@@ -1,4 +1,5 @@
-"""What a strategy plugin gives the engine: a direction refinement and a weight update."""
+"""What a strategy plugin gives the engine: a direction refinement, weight and bias updates,
+and the invariants ``verify`` checks on what they wrote."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -7,24 +8,26 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .engine.edit import TensorEdit, Update
+
 if TYPE_CHECKING:
     from .directions import Measurements
 
 # (measurements, measurement layer, target layer) -> float64 direction in residual space
 Refine = Callable[["Measurements", int, int], torch.Tensor]
-# (matrix [d_model, columns] in compute dtype, unit direction, scale) -> (new matrix, zeroed columns)
-Update = Callable[[torch.Tensor, torch.Tensor, float], "tuple[torch.Tensor, int]"]
+# (edit, source [d_model, columns], written [d_model, columns], relative tolerance), both matrices in the
+# compute dtype -> a one-line problem, or None when the written tensor has the property
+Invariant = Callable[[TensorEdit, torch.Tensor, torch.Tensor, float], "str | None"]
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """An edit strategy: how the direction is refined, and how weights and biases change."""
+    """An edit strategy: how the direction is refined, how weights and biases change, and
+    what is true of every tensor it writes (``abliterate verify`` checks ``invariants``)."""
 
     name: str
     summary: str
     refine: Refine
     update_weight: Update
     update_bias: Update
-    # Invariants that ``abliterate verify`` checks on the output.
-    removes_direction: bool = True  # at scale 1, r^T W' = 0
-    preserves_column_norms: bool = False
+    invariants: tuple[Invariant, ...] = ()

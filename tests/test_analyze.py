@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from rewriter.analyze import candidates, layer_metrics, suggest_plan
+from rewriter.lab.analyze import candidates, layer_metrics, suggest_plan
 from rewriter.cli import main
 from rewriter.directions import Measurements
 from rewriter.plan import load_plan

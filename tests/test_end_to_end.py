@@ -11,10 +11,10 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from rewriter.cli import main
-from rewriter.evaluate import evaluate
+from rewriter.lab.evaluate import evaluate
 from rewriter.pipeline import prepare
 from rewriter.plan import load_plan
-from rewriter.prompts import default_prompts
+from rewriter.lab.prompts import default_prompts
 
 
 def test_demo_abliterates_qwen(qwen: Path, tmp_path: Path) -> None:

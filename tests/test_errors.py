@@ -2,46 +2,18 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from rewriter.cli import main
 from rewriter.directions import Measurements
-from tests.conftest import random_measurements
+from tests.helpers import copy_checkpoint, edit_tensor_file, fail, random_measurements
 
 O_PROJ = "model.layers.1.self_attn.o_proj.weight"
 DOWN = "model.layers.2.mlp.down_proj.weight"
-
-
-def copy_checkpoint(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def edit_tensor_file(ckpt: Path, name: str, change: Callable[[dict[str, torch.Tensor]], None]) -> None:
-    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
-    shard = ckpt / index["weight_map"][name]
-    tensors = load_file(shard)
-    change(tensors)
-    save_file(tensors, shard, metadata={"format": "pt"})
-    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k in tensors or v != shard.name}
-    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
-
-
-def fail(args: list[str], expected: str, out: Path | None = None) -> None:
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code != 0, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    assert "Traceback" not in result.output and expected in lines[0], lines[0]
-    if out is not None:
-        assert not out.exists(), "nothing may be written on an error"
 
 
 @pytest.fixture()
@@ -94,7 +66,7 @@ def test_non_float_tensor_in_planned_position(llama: Path, directions_file: Path
     ckpt, out = copy_checkpoint(llama, tmp_path / "int8"), tmp_path / "o"
     edit_tensor_file(ckpt, O_PROJ, lambda t: t.update({O_PROJ: t[O_PROJ].to(torch.int8)}))
     fail(["rewrite", str(ckpt), str(out), "-d", str(directions_file), "--layers", "1:1"],
-         f"{O_PROJ} has dtype I8; only F16, BF16, F32, F64 tensors can be edited", out)
+         f"{O_PROJ} has dtype int8; only float16, bfloat16, float32 and float64 tensors can be edited", out)
 
 
 def test_quantized_checkpoint(llama: Path, directions_file: Path, tmp_path: Path) -> None:
@@ -137,7 +109,7 @@ def test_non_empty_foreign_output(llama: Path, directions_file: Path, tmp_path: 
     out = tmp_path / "o"
     out.mkdir()
     (out / "precious.txt").write_text("mine")
-    fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--layers", "1:1"], "is not empty")
+    fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--layers", "1:1"], "holds files this tool did not write (precious.txt)")
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
 
 

@@ -8,8 +8,8 @@ import torch
 from click.testing import CliRunner
 
 from rewriter.cli import main
-from rewriter.evaluate import is_refusal, kl_divergence
-from tests.conftest import build_model, tiny_tokenizer, write_checkpoint
+from rewriter.lab.evaluate import is_refusal, kl_divergence
+from tests.helpers import build_model, tiny_tokenizer, write_checkpoint
 
 
 def test_refusal_markers() -> None:

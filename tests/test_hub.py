@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from rewriter.cli import main
-from rewriter.hub import HubFiles
+from rewriter.io.hub import HubFiles
 from tests.hub_server import HubServer
 
 TOKEN = "hf_loopbacksecret0123456789"

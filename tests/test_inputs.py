@@ -14,7 +14,7 @@ from rewriter.cli import main
 from rewriter.directions import CONVENTION, Measurements
 from rewriter.errors import AbliterateError
 from rewriter.plan import load_plan
-from tests.conftest import random_measurements
+from tests.helpers import random_measurements
 
 
 def test_direction_file_round_trip(tmp_path: Path) -> None:
@@ -59,7 +59,9 @@ def test_reference_plan_yaml(tmp_path: Path) -> None:
         + "  - layer: 24\n    measurement: 29\n    scale: 0.5\n    components: {attention: 0.5}\n"
     )
     plan = load_plan(plan_file)
-    assert plan.model == "google/gemma-3-12b-it" and plan.measurements == "out.refuse" and plan.output == "outdir"
+    here = tmp_path.resolve()  # paths in a plan are relative to the plan file; a Hub id stays as it is
+    assert plan.model == "google/gemma-3-12b-it"
+    assert plan.measurements == str(here / "out.refuse") and plan.output == str(here / "outdir")
     assert [e.layer for e in plan.entries] == list(range(11, 25))
     assert plan.entries[0].scale == 0.8
     assert plan.entries[-1].scale_for("attention") == 0.25 and plan.entries[-1].scale_for("mlp") == 0.5
@@ -104,7 +106,7 @@ def test_inspect(checkpoint_factory: Callable[[str], Path], directions_file: Pat
     result = CliRunner().invoke(main, ["inspect", str(checkpoint_factory("gemma3")), "--layer", "2"])
     assert result.exit_code == 0, result.output
     assert "architecture: gemma3" in result.output and "decoder layers: 4; width: 64" in result.output
-    assert "language_model.model.layers.2.mlp.down_proj.weight  [64, 96] BF16" in result.output
+    assert "language_model.model.layers.2.mlp.down_proj.weight  [64, 96] bfloat16" in result.output
     result = CliRunner().invoke(main, ["inspect", str(directions_file)])
     assert result.exit_code == 0 and "layers: 4 (0-3); width: 64" in result.output
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from rewriter.analyze import layer_metrics
+from rewriter.lab.analyze import layer_metrics
 from rewriter.cli import main
 from rewriter.directions import CONVENTION, Measurements
-from rewriter.measure import load_model, mean_states, measure, winsorize
-from rewriter.prompts import default_prompts, load_prompts
-from tests.conftest import build_model, tiny_tokenizer, write_checkpoint
+from rewriter.lab.measure import mean_states, measure, winsorize
+from rewriter.lab.models import load_model
+from rewriter.lab.prompts import default_prompts, load_prompts
+from tests.helpers import build_model, tiny_tokenizer, write_checkpoint
 
 
 def test_default_prompt_sets_are_large_and_disjoint() -> None:

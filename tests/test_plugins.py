@@ -10,14 +10,14 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rewriter.checkpoint import Checkpoint
+from rewriter.io.checkpoint import Checkpoint
 from rewriter.edits import plan_edits
 from rewriter.plan import parse_layer_specs
 from rewriter.registry import Registry
 from rewriter.cli import main
 from rewriter.directions import Measurements
 from tests import toy_plugin
-from tests.conftest import random_measurements
+from tests.helpers import random_measurements
 
 WIDTH, BLOCKS = 32, 3
 

@@ -12,13 +12,13 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from rewriter.checkpoint import Checkpoint
+from rewriter.io.checkpoint import Checkpoint
 from rewriter.cli import main
 from rewriter.directions import Measurements
 from rewriter.edits import plan_edits
 from rewriter.plan import parse_layer_specs
 from rewriter.registry import Registry
-from tests.conftest import ALL_ARCHS, build_model
+from tests.helpers import ALL_ARCHS, build_model
 
 LAYERS = "1-3:2"
 
@@ -48,7 +48,7 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 def raw_bytes(path: Path, name: str) -> bytes:
-    from rewriter.safetensors_io import read_header
+    from rewriter.io.safetensors_io import read_header
 
     e = read_header(path).entry(name)
     with open(path, "rb") as f:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rewriter import shard_writer
+from rewriter.io import shard_writer
 from rewriter.errors import AbliterateError
-from rewriter.safetensors_io import read_header
-from rewriter.shard_writer import ShardWriter
+from rewriter.io.safetensors_io import read_header
+from rewriter.io.shard_writer import ShardWriter
 
 SHM = Path("/dev/shm")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rewriter.edits import TensorEdit
+from rewriter.engine.edit import TensorEdit
 from rewriter.plugins.strategies import (
     BUILTIN,
     biprojected_direction,
@@ -13,7 +13,7 @@ from rewriter.plugins.strategies import (
     standard_direction,
     subtractive,
 )
-from tests.conftest import random_measurements
+from tests.helpers import random_measurements
 
 SHAPES = [(64, 96), (96, 64), (257, 31)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -26,7 +26,7 @@ def unit(d: int, seed: int = 0) -> torch.Tensor:
 
 
 def edit(update, r: torch.Tensor, scale: float, axis: int = 0) -> TensorEdit:
-    return TensorEdit("w", 0, 0, "mlp", axis, scale, r, update)
+    return TensorEdit("w", axis, scale, r, update)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

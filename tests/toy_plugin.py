@@ -10,6 +10,7 @@ from rewriter.hookspecs import hookimpl
 class Toyformer:
     name = "toyformer"
     summary = "made-up test architecture"
+    components = ("attention", "mlp", "experts")
 
     def matches(self, config: Config, names: Collection[str]) -> bool:
         return config.get("model_type") == "toyformer"
@@ -24,7 +25,7 @@ class Toyformer:
         return [
             ResidualWriter(f"blocks.{layer}.attn.out.weight", "attention"),
             ResidualWriter(f"blocks.{layer}.ffn.w2.weight", "mlp"),
-            ResidualWriter(f"blocks.{layer}.moe.experts_down", "mlp", axis=2),  # [E, d_ff, d_model]
+            ResidualWriter(f"blocks.{layer}.moe.experts_down", "experts", axis=2),  # [E, d_ff, d_model]
         ]
 
 

@@ -7,13 +7,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..directions import Measurements
+from ..io.files import write_atomic
+from ..pipeline import prepare
+from ..plan import Plan
 from .analyze import chart, layer_metrics, suggest_plan, table
-from .directions import Measurements
 from .evaluate import evaluate
 from .example_models import example_model
 from .measure import measure
-from .pipeline import prepare
-from .plan import Plan
 from .prompts import default_prompts
 
 DEMO_MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -47,7 +48,7 @@ def run_demo(out: Path, *, strategy: str = "norm-preserving", max_new_tokens: in
         log(f"(no chart: {exc})")
     plan = suggest_plan(metrics, len(m.layers))
     plan = Plan(plan.entries, model=str(source), measurements=str(directions), output=str(out / "model"))
-    (out / "plan.yml").write_text(plan.to_yaml())
+    plan.save(out / "plan.yml")
     job = prepare(source, out / "model", directions, plan, strategy)
     step("rewrite", lambda: job.run(out / "model", overwrite=True, progress=progress))
     harmful, harmless = default_prompts("harmful-eval"), default_prompts("harmless-eval")
@@ -67,7 +68,7 @@ def run_demo(out: Path, *, strategy: str = "norm-preserving", max_new_tokens: in
         "seconds": times,
         "output": str(out / "model"),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     return report
 
 

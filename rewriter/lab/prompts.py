@@ -4,21 +4,20 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import re
 from importlib.resources import files
 from pathlib import Path
 
-from .errors import AbliterateError
+from ..errors import AbliterateError
+from ..io.hub import is_repo_id
 
 DEFAULT_SETS = ("harmful-measure", "harmful-eval", "harmless-measure", "harmless-eval")
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def default_prompts(name: str) -> list[str]:
     """One of the project's own prompt sets (64 prompts each; measure and eval halves are disjoint)."""
     if name not in DEFAULT_SETS:
         raise AbliterateError(f"unknown prompt set '{name}'; known: {', '.join(DEFAULT_SETS)}")
-    text = files("rewriter").joinpath("prompts", f"{name}.txt").read_text(encoding="utf-8")
+    text = files("rewriter.lab").joinpath("prompt_sets", f"{name}.txt").read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -27,7 +26,7 @@ def load_prompts(source: str | Path, column: str = "text") -> list[str]:
     or a Hub dataset id (needs the network)."""
     path = Path(source)
     if not path.exists():
-        if _HUB_ID.match(str(source)):
+        if is_repo_id(str(source)):
             return _from_hub(str(source), column)
         raise AbliterateError(f"prompt file not found: {source}")
     try:

@@ -11,7 +11,8 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import AbliterateError
+from ..errors import AbliterateError
+from .files import safe_name
 from .safetensors_io import Header, TensorEntry, read_header, tensor_from_bytes
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -65,7 +66,7 @@ class Checkpoint:
 
         def header(name: str) -> Header:
             if not (root / name).is_file():
-                raise AbliterateError(f"{root}: shard {name} listed in the index is missing")
+                raise AbliterateError(f"{root}: shard {name} listed in the index is missing or not a file")
             return read_header(root / name)
 
         return cls.assemble(root, names, header, any(root.glob("*.bin")))
@@ -79,9 +80,7 @@ class Checkpoint:
         if len(indexes) > 1:
             raise AbliterateError(f"{root}: several safetensors indexes ({', '.join(indexes)}); keep one")
         if indexes:
-            weight_map = _read_json(root / indexes[0], indexes[0]).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise AbliterateError(f"{root / indexes[0]}: no weight_map")
+            weight_map = _weight_map(root / indexes[0])
             names = list(dict.fromkeys(weight_map.values()))
         else:
             names = safetensors_files
@@ -95,6 +94,19 @@ class Checkpoint:
             ckpt._check_index(weight_map)
         return ckpt
 
+    def index_bytes(self) -> bytes:
+        """The index file, byte for byte (its names were checked when the checkpoint was opened)."""
+        assert self.index_name is not None
+        return (self.root / self.index_name).read_bytes()
+
+    def quantization(self) -> str | None:
+        """The ``quant_method`` of a quantized checkpoint (in config.json or any sub-config), else None."""
+        for conf in (self.config, *(v for v in self.config.values() if isinstance(v, dict))):
+            quant = conf.get("quantization_config")
+            if quant:
+                return str(quant.get("quant_method", "unknown")) if isinstance(quant, dict) else "unknown"
+        return None
+
     def tensor(self, name: str) -> torch.Tensor:
         """One (small) tensor, read on its own."""
         shard = self.shard_of[name]
@@ -105,10 +117,19 @@ class Checkpoint:
         for name, shard in self.shard_of.items():
             if weight_map.get(name) != shard.name:
                 raise AbliterateError(f"{self.root}: index puts '{name}' in {weight_map.get(name)} but it is in {shard.name}")
+        missing = sorted(set(weight_map) - set(self.shard_of))
+        if missing:
+            raise AbliterateError(f"{self.root}: index lists tensors that no shard holds: {', '.join(missing[:5])}")
 
     @cached_property
     def shard_of(self) -> dict[str, Shard]:
-        return {e.name: s for s in self.shards for e in s.header.entries}
+        found: dict[str, Shard] = {}
+        for s in self.shards:
+            for e in s.header.entries:
+                if e.name in found:
+                    raise AbliterateError(f"{self.root}: tensor '{e.name}' is in both {found[e.name].name} and {s.name}")
+                found[e.name] = s
+        return found
 
     @cached_property
     def names(self) -> frozenset[str]:
@@ -121,16 +142,29 @@ class Checkpoint:
     def data_bytes(self) -> int:
         return sum(s.header.file_size for s in self.shards)
 
-    def other_files(self) -> tuple[list[Path], list[Path]]:
-        """(files to copy: configs, tokenizer, templates, code; weight files in other formats, left out)."""
+    def other_files(self) -> tuple[list[str], list[str]]:
+        """(files to copy: configs, tokenizer, templates, code; weight files in other formats, left out),
+        as relative posix names. Hidden files and folders are neither."""
         skip = {s.name for s in self.shards} | ({self.index_name} if self.index_name else set())
         keep, foreign = [], []
         for p in sorted(self.root.rglob("*")):
-            rel = p.relative_to(self.root)
-            if not p.is_file() or p.name in skip or any(part.startswith(".") for part in rel.parts):
+            rel = p.relative_to(self.root).as_posix()
+            if not p.is_file() or rel in skip or any(part.startswith(".") for part in rel.split("/")):
                 continue
             (foreign if p.name.endswith(FOREIGN_WEIGHTS) else keep).append(rel)
         return keep, foreign
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    """An index's ``weight_map``: tensor name -> shard file name, every name checked."""
+    weight_map = _read_json(path, path.name).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise AbliterateError(f"{path}: no weight_map (an object of tensor name -> shard file)")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise AbliterateError(f"{path}: weight_map entry '{tensor}' is {shard!r}, not a shard file name")
+        safe_name(shard, f"{path}: weight_map entry '{tensor}'")
+    return weight_map
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

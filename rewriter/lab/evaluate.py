@@ -9,17 +9,18 @@ computed first and cached on disk, so that the two models are never in memory to
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
-from .measure import LoadedModel, batches, format_prompts, load_model, resolve_model
+from ..io.files import cache_root, write_atomic
+from .models import LoadedModel, batches, format_prompts, load_model, resolve_model
 from .prompts import prompts_sha256
 
 REFUSAL_MARKERS = (
@@ -80,11 +81,7 @@ def first_token_logits(lm: LoadedModel, prompts: Sequence[str], *, batch_size: i
     rows: list[torch.Tensor | None] = [None] * len(texts)
     with tqdm(total=len(texts), unit="prompt", desc="logits", disable=not progress) as bar:
         for idx, enc in batches(lm, texts, batch_size, chat_template):
-            mask = enc["attention_mask"]
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            with torch.inference_mode():
-                logits = lm.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions,
-                                  use_cache=False, logits_to_keep=1).logits[:, -1, :].float()
+            logits = lm.forward(enc).logits[:, -1, :].float()
             for j, i in enumerate(idx):
                 rows[i] = logits[j].clone()
             bar.update(len(idx))
@@ -98,10 +95,6 @@ def kl_divergence(original: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(-1).clamp(min=0.0)
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("ABLITERATE_CACHE", Path.home() / ".cache" / "abliterate")) / "logits"
-
-
 def original_logits(original: str | Path, prompts: Sequence[str], *, batch_size: int, dtype: str, chat_template: bool,
                     system_prompt: str | None, progress: bool) -> torch.Tensor:
     """The original model's first-response logits, cached by model files and prompts."""
@@ -109,17 +102,14 @@ def original_logits(original: str | Path, prompts: Sequence[str], *, batch_size:
     weights = sorted(path.glob("*.safetensors"))
     ident = "|".join([str(path.resolve()), *(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights),
                       prompts_sha256(list(prompts)), dtype, str(chat_template), system_prompt or ""])
-    cache = _cache_dir() / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".safetensors")
+    cache = cache_root() / "logits" / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".safetensors")
     if cache.is_file():
         return load_file(cache)["logits"]
-    lm = load_model(path, dtype, progress=progress)
+    lm = load_model(path, dtype)
     logits = first_token_logits(lm, prompts, batch_size=batch_size, chat_template=chat_template,
                                 system_prompt=system_prompt, progress=progress)
     del lm
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".partial")
-    save_file({"logits": logits}, tmp)
-    tmp.replace(cache)
+    write_atomic(cache, save_safetensors({"logits": logits}))
     return logits
 
 
@@ -131,7 +121,7 @@ def evaluate(model: str | Path, harmful: Sequence[str], harmless: Sequence[str],
     if original is not None:
         reference = original_logits(original, harmless, batch_size=batch_size, dtype=dtype,
                                     chat_template=chat_template, system_prompt=system_prompt, progress=progress)
-    lm = load_model(model, dtype, progress=progress)
+    lm = load_model(model, dtype)
     responses = generate(lm, harmful, max_new_tokens=max_new_tokens, batch_size=batch_size,
                          chat_template=chat_template, system_prompt=system_prompt, progress=progress)
     refused = [p for p, r in zip(harmful, responses) if is_refusal(r, markers)]

@@ -13,11 +13,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..errors import AbliterateError
 from .checkpoint import FOREIGN_WEIGHTS, Checkpoint, Shard
-from .errors import AbliterateError
+from .files import safe_name
 from .safetensors_io import Header, header_length, parse_header
 
-_SPEC = re.compile(r"^([\w.-]+/[\w.-]+)(?:@([\w./-]+))?$")
+REPO_ID = r"[\w.-]+/[\w.-]+"  # ORG/NAME, as the Hub spells repo and dataset ids
+_SPEC = re.compile(rf"^({REPO_ID})(?:@([\w./-]+))?$")
+
+
+def is_repo_id(text: str) -> bool:
+    """True for ``ORG/NAME`` that is not an existing local path."""
+    return re.fullmatch(REPO_ID, text) is not None and not Path(text).exists()
 
 
 def parse_spec(spec: str) -> tuple[str, str | None] | None:
@@ -107,7 +114,7 @@ def open_hub_checkpoint(repo: str, revision: str | None, local_dir: Path | None 
         info = HfApi(endpoint=endpoint()).model_info(repo, revision=revision, files_metadata=True)
     except Exception as exc:
         raise hub_error(exc, repo, "resolve") from None
-    sizes: dict[str, Any] = {s.rfilename: s.size for s in info.siblings or []}
+    sizes: dict[str, Any] = {safe_name(s.rfilename, f"{repo}@{info.sha}"): s.size for s in info.siblings or []}
     files = HubFiles(repo, str(info.sha), local_dir)
     small = [n for n in sizes if not n.endswith(FOREIGN_WEIGHTS) and not any(p.startswith(".") for p in n.split("/"))]
     if "config.json" not in small:

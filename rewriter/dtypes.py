@@ -1,0 +1,39 @@
+"""One dtype vocabulary for everything a user types or reads: torch's names (``float32``,
+``bfloat16``, ...). safetensors' codes (``F32``, ``BF16``) stay inside the file reader."""
+from __future__ import annotations
+
+import torch
+
+from .errors import AbliterateError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+# Short names accepted on the command line, for compatibility with earlier versions.
+ALIASES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
+# safetensors dtype code -> name, for the float dtypes that can be edited
+SAFETENSORS_FLOATS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+PRECISIONS = ("float32", "float64")  # dtypes of the edit arithmetic
+RUN_DTYPES = ("float32", "bfloat16", "float16")  # dtypes a model can run in for measure/evaluate
+
+
+def dtype_name(text: str, allowed: tuple[str, ...] = tuple(DTYPES)) -> str:
+    """The canonical name of ``text`` (aliases resolved), if it is one of ``allowed``."""
+    name = ALIASES.get(text, text)
+    if name not in allowed:
+        raise AbliterateError(f"dtype '{text}' is not one of {', '.join(allowed)}")
+    return name
+
+
+# the other safetensors codes, named as torch names them
+_OTHER_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
+                "U32": "uint32", "I64": "int64", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+                "F8_E8M0": "float8_e8m0fnu", "F4": "float4_e2m1fn_x2", "C64": "complex64"}
+
+
+def stored_name(code: str) -> str:
+    """A safetensors dtype code in this vocabulary (``BF16`` -> ``bfloat16``, ``I8`` -> ``int8``)."""
+    return SAFETENSORS_FLOATS.get(code) or _OTHER_NAMES.get(code, code.lower())

@@ -1,0 +1,1 @@
+"""The streaming rewrite engine: knows tensors and bytes, not architectures or strategies."""

@@ -1,0 +1,67 @@
+"""The engine's edit type: remove one unit direction from one tensor along one axis.
+
+All the engine needs to edit a tensor; where the direction and scale came from (plans,
+layers, components) is the planner's business (``rewriter.edits``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import math
+
+import torch
+
+from ..errors import AbliterateError
+
+# (matrix [d_model, columns] in the compute dtype, unit direction, scale) -> (new matrix, zeroed columns);
+# it may work in place.
+Update = Callable[[torch.Tensor, torch.Tensor, float], "tuple[torch.Tensor, int]"]
+
+
+@dataclass(frozen=True)
+class TensorEdit:
+    """Remove ``direction`` (unit, float64) along ``axis`` of tensor ``name`` at ``scale`` with ``update``."""
+
+    name: str
+    axis: int
+    scale: float
+    direction: torch.Tensor
+    update: Update
+
+    def apply(self, tensor: torch.Tensor, compute: torch.dtype = torch.float32, *, in_place: bool = False,
+              workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """The edited tensor in its stored dtype, and how many columns had to be zeroed.
+
+        ``in_place`` writes the result into ``tensor`` itself (the engine owns that buffer,
+        which saves a stored-size copy). ``workspace`` (1-D, ``compute`` dtype, at least
+        ``tensor.numel()`` long) holds the working copy: reused across edits it saves
+        allocating, and page-faulting, a tensor-sized buffer each time, which costs more
+        than the edit math (180 ms against 22 ms for the conversion of a [3840, 15360]
+        bf16 tensor into float32 here).
+        """
+        if self.scale == 0:
+            return tensor, 0
+        moved = tensor.movedim(self.axis, 0)
+        room = workspace if workspace is not None else torch.empty(tensor.numel(), dtype=compute)
+        work = room[: tensor.numel()].view(moved.shape).copy_(moved)
+        _refuse_nonfinite(self.name, work)
+        edited, zeroed = self.update(work.reshape(moved.shape[0], -1), self.direction.to(compute), self.scale)
+        result = edited.reshape(moved.shape).movedim(0, self.axis)
+        if in_place:
+            tensor.copy_(result)
+            return tensor, zeroed
+        return result.to(tensor.dtype).contiguous(), zeroed
+
+
+def _refuse_nonfinite(name: str, work: torch.Tensor) -> None:
+    """One NaN or inf in a weight would spread to its whole column: refuse, with the count.
+
+    A plain sum (one pass, no allocation) is finite for any finite tensor but an extreme
+    one; only then are the elements counted.
+    """
+    if math.isfinite(float(work.sum())):
+        return
+    bad = int((~torch.isfinite(work)).sum())
+    if bad:
+        raise AbliterateError(f"{name}: {bad} NaN or inf values in the stored weight; refusing to edit it")

@@ -1,0 +1,1 @@
+"""Checkpoint and Hub I/O: reading sources, writing outputs safely, publishing."""

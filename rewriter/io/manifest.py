@@ -1,0 +1,148 @@
+"""The output's manifest: what produced it, which files it wrote, which shards are finished.
+
+It is what makes a rerun resume, ``verify`` know the plan, and ``push`` upload exactly the
+rewrite and nothing else that happens to sit in the folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import AbliterateError
+from .files import DOWNLOAD_DIR, LOCK_NAME, PARTIAL, safe_name, write_atomic
+
+MANIFEST_NAME = "abliteration.json"
+
+
+@dataclass
+class Manifest:
+    path: Path
+    fingerprint: dict[str, Any]
+    record: dict[str, Any] = field(default_factory=dict)  # provenance that does not change the bytes
+    shards: dict[str, dict[str, Any]] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)  # every file of the rewrite besides the shards
+    complete: bool = False
+
+    @classmethod
+    def prepare(cls, output: Path, fingerprint: dict[str, Any], record: dict[str, Any], expected: Collection[str],
+                overwrite: bool) -> Manifest:
+        """Start or resume the manifest of ``output``, which will hold the files named in ``expected``.
+
+        A rerun with the same fingerprint resumes. With ``overwrite``, files an earlier
+        rewrite recorded and leftover ``.partial`` files are removed. Any other file is
+        someone else's: refused, listed, never deleted.
+        """
+        path = output / MANIFEST_NAME
+        if output.is_symlink() or (output.exists() and not output.is_dir()):
+            raise AbliterateError(f"output {output} exists and is not a directory")
+        present = _files_in(output)
+        old = load_manifest(output) if MANIFEST_NAME in present else None
+        mine = {*expected, MANIFEST_NAME, LOCK_NAME}
+        recorded = set(old.get("shards") or {}) | set(old.get("files") or ()) if old else set()
+        stale = {n for n in present if n.endswith(PARTIAL) and n[: -len(PARTIAL)] in mine | recorded}
+        downloads = {n for n in present if n.startswith(DOWNLOAD_DIR + "/")}  # this run's --low-disk source
+        foreign = sorted(set(present) - mine - recorded - stale - downloads)
+        if foreign:
+            shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+            raise AbliterateError(f"output {output} holds files this tool did not write ({shown}); "
+                                  "remove them or choose another directory")
+        if old is not None and old.get("fingerprint") == fingerprint:
+            return cls(path, fingerprint, record, dict(old.get("shards") or {}), list(old.get("files") or []))
+        if (old is not None or set(present) - {LOCK_NAME} - stale - downloads) and not overwrite:
+            what = "a rewrite of a different plan or inputs" if old is not None else f"files but no {MANIFEST_NAME}"
+            raise AbliterateError(f"output {output} holds {what}; pass --overwrite to replace it")
+        for name in sorted((recorded | stale) - {MANIFEST_NAME}):
+            target = output / name
+            if target.is_file() or target.is_symlink():
+                target.unlink()
+        output.mkdir(parents=True, exist_ok=True)
+        manifest = cls(path, fingerprint, record)
+        manifest.save()
+        return manifest
+
+    def finished(self, name: str, target: Path) -> bool:
+        """True when ``target`` is the file this manifest recorded: same size and modification time.
+
+        Shards appear under their final name only once complete (written to ``.partial``,
+        fsynced, renamed), so this catches a shard replaced or edited since, without
+        reading it; ``abliterate verify`` compares contents.
+        """
+        rec = self.shards.get(name)
+        return bool(rec) and _identity(target) == (rec.get("size"), rec.get("mtime_ns"))
+
+    def record_shard(self, name: str, target: Path) -> None:
+        """Record ``target`` (just renamed into place) as finished."""
+        size, mtime = _identity(target)
+        self.shards[name] = {"size": size, "mtime_ns": mtime}
+        self.save()
+
+    def record_file(self, name: str) -> None:
+        if name not in self.files:
+            self.files.append(name)
+
+    def save(self) -> None:
+        doc = {
+            "tool": "abliterate-rewriter",
+            "tool_version": __version__,
+            "complete": self.complete,
+            "fingerprint": self.fingerprint,
+            "record": self.record,
+            "files": sorted(self.files),
+            "shards": self.shards,
+        }
+        write_atomic(self.path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+
+
+def load_manifest(output: Path) -> dict[str, Any] | None:
+    """The manifest of ``output`` as a dict, or None when there is none or it is unreadable."""
+    try:
+        doc = json.loads((output / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def published_files(output: Path) -> list[str]:
+    """What a finished rewrite consists of, per its manifest: shards and other files, checked names."""
+    doc = load_manifest(output)
+    if doc is None:
+        raise AbliterateError(f"{output}: no readable {MANIFEST_NAME}; expected the output of rewrite")
+    if not doc.get("complete"):
+        raise AbliterateError(f"{output}: the rewrite is not finished; run it again to complete it")
+    shards, files = doc.get("shards"), doc.get("files")
+    if not isinstance(shards, dict) or not isinstance(files, list):
+        raise AbliterateError(f"{output}/{MANIFEST_NAME}: no list of the files the rewrite wrote")
+    for name, rec in shards.items():
+        path = output / safe_name(name, MANIFEST_NAME)
+        if path.is_symlink() or not path.is_file() or not isinstance(rec, dict) or path.stat().st_size != rec.get("size"):
+            raise AbliterateError(f"{output}: shard {name} is missing or changed since the rewrite")
+    for name in files:
+        path = output / safe_name(name, MANIFEST_NAME)
+        if path.is_symlink() or not path.is_file():
+            raise AbliterateError(f"{output}: {name} is missing or not a regular file")
+    return sorted([*shards, *files])
+
+
+def _files_in(folder: Path) -> list[str]:
+    """Relative names of every file (and link) below ``folder``; links are listed, not followed."""
+    if not folder.is_dir():
+        return []
+    out = []
+    for root, dirs, names in os.walk(folder):
+        rel = Path(root).relative_to(folder)
+        out += [(rel / n).as_posix() for n in names]
+        out += [(rel / d).as_posix() for d in dirs if (Path(root) / d).is_symlink()]
+    return out
+
+
+def _identity(path: Path) -> tuple[int | None, int | None]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None, None
+    return st.st_size, st.st_mtime_ns

@@ -1,0 +1,1 @@
+"""Model tools around the rewrite: measure, analyze, evaluate, example models, demo."""

@@ -1,0 +1,84 @@
+"""measure: per-layer means of the residual stream at the last prompt token, harmful vs harmless.
+
+One forward pass per batch gives every layer (``hidden_states[N]``, N = 0..L-1;
+docs/method.md); each vector is winsorized on its own, then summed in float64.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .. import __version__
+from ..directions import Measurements
+from ..errors import AbliterateError
+from .models import LoadedModel, batches, format_prompts, load_model
+from .prompts import prompts_sha256
+
+
+def last_token_states(lm: LoadedModel, enc: Any) -> torch.Tensor:
+    """[batch, layers, width] residual stream at the last prompt token, hidden_states[0..L-1].
+
+    transformers returns L + 1 hidden states (the embedding output, then each layer's);
+    the last one is the final layer's output, after which no decoder layer reads.
+    """
+    out = lm.forward(enc, output_hidden_states=True)
+    return torch.stack([h[:, -1, :] for h in out.hidden_states[:-1]], dim=1).float().cpu()
+
+
+def winsorize(v: torch.Tensor, q: float) -> torch.Tensor:
+    """Clamp each vector (last axis) to the q-quantile of its own absolute values."""
+    if q >= 1.0:
+        return v
+    t = torch.quantile(v.abs().float(), q, dim=-1, keepdim=True).to(v.dtype)
+    return torch.maximum(torch.minimum(v, t), -t)
+
+
+def mean_states(lm: LoadedModel, prompts: Sequence[str], *, batch_size: int, q: float, chat_template: bool,
+                system_prompt: str | None, desc: str, progress: bool = True) -> torch.Tensor:
+    """float64 [layers, width] mean over prompts of winsorized last-token residuals."""
+    texts = format_prompts(lm.tokenizer, prompts, chat_template, system_prompt)
+    total: torch.Tensor | None = None
+    with tqdm(total=len(texts), unit="prompt", desc=desc, disable=not progress) as bar:
+        for idx, enc in batches(lm, texts, batch_size, chat_template):
+            states = winsorize(last_token_states(lm, enc), q).double().sum(0)
+            total = states if total is None else total + states
+            bar.update(len(idx))
+    assert total is not None
+    return total / len(texts)
+
+
+def measure(model: str | Path, harmful: Sequence[str], harmless: Sequence[str], *, batch_size: int = 16,
+            winsorize_q: float = 0.995, dtype: str = "float32", device: str = "cpu", system_prompt: str | None = None,
+            chat_template: bool = True, progress: bool = True, lm: LoadedModel | None = None,
+            log: Callable[[str], None] = lambda s: None) -> Measurements:
+    """Harmful and harmless means for every layer, with the metadata method.md asks for."""
+    if not harmful or not harmless:
+        raise AbliterateError("both prompt sets must hold at least one prompt")
+    if not 0.0 < winsorize_q <= 1.0:
+        raise AbliterateError(f"--winsorize {winsorize_q} must be in (0, 1]")
+    start = time.monotonic()
+    lm = lm or load_model(model, dtype, device)
+    kw = dict(batch_size=batch_size, q=winsorize_q, chat_template=chat_template, system_prompt=system_prompt, progress=progress)
+    bad = mean_states(lm, harmful, desc="harmful", **kw)
+    good = mean_states(lm, harmless, desc="harmless", **kw)
+    seconds = time.monotonic() - start
+    log(f"measured {len(harmful) + len(harmless)} prompts in {seconds:.1f} s")
+    meta = {
+        "model": lm.path,
+        "model_name_or_path": str(getattr(lm.model.config, "_name_or_path", "")),
+        "harmful_sha256": prompts_sha256(list(harmful)),
+        "harmless_sha256": prompts_sha256(list(harmless)),
+        "winsorize_quantile": str(winsorize_q),
+        "position": "last prompt token (after the generation prompt)",
+        "chat_template": str(chat_template).lower(),
+        "system_prompt": system_prompt or "",
+        "dtype": dtype,
+        "tool_version": __version__,
+    }
+    layers = range(bad.shape[0])
+    return Measurements({n: bad[n] for n in layers}, {n: good[n] for n in layers}, len(harmful), len(harmless), meta)

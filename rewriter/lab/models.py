@@ -1,0 +1,100 @@
+"""Loading a model for inference, and running it on left-padded prompt batches: what measure
+and evaluate share."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..dtypes import DTYPES, RUN_DTYPES, dtype_name
+from ..errors import AbliterateError
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    path: str
+
+    def forward(self, enc: Any, **kw: Any) -> Any:
+        """One forward pass over an encoded, left-padded batch, returning only the last position's logits.
+
+        Positions count real tokens only, as generate() does, so that a batch gives what
+        single prompts give.
+        """
+        device = self.model.device
+        mask = enc["attention_mask"].to(device)
+        with torch.inference_mode():
+            return self.model(input_ids=enc["input_ids"].to(device), attention_mask=mask,
+                              position_ids=left_padded_positions(mask), use_cache=False, logits_to_keep=1, **kw)
+
+
+def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: 0 at each row's first real token (padding clamped to 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def resolve_source(name: str) -> str:
+    """An example model's name becomes its checkpoint (converted on first use); anything else stays as given."""
+    from .example_models import EXAMPLES, example_model
+
+    return str(example_model(name)) if name in EXAMPLES and not Path(name).exists() else name
+
+
+def resolve_model(name: str | Path) -> Path:
+    """A checkpoint directory, or an example model's name."""
+    from .example_models import EXAMPLES
+
+    path = Path(resolve_source(str(name)))
+    if not (path / "config.json").is_file():
+        raise AbliterateError(f"model not found: {name} (a directory with config.json, or an example: {', '.join(EXAMPLES)})")
+    return path
+
+
+def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """A causal LM (or Gemma-3-style image-text-to-text model) and its tokenizer, for inference."""
+    import transformers as tf
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    tf.logging.set_verbosity_error()
+    tf.logging.disable_progress_bar()  # one progress display per step: ours
+
+    path = resolve_model(name)
+    config = tf.AutoConfig.from_pretrained(path)
+    if hasattr(config, "vision_config"):
+        cls = tf.AutoModelForImageTextToText
+    elif config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        cls = tf.AutoModelForCausalLM
+    else:
+        raise AbliterateError(f"{path}: model_type '{config.model_type}' is not a causal language model")
+    model = cls.from_pretrained(path, dtype=DTYPES[dtype_name(dtype, RUN_DTYPES)]).to(device).eval()
+    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, str(path))
+
+
+def format_prompts(tok: Any, prompts: Sequence[str], chat_template: bool, system_prompt: str | None) -> list[str]:
+    """Each prompt as the model sees it before its first response token."""
+    if not chat_template:
+        return list(prompts)
+    if not getattr(tok, "chat_template", None):
+        raise AbliterateError("the model has no chat template; pass --no-chat-template to use raw prompts")
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [tok.apply_chat_template([*system, {"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            for p in prompts]
+
+
+def batches(lm: LoadedModel, texts: Sequence[str], batch_size: int, chat_template: bool) -> Iterator[tuple[list[int], Any]]:
+    """(indices, encoded batch) in order of token length, so that batches carry little padding."""
+    tok = lm.tokenizer
+    lengths = [len(ids) for ids in tok(list(texts), add_special_tokens=not chat_template)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=not chat_template)
+        yield idx, enc
