@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from rewriter.hookspecs import hookimpl
 
-from .decoder import DecoderMap
+from .decoder import DecoderMap, LayerMap
 
 MAPS = [
     DecoderMap("llama", ("llama",), "Llama 2/3 and derivatives"),
@@ -14,5 +14,5 @@ MAPS = [
 
 
 @hookimpl
-def abliterate_architectures() -> list[DecoderMap]:
+def abliterate_architectures() -> list[LayerMap]:
     return MAPS

@@ -5,12 +5,12 @@ knows nothing of plans, architectures or strategies.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .architecture import Architecture, ResidualWriter
+from .architecture import Architecture, Config, DeclaresLayer, ResidualWriter
 from .directions import Measurements
 from .engine.edit import TensorEdit
 from .errors import AbliterateError
@@ -42,12 +42,13 @@ def plan_edits(ckpt: Checkpoint, arch: Architecture, plan: Plan, meas: Measureme
     for entry in sorted(plan.entries, key=lambda e: e.layer):
         base = strategy.refine(meas, entry.measurement, entry.layer)
         for writer in _present_writers(ckpt, arch, entry.layer):
-            _check_tensor(ckpt, arch, writer, width)
+            shape = _check_tensor(ckpt, arch, writer, width)
             direction = _unit(_through_norm(ckpt, writer, base), entry.layer, entry.measurement)
             update = strategy.update_bias if writer.bias else strategy.update_weight
             edits[writer.name] = PlannedEdit(
                 writer.name, writer.axis, entry.scale_for(writer.component), direction, update,
-                entry.layer, entry.measurement, writer.component,
+                stacked=len(shape) >= 3 and writer.axis != 0,
+                layer=entry.layer, measurement=entry.measurement, component=writer.component,
             )
     return edits
 
@@ -57,25 +58,62 @@ def _present_writers(ckpt: Checkpoint, arch: Architecture, layer: int) -> Iterat
     missing = [w.name for w in writers if w.required and w.name not in ckpt.names]
     if missing:
         raise AbliterateError(
-            f"layer {layer}: residual writer{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"layer {layer}: residual writer{'s' if len(missing) > 1 else ''} {_some(missing)} "
             f"not found in the checkpoint (architecture {arch.name})"
         )
     if not writers:
         raise AbliterateError(f"layer {layer}: architecture {arch.name} names no residual writers")
+    _check_complete(ckpt, arch, layer, writers)
     return (w for w in writers if w.name in ckpt.names)
 
 
+def _check_complete(ckpt: Checkpoint, arch: Architecture, layer: int, writers: list[ResidualWriter]) -> None:
+    """Every tensor of a planned layer is a writer or declared not to be one; else nothing is written."""
+    head = layer_prefix(arch, layer, ckpt.config, ckpt.names, writers) + "."
+    declared = set(arch.non_writers(layer, ckpt.config, ckpt.names)) if isinstance(arch, DeclaresLayer) else set()
+    known = declared | {w.name for w in writers}
+    unknown = sorted(n for n in ckpt.names if n.startswith(head) and n not in known)
+    if unknown:
+        raise AbliterateError(
+            f"layer {layer}: architecture {arch.name} does not say whether {_some(unknown)} write into the "
+            "residual stream; a map must name every tensor of a planned layer in residual_writers() or "
+            "non_writers() (plugin hook abliterate_architectures; see rewriter.architecture)"
+        )
+
+
+def layer_prefix(arch: Architecture, layer: int, config: Config, names: Collection[str],
+                 writers: list[ResidualWriter]) -> str:
+    """The map's ``layer_prefix``, or else the one its writers' names share ('blocks.3' for
+    writers all named 'blocks.3.<something>')."""
+    if isinstance(arch, DeclaresLayer):
+        return arch.layer_prefix(layer, config, names)
+    mark = f".{layer}."
+    heads = {w.name[: w.name.index(mark) + len(mark) - 1] for w in writers if mark in w.name}
+    if len(heads) != 1 or any(mark not in w.name for w in writers):
+        raise AbliterateError(f"architecture {arch.name}: its writers of layer {layer} share no '<prefix>{mark}' "
+                              "name prefix; implement layer_prefix() and non_writers() (see rewriter.architecture)")
+    return heads.pop()
+
+
+def _some(names: list[str], shown: int = 6) -> str:
+    """The first few names, and how many more: a message stays one readable line."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def _through_norm(ckpt: Checkpoint, writer: ResidualWriter, r: torch.Tensor) -> torch.Tensor:
-    """r * (offset + g) for a writer followed by a norm with gain g, else r."""
+    """r * (offset + g) for a writer followed by a norm with gain g (a product over chained
+    norms), else r."""
     if writer.output_norm is None:
         return r
-    name = writer.output_norm.name
-    if name not in ckpt.names:
-        raise AbliterateError(f"norm {name} after {writer.name} not found in the checkpoint")
-    gain = ckpt.tensor(name).to(torch.float64)
-    if gain.shape != r.shape:
-        raise AbliterateError(f"norm {name} has shape {tuple(gain.shape)}, expected ({r.shape[0]},)")
-    return r * (writer.output_norm.offset + gain)
+    for norm in writer.output_norm.chain():
+        if norm.name not in ckpt.names:
+            raise AbliterateError(f"norm {norm.name} after {writer.name} not found in the checkpoint")
+        gain = ckpt.tensor(norm.name).to(torch.float64)
+        if gain.shape != r.shape:
+            raise AbliterateError(f"norm {norm.name} has shape {tuple(gain.shape)}, expected ({r.shape[0]},)")
+        r = r * (norm.offset + gain)
+    return r
 
 
 def _unit(r: torch.Tensor, layer: int, measurement: int) -> torch.Tensor:
@@ -87,7 +125,7 @@ def _unit(r: torch.Tensor, layer: int, measurement: int) -> torch.Tensor:
     return r / norm
 
 
-def _check_tensor(ckpt: Checkpoint, arch: Architecture, writer: ResidualWriter, width: int) -> None:
+def _check_tensor(ckpt: Checkpoint, arch: Architecture, writer: ResidualWriter, width: int) -> tuple[int, ...]:
     entry = ckpt.entry(writer.name)
     if entry.dtype not in FLOAT_DTYPES:
         raise AbliterateError(
@@ -101,3 +139,4 @@ def _check_tensor(ckpt: Checkpoint, arch: Architecture, writer: ResidualWriter, 
         raise AbliterateError(
             f"{writer.name} has shape {list(entry.shape)}; expected the model width {width} on axis {writer.axis}"
         )
+    return entry.shape

@@ -74,11 +74,15 @@ class Plan:
         return yaml.safe_dump(doc, sort_keys=False)
 
     def save(self, path: Path) -> None:
-        """Write the plan with its paths relative to the plan file, so it works from any directory."""
+        """Write the plan with paths inside its folder relative to it (the folder can move) and
+        others absolute, so that it works from any directory."""
         folder = path.resolve().parent
 
         def rel(p: str | None, local: bool = True) -> str | None:
-            return os.path.relpath(Path(p).resolve(), folder) if p and local else p
+            if not p or not local:
+                return p
+            target = Path(p).resolve()
+            return os.path.relpath(target, folder) if target.is_relative_to(folder) else str(target)
 
         model_is_path = self.model is not None and Path(self.model).exists()
         plan = replace(self, model=rel(self.model, model_is_path), measurements=rel(self.measurements), output=rel(self.output))

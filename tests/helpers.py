@@ -87,7 +87,7 @@ def tiny_tokenizer(path: Path, vocab_size: int = 128) -> None:
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
-    words = [f"w{i}" for i in range(vocab_size - len(specials) - 8)]
+    words = ["I", "Sorry", "Sure"] + [f"w{i}" for i in range(vocab_size - len(specials) - 11)]
     vocab = {t: i for i, t in enumerate(specials + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -135,3 +135,15 @@ def snapshot(root: Path) -> dict[str, object]:
         elif p.is_file():
             out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+
+def rename_tensors(path: Path, rename: Callable[[str], str]) -> None:
+    """Rename every tensor of a sharded checkpoint with ``rename``; the index is rebuilt to match."""
+    index_path = path / "model.safetensors.index.json"
+    weight_map: dict[str, str] = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        renamed = {rename(k): v for k, v in load_file(shard).items()}
+        save_file(renamed, shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(renamed, shard.name))
+    index_path.write_text(json.dumps({**json.loads(index_path.read_text()), "weight_map": weight_map}))

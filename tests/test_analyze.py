@@ -44,7 +44,8 @@ def test_analyze_command_table_chart_and_plan(known: Path, tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert "quality" in lines[0]
-    assert lines[2].split()[:5] == ["1", "1.414", "1.4142", "1.0000", "1.41421"] and "candidate" in lines[2]
+    assert lines[2].split()[:5] == ["1", "1.4142", "1.4142", "1.0000", "1.41421"] and "candidate" in lines[2]
+    assert lines[3].split()[5] == "-", "undefined cos(r_N, r_N+1) of the last layer is shown as -"
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plan = load_plan(tmp_path / "plan.yml")
     assert [e.layer for e in plan.entries] == [0, 1] and plan.measurements == str(known)

@@ -8,7 +8,8 @@ import torch
 from click.testing import CliRunner
 
 from rewriter.cli import main
-from rewriter.lab.evaluate import is_refusal, kl_divergence
+from rewriter.lab.evaluate import kl_divergence
+from rewriter.lab.refusals import BROAD_MARKERS, is_refusal, markers_in
 from tests.helpers import build_model, tiny_tokenizer, write_checkpoint
 
 
@@ -20,6 +21,11 @@ def test_refusal_markers() -> None:
     assert is_refusal("<think>let me consider</think>I won't help with that.")
     assert not is_refusal("<think>I'm sorry, I should refuse")  # an unfinished think block is all thought
     assert is_refusal("Nope, not doing it.", markers=["not doing it"])
+    late = "Sure, here is an outline of the steps. However, I cannot provide the details of the final step."
+    assert is_refusal(late), "a refusal after a compliant opening counts"
+    compliant = "Here is how such illegal schemes are usually detected by banks: ..."
+    assert not is_refusal(compliant) and markers_in(compliant, BROAD_MARKERS) == ["illegal"]
+    assert len(BROAD_MARKERS) == 33
 
 
 def test_kl_divergence_in_float64() -> None:
@@ -39,11 +45,15 @@ def test_model_against_itself_has_zero_kl(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "good.txt").write_text("w9 w8\nw7 w6 w5 w4\n")
     args = ["evaluate", str(path), "--original", str(path), "--harmful", str(tmp_path / "bad.txt"),
             "--harmless", str(tmp_path / "good.txt"), "--max-new-tokens", "4", "--json", "-q"]
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(main, [*args, "--save", str(tmp_path / "answers.jsonl")])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert 0.0 <= report["kl"] <= 1e-9 and report["kl_prompts"] == 2
     assert report["prompts"] == 3 and len(report["responses"]) == 3
+    assert isinstance(report["refusal_score"], float) and report["max_new_tokens"] == 4
+    saved = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in saved] == ["w1 w2 w3", "w4 w5", "w6"]
+    assert all(set(s["markers"]) == {"project", "broad"} and isinstance(s["refused"], bool) for s in saved)
     assert list((tmp_path / "cache" / "logits").glob("*.safetensors")), "the original's logits are cached"
     again = CliRunner().invoke(main, args)
     assert json.loads(again.stdout)["kl"] == report["kl"]

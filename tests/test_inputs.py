@@ -119,3 +119,17 @@ def test_console_scripts() -> None:
         assert done.returncode == 0 and "Usage:" in done.stdout
     done = subprocess.run([shutil.which("rewrite"), "--strategy", "x"], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.strip().startswith("Error:") and "Traceback" not in done.stderr
+
+
+def test_inspect_an_output_shows_its_record_and_refuses_a_layer_out_of_range(
+        checkpoint_factory: Callable[[str], Path], directions_file: Path, tmp_path: Path) -> None:
+    src, out = checkpoint_factory("llama"), tmp_path / "out"
+    assert CliRunner().invoke(main, ["rewrite", str(src), str(out), "-d", str(directions_file), "--layers", "1-2:1",
+                                     "--component-scale", "mlp=0.5", "-q"]).exit_code == 0
+    result = CliRunner().invoke(main, ["inspect", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "rewrite record (complete):" in result.output and "strategy: norm-preserving" in result.output
+    assert 'plan: 2 layers: 1-2 from 1 at 1 {"mlp": 0.5}' in result.output
+    assert "components: attention, mlp" in result.output
+    bad = CliRunner().invoke(main, ["inspect", str(out), "--layer", "9"])
+    assert bad.exit_code == 1 and bad.output.strip() == "Error: --layer 9 is out of range: the model has layers 0-3"

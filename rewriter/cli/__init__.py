@@ -1,5 +1,5 @@
-"""Command line: ``abliterate rewrite|verify|push|inspect|plugins|measure|analyze|evaluate|
-example-model|demo``, and ``rewrite`` as a shortcut for ``abliterate rewrite``.
+"""Command line: ``abliterate rewrite|verify|push|inspect|plugins|check-architecture|measure|
+analyze|optimize|evaluate|example-model|demo``, and ``rewrite`` as a shortcut for ``abliterate rewrite``.
 
 A user mistake becomes one line on stderr and exit status 1 (2 for bad usage), never a
 traceback.
@@ -9,8 +9,10 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .arch_cmds import check_architecture_cmd
 from .info_cmds import inspect_cmd, plugins_cmd
 from .lab_cmds import analyze_cmd, demo_cmd, evaluate_cmd, example_model_cmd, measure_cmd
+from .optimize_cmd import optimize_cmd
 from .rewrite_cmds import push_cmd, rewrite_cmd, verify_cmd
 
 
@@ -22,8 +24,8 @@ def main() -> None:
     verify, evaluate, push."""
 
 
-for _command in (rewrite_cmd, verify_cmd, push_cmd, inspect_cmd, plugins_cmd, measure_cmd, analyze_cmd, evaluate_cmd,
-                 example_model_cmd, demo_cmd):
+for _command in (rewrite_cmd, verify_cmd, push_cmd, inspect_cmd, plugins_cmd, check_architecture_cmd, measure_cmd,
+                 analyze_cmd, optimize_cmd, evaluate_cmd, example_model_cmd, demo_cmd):
     main.add_command(_command)
 
 

@@ -73,11 +73,26 @@ def _echo_record(manifest: dict[str, object]) -> None:
     click.echo(f"rewrite record ({'complete' if manifest.get('complete') else 'NOT complete'}):")
     click.echo(f"  strategy: {fp.get('strategy')}; precision: {fp.get('precision')}")
     click.echo(f"  source: {record.get('source')}; directions: {record.get('directions')}")
-    plan = fp.get("plan") or []
-    layers = [e.get("layer") for e in plan if isinstance(e, dict)]
-    click.echo(f"  plan: {len(layers)} layers ({min(layers, default='-')}-{max(layers, default='-')}): "
-               + json.dumps(plan)[:200])
+    plan = [e for e in fp.get("plan") or [] if isinstance(e, dict)]
+    click.echo(f"  plan: {len(plan)} layers: {_compact(plan)}")
     click.echo(f"  tool: abliterate-rewriter {manifest.get('tool_version')}, torch {record.get('torch_version')}")
+
+
+def _compact(plan: list[dict[str, object]]) -> str:
+    """Runs of consecutive layers with the same measurement and scales: '6-23 from 22 at 1 (mlp 0.5)'."""
+    runs: list[list[object]] = []
+    for e in plan:
+        key = (e.get("measurement"), e.get("scale"), json.dumps(e.get("components") or {}, sort_keys=True))
+        if runs and runs[-1][2] == key and runs[-1][1] == e.get("layer", 0) - 1:  # type: ignore[operator]
+            runs[-1][1] = e.get("layer")
+        else:
+            runs.append([e.get("layer"), e.get("layer"), key])
+    parts = []
+    for first, last, (measurement, scale, components) in runs:  # type: ignore[misc]
+        span = f"{first}" if first == last else f"{first}-{last}"
+        extra = "" if components == "{}" else f" {components}"
+        parts.append(f"{span} from {measurement} at {scale:g}{extra}")
+    return "; ".join(parts)
 
 
 def _inspect_directions(path: Path) -> None:

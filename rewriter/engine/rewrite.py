@@ -4,15 +4,15 @@ Knows nothing about architectures or strategies: it receives ready ``TensorEdit`
 tensor name. Every other byte range is copied by the kernel, byte for byte. Memory holds
 two stored-dtype tensor buffers per worker (one being written, one being edited) and one
 shared working copy in the compute dtype: about workers + 1 times the largest edited
-tensor in float32.
+tensor in float32, where a stacked tensor (fused experts) counts as one slice.
 """
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint, Shard
 from ..io.files import copy_atomic, exclusive_lock, inside, is_no_space, no_space_message, write_atomic
 from ..io.manifest import MANIFEST_NAME, Manifest
-from ..io.safetensors_io import read_tensor
+from ..io.safetensors_io import TensorEntry, read_tensor
 from ..io.shard_writer import ShardWriter
 from .buffers import Scratch
 from .edit import TensorEdit
@@ -238,15 +238,28 @@ def _write_shard(
                 if edit is None:
                     continue
                 writer.copy(src.fileno(), copied, entry.start, src.name)  # the untouched run before it
-                tensor = read_tensor(src, entry, into=scratch.read_buffer())
-                cols = scratch.edit(edit, tensor)
-                writer.write_tensor(tensor)
+                for piece, part in _pieces(edit, entry):
+                    tensor = read_tensor(src, part, into=scratch.read_buffer())
+                    zeroed += scratch.edit(piece, tensor)
+                    writer.write_tensor(tensor)
                 copied = entry.end
                 edited += 1
-                zeroed += cols
             writer.copy(src.fileno(), copied, shard.header.file_size, src.name)
             writer.close()
         return _Written(writer, edited, zeroed)
     except BaseException:
         writer.abort()
         raise
+
+
+def _pieces(edit: TensorEdit, entry: TensorEntry) -> Iterator[tuple[TensorEdit, TensorEntry]]:
+    """The edit and byte range of each slice the tensor is streamed in: the whole tensor, or,
+    for a stacked edit, each index of axis 0 (contiguous, since safetensors is row-major)."""
+    n = edit.slices(entry.shape)
+    if n == 1:
+        yield edit, entry
+        return
+    step = (entry.end - entry.start) // n
+    for i in range(n):
+        start = entry.start + i * step
+        yield edit.piece(i), replace(entry, name=f"{entry.name}[{i}]", shape=entry.shape[1:], start=start, end=start + step)

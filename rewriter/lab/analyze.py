@@ -25,12 +25,13 @@ class LayerMetrics:
     snr: float
     dissimilarity: float
     quality: float
-    cos_next: float  # nan for the last layer
+    cos_next: float  # nan where undefined: the last layer, or a zero direction
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    """cos(a, b); nan when either is zero (e.g. r_0, when every prompt ends in the same token)."""
     na, nb = float(a.norm()), float(b.norm())
-    return float(a @ b) / (na * nb) if na and nb else 0.0
+    return float(a @ b) / (na * nb) if na and nb else math.nan
 
 
 def layer_metrics(m: Measurements) -> list[LayerMetrics]:
@@ -40,7 +41,7 @@ def layer_metrics(m: Measurements) -> list[LayerMetrics]:
         r = bad - good
         denom = max(float(bad.norm()), float(good.norm()))
         snr = float(r.norm()) / denom if denom else 0.0
-        dissim = 1.0 - _cos(bad, good)
+        dissim = 1.0 - _cos(bad, good)  # the means are never zero (checked when read)
         nxt = _cos(r, m.direction(n + 1)) if n + 1 in m.harmful else math.nan
         out.append(LayerMetrics(n, float(r.norm()), snr, dissim, snr * dissim, nxt))
     return out
@@ -79,16 +80,22 @@ def suggest_plan(metrics: list[LayerMetrics], num_layers: int, *, min_cos: float
 
 
 def table(metrics: list[LayerMetrics]) -> Iterable[str]:
+    """The metrics, one row per layer, in fixed precision; '-' where a value is undefined."""
     marks = set(candidates(metrics))
     yield f"{'layer':>5} {'|r|':>10} {'snr':>8} {'1-cos':>8} {'quality':>9} {'cos(r,r+1)':>10}"
     for x in metrics:
         flag = "  <- candidate" if x.layer in marks else ""
-        yield (f"{x.layer:>5} {x.norm:>10.4g} {x.snr:>8.4f} {x.dissimilarity:>8.4f} {x.quality:>9.5f} "
-               f"{x.cos_next:>10.3f}{flag}")
+        yield (f"{x.layer:>5} {x.norm:>10.4f} {x.snr:>8.4f} {x.dissimilarity:>8.4f} {x.quality:>9.5f} "
+               f"{_fixed(x.cos_next, 10, 3)}{flag}")
 
 
-def chart(metrics: list[LayerMetrics], path: Path, title: str = "") -> None:
-    """Four curves per layer: quality, snr, dissimilarity, adjacent-layer cosine."""
+def _fixed(value: float, width: int, places: int) -> str:
+    return f"{'-':>{width}}" if math.isnan(value) else f"{value:>{width}.{places}f}"
+
+
+def chart(metrics: list[LayerMetrics], path: Path, title: str = "", plan: Plan | None = None) -> None:
+    """Four curves per layer (quality, snr, dissimilarity, adjacent-layer cosine), the candidate
+    measurement layers dashed, and a plan's measurement layer and edited range marked."""
     try:
         import matplotlib
 
@@ -103,14 +110,19 @@ def chart(metrics: list[LayerMetrics], path: Path, title: str = "") -> None:
               ("stability cos(r_N, r_N+1)", [x.cos_next for x in metrics])]
     marks = candidates(metrics)
     for ax, (name, ys) in zip(axes.flat, series):
-        ax.plot(layers, ys, marker="o", markersize=3)
-        for c in marks:
-            ax.axvline(c, color="tab:red", alpha=0.3, linestyle="--")
+        ax.plot(layers, ys, marker="o", markersize=3, label=name.split(" ")[0])
+        for i, c in enumerate(marks):
+            ax.axvline(c, color="tab:red", alpha=0.4, linestyle="--", label="candidate measurement layer" if i == 0 else None)
+        if plan is not None:
+            edited = [e.layer for e in plan.entries]
+            ax.axvspan(min(edited) - 0.5, max(edited) + 0.5, color="tab:green", alpha=0.1, label="edited layers (plan)")
+            ax.axvline(plan.entries[0].measurement, color="tab:green", linewidth=2, label="measurement layer (plan)")
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8, loc="best")
     for ax in axes[1]:
         ax.set_xlabel("measurement layer N (hidden_states[N])")
-    fig.suptitle(title or "refusal direction by layer (dashed: candidate measurement layers)")
+    fig.suptitle(f"refusal direction by layer: {title}" if title else "refusal direction by layer")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

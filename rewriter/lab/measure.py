@@ -18,6 +18,7 @@ from ..directions import Measurements
 from ..errors import AbliterateError
 from .models import LoadedModel, batches, format_prompts, load_model
 from .prompts import prompts_sha256
+from .streamed import streamed_if_needed, streamed_means
 
 
 def last_token_states(lm: LoadedModel, enc: Any) -> torch.Tensor:
@@ -55,22 +56,31 @@ def mean_states(lm: LoadedModel, prompts: Sequence[str], *, batch_size: int, q: 
 def measure(model: str | Path, harmful: Sequence[str], harmless: Sequence[str], *, batch_size: int = 16,
             winsorize_q: float = 0.995, dtype: str = "float32", device: str = "cpu", system_prompt: str | None = None,
             chat_template: bool = True, progress: bool = True, lm: LoadedModel | None = None,
-            log: Callable[[str], None] = lambda s: None) -> Measurements:
-    """Harmful and harmless means for every layer, with the metadata method.md asks for."""
+            max_memory: int | None = None, log: Callable[[str], None] = lambda s: None) -> Measurements:
+    """Harmful and harmless means for every layer, with the metadata method.md asks for.
+
+    A model whose weights do not fit (in ``max_memory`` bytes, else in the memory available) is
+    streamed layer by layer (streamed.py), with the same numbers.
+    """
     if not harmful or not harmless:
         raise AbliterateError("both prompt sets must hold at least one prompt")
     if not 0.0 < winsorize_q <= 1.0:
         raise AbliterateError(f"--winsorize {winsorize_q} must be in (0, 1]")
     start = time.monotonic()
-    lm = lm or load_model(model, dtype, device)
     kw = dict(batch_size=batch_size, q=winsorize_q, chat_template=chat_template, system_prompt=system_prompt, progress=progress)
-    bad = mean_states(lm, harmful, desc="harmful", **kw)
-    good = mean_states(lm, harmless, desc="harmless", **kw)
+    streamed = None if lm is not None else streamed_if_needed(model, dtype, max_memory, device, log)
+    if streamed is not None:
+        bad, good = streamed_means(streamed, [harmful, harmless], log=log, **kw)
+    else:
+        lm = lm or load_model(model, dtype, device)
+        bad = mean_states(lm, harmful, desc="harmful", **kw)
+        good = mean_states(lm, harmless, desc="harmless", **kw)
+    source = streamed or lm
     seconds = time.monotonic() - start
     log(f"measured {len(harmful) + len(harmless)} prompts in {seconds:.1f} s")
     meta = {
-        "model": lm.path,
-        "model_name_or_path": str(getattr(lm.model.config, "_name_or_path", "")),
+        "model": source.path,
+        "model_name_or_path": str(getattr(source.model.config, "_name_or_path", "")),
         "harmful_sha256": prompts_sha256(list(harmful)),
         "harmless_sha256": prompts_sha256(list(harmless)),
         "winsorize_quantile": str(winsorize_q),

@@ -25,11 +25,15 @@ class LoadedModel:
         Positions count real tokens only, as generate() does, so that a batch gives what
         single prompts give.
         """
-        device = self.model.device
-        mask = enc["attention_mask"].to(device)
-        with torch.inference_mode():
-            return self.model(input_ids=enc["input_ids"].to(device), attention_mask=mask,
-                              position_ids=left_padded_positions(mask), use_cache=False, logits_to_keep=1, **kw)
+        return forward_batch(self.model, enc, self.model.device, **kw)
+
+
+def forward_batch(model: Any, enc: Any, device: Any, **kw: Any) -> Any:
+    """``model`` on an encoded, left-padded batch: positions over real tokens, the last position's logits."""
+    mask = enc["attention_mask"].to(device)
+    with torch.inference_mode():
+        return model(input_ids=enc["input_ids"].to(device), attention_mask=mask,
+                     position_ids=left_padded_positions(mask), use_cache=False, logits_to_keep=1, **kw)
 
 
 def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -56,26 +60,43 @@ def resolve_model(name: str | Path) -> Path:
 
 def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     """A causal LM (or Gemma-3-style image-text-to-text model) and its tokenizer, for inference."""
+    tf = quiet_transformers()
+    path = resolve_model(name)
+    config = tf.AutoConfig.from_pretrained(path)
+    model = model_class(config, path).from_pretrained(path, dtype=DTYPES[dtype_name(dtype, RUN_DTYPES)]).to(device).eval()
+    return LoadedModel(model, load_tokenizer(path), str(path))
+
+
+def quiet_transformers() -> Any:
+    """transformers, its warnings and progress bars off (one progress display per step: ours)."""
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    tf.logging.disable_progress_bar()
+    return tf
+
+
+def model_class(config: Any, path: Path) -> Any:
+    """The auto class that builds this model: causal LM, or image-text-to-text for Gemma-3-style models."""
     import transformers as tf
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    tf.logging.set_verbosity_error()
-    tf.logging.disable_progress_bar()  # one progress display per step: ours
-
-    path = resolve_model(name)
-    config = tf.AutoConfig.from_pretrained(path)
     if hasattr(config, "vision_config"):
-        cls = tf.AutoModelForImageTextToText
-    elif config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        cls = tf.AutoModelForCausalLM
-    else:
-        raise AbliterateError(f"{path}: model_type '{config.model_type}' is not a causal language model")
-    model = cls.from_pretrained(path, dtype=DTYPES[dtype_name(dtype, RUN_DTYPES)]).to(device).eval()
+        return tf.AutoModelForImageTextToText
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return tf.AutoModelForCausalLM
+    raise AbliterateError(f"{path}: model_type '{config.model_type}' is not a causal language model")
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The model's tokenizer, padding on the left (the last prompt token is the last position)."""
+    import transformers as tf
+
     tokenizer = tf.AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, str(path))
+    return tokenizer
 
 
 def format_prompts(tok: Any, prompts: Sequence[str], chat_template: bool, system_prompt: str | None) -> list[str]:

@@ -1,0 +1,108 @@
+"""optimize: plans from trial parameters, the in-memory edit equal to the rewrite's, and the
+command end to end on a tiny model (search, resume from the study file, plan, chart)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from rewriter.cli import main
+from rewriter.directions import Measurements
+from rewriter.io.checkpoint import Checkpoint
+from rewriter.lab.inmemory import InMemoryEditor
+from rewriter.lab.models import load_model
+from rewriter.lab.optimize import Space, heuristic_params, plan_from_params
+from rewriter.plan import load_plan
+from rewriter.edits import plan_edits
+from rewriter.registry import Registry
+from tests.helpers import build_model, random_measurements, tiny_tokenizer, write_checkpoint
+
+SPACE = Space(num_layers=8, measured=list(range(1, 8)), components=("attention", "mlp"), strategies=("standard",))
+
+
+def params(**kw: object) -> dict[str, object]:
+    p: dict[str, object] = {"measurement": 5, "center": 4.0, "half_width": 2.0, "strategy": "standard"}
+    for c in SPACE.components:
+        p.update({f"{c}_peak": 1.0, f"{c}_position": 0.5, f"{c}_floor": 0.0, f"{c}_width": 2.0})
+    return {**p, **kw}
+
+
+def test_plan_from_params_is_a_profile_over_the_range() -> None:
+    plan, strategy = plan_from_params(params(), SPACE)
+    # range 2-6, peak at 4, falling to 0 two layers away: 2 and 6 have nothing left and are dropped
+    assert strategy == "standard" and [e.layer for e in plan.entries] == [3, 4, 5]
+    scales = [e.scale_for("attention") for e in plan.entries]
+    assert scales == [0.5, 1.0, 0.5] and all(e.measurement == 5 for e in plan.entries)
+    flat, _ = plan_from_params(params(attention_floor=1.0, mlp_peak=0.25), SPACE)
+    assert {e.scale_for("attention") for e in flat.entries} == {1.0}
+    assert max(e.scale_for("mlp") for e in flat.entries) == 0.25
+    wide = plan_from_params(params(center=0.0, half_width=40.0, attention_floor=1.0), SPACE)[0]
+    assert [e.layer for e in wide.entries] == list(range(8))  # clipped to the model
+
+
+def test_the_heuristic_plan_is_a_point_of_the_search_space(tmp_path: Path) -> None:
+    flat = load_plan(load_plan_text(tmp_path, "ablate:\n" + "".join(f"  - {{layer: {n}, measurement: 6}}\n"
+                                                                     for n in range(2, 8))))
+    again, strategy = plan_from_params(heuristic_params(flat, "standard", SPACE), SPACE)
+    assert strategy == "standard" and again.as_dict() == [
+        {"layer": n, "measurement": 6, "scale": 1.0, "components": {"attention": 1.0, "mlp": 1.0}} for n in range(2, 8)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    path = write_checkpoint(build_model("qwen2"), tmp_path_factory.mktemp("opt") / "m", "qwen2")
+    tiny_tokenizer(path)
+    directions = path.parent / "d.safetensors"
+    random_measurements(64, 4).save(directions)
+    return path, directions
+
+
+def test_in_memory_edit_equals_the_rewritten_checkpoint(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    path, directions = tiny
+    plan = load_plan_text(tmp_path, "ablate:\n  - {layer: 1, measurement: 2, components: {mlp: 0.5}}\n"
+                                    "  - {layer: 2, measurement: 2}\n")
+    out = tmp_path / "out"
+    assert CliRunner().invoke(main, ["rewrite", str(path), str(out), "-d", str(directions), "--plan", str(plan),
+                                     "-q"]).exit_code == 0
+    lm, ckpt, registry = load_model(path), Checkpoint.open(path), Registry()
+    editor = InMemoryEditor(lm, ckpt)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    edits = plan_edits(ckpt, registry.architecture_for(ckpt.config, ckpt.names), load_plan(plan),
+                       Measurements.load(directions), registry.strategy("norm-preserving"))
+    editor.apply(edits)
+    written = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    for name in edits:
+        assert torch.equal(lm.model.get_parameter(name).detach(), written[name].float()), name
+    editor.restore()
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+
+
+def load_plan_text(folder: Path, text: str) -> Path:
+    (folder / "plan.yml").write_text(text)
+    return folder / "plan.yml"
+
+
+def test_optimize_command_searches_resumes_and_writes_a_plan_rewrite_takes(tiny: tuple[Path, Path],
+                                                                           tmp_path: Path) -> None:
+    path, directions = tiny
+    args = ["optimize", str(path), "-d", str(directions), "-o", str(tmp_path / "plan.yml"), "--study",
+            str(tmp_path / "study.db"), "--search-prompts", "4", "--max-new-tokens", "3", "--max-kl", "10",
+            "--save", str(tmp_path / "answers.jsonl"), "-q"]
+    first = CliRunner().invoke(main, [*args, "--trials", "4"])
+    assert first.exit_code == 0, first.output
+    assert "4 trials in" in first.output and "held-out evaluation: refusals" in first.output
+    again = CliRunner().invoke(main, [*args, "--trials", "6", "--no-final-eval"])
+    assert again.exit_code == 0, again.output
+    assert "6 trials in" in again.output, "the study file resumes: 4 earlier trials and 2 new ones"
+    assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 64
+    strategy = again.output.split("--strategy ")[-1].split()[0]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["rewrite", "--plan", str(tmp_path / "plan.yml"), str(path), str(out),
+                                       "--strategy", strategy, "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "abliteration.json").read_text())["fingerprint"]["strategy"] == strategy

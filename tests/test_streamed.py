@@ -1,0 +1,143 @@
+"""The layer-streamed forward: the same means and logits as the whole model in memory, on tiny
+checkpoints of every built-in architecture and on the real Qwen example; sizes and the choice of path."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rewriter.cli import main
+from rewriter.directions import Measurements
+from rewriter.errors import AbliterateError
+from rewriter.lab import streamed as streamed_module
+from rewriter.lab.analyze import layer_metrics, table
+from rewriter.lab.evaluate import evaluate, first_token_logits, kl_divergence
+from rewriter.lab.measure import mean_states, measure
+from rewriter.lab.memory import MemoryChoice, choose, parse_size
+from rewriter.lab.models import load_model
+from rewriter.lab.prompts import default_prompts
+from rewriter.lab.streamed import open_streamed, streamed_first_token_logits, streamed_means
+from tests.helpers import ALL_ARCHS, build_model, edit_tensor_file, tiny_tokenizer, write_checkpoint
+
+BAD = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9 w10", "w11", "w12 w13"]
+GOOD = ["w9 w8", "w7 w6 w5 w4", "w3", "w20 w21 w22"]
+KW = dict(batch_size=2, chat_template=True, system_prompt=None)
+
+
+def _tiny(tmp_path: Path, arch: str) -> Path:
+    path = write_checkpoint(build_model(arch), tmp_path / arch, arch)
+    tiny_tokenizer(path)
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_streamed_means_equal_in_memory_means(tmp_path: Path, arch: str, dtype: str) -> None:
+    path = _tiny(tmp_path, arch)
+    streamed = streamed_means(open_streamed(path, dtype), [BAD, GOOD], q=0.995, progress=False, **KW)
+    lm = load_model(path, dtype)
+    whole = [mean_states(lm, prompts, q=0.995, desc="", progress=False, **KW) for prompts in (BAD, GOOD)]
+    for a, b in zip(streamed, whole):
+        assert a.dtype == torch.float64 and a.shape == b.shape == (4, 64)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # same batches, same sums: equal in practice
+
+
+def test_streamed_logits_and_kl_equal_in_memory(tmp_path: Path) -> None:
+    original = _tiny(tmp_path, "llama")
+    edited = _tiny(tmp_path / "e", "llama")
+    name = "model.layers.1.mlp.down_proj.weight"
+
+    def amplify(tensors: dict[str, torch.Tensor]) -> None:  # tiny random models are near uniform: a large edit
+        tensors[name] = tensors[name] * 100
+
+    edit_tensor_file(edited, name, amplify)
+    logits = {}
+    for name, path in (("original", original), ("edited", edited)):
+        logits[name, "streamed"] = streamed_first_token_logits(open_streamed(path), [GOOD], progress=False, **KW)[0]
+        logits[name, "whole"] = first_token_logits(load_model(path), GOOD, progress=False, **KW)
+        torch.testing.assert_close(logits[name, "streamed"], logits[name, "whole"], rtol=0, atol=1e-5)
+    kl_streamed = kl_divergence(logits["original", "streamed"], logits["edited", "streamed"])
+    kl_whole = kl_divergence(logits["original", "whole"], logits["edited", "whole"])
+    assert float(kl_whole.mean()) > 1e-4, "the edit changes the next-token distributions"
+    torch.testing.assert_close(kl_streamed, kl_whole, rtol=1e-4, atol=1e-9)
+
+
+def _force_streaming(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny models always fit: make the choice say otherwise."""
+    monkeypatch.setattr(streamed_module, "choose", lambda weights, max_memory: MemoryChoice(True, "forced"))
+
+
+def test_evaluate_streamed_scores_without_generating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path / "cache"))
+    path = _tiny(tmp_path, "qwen2")
+    whole = evaluate(path, BAD, GOOD, original=path, max_new_tokens=2, progress=False, **KW)
+    _force_streaming(monkeypatch)
+    monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path / "cache-streamed"))
+    lines: list[str] = []
+    result = evaluate(path, BAD, GOOD, original=path, progress=False, log=lines.append, **KW)
+    assert result.refusals is None and result.responses == {} and result.prompts == len(BAD)
+    assert result.refusal_score == pytest.approx(whole.refusal_score, abs=1e-5)
+    assert 0.0 <= result.kl <= 1e-9 and result.kl_prompts == len(GOOD)
+    assert any("forced" in line for line in lines) and any(line.startswith("streamed 4 layers") for line in lines)
+
+
+def test_measure_streamed_when_forced_records_the_same_metadata(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _tiny(tmp_path, "qwen3")
+    whole = measure(path, BAD, GOOD, batch_size=2, progress=False)
+    _force_streaming(monkeypatch)
+    streamed = measure(path, BAD, GOOD, batch_size=2, progress=False)
+    assert streamed.metadata == whole.metadata
+    for n in whole.layers:
+        torch.testing.assert_close(streamed.harmful[n], whole.harmful[n], rtol=0, atol=1e-6)
+
+
+def test_qwen_streamed_under_a_cap_measures_what_the_whole_model_measures(qwen: Path, tmp_path: Path) -> None:
+    bad, good = default_prompts("harmful-measure")[:3], default_prompts("harmless-measure")[:3]
+    (tmp_path / "bad.txt").write_text("\n".join(bad) + "\n")
+    (tmp_path / "good.txt").write_text("\n".join(good) + "\n")
+    out = tmp_path / "d.safetensors"
+    # a process of its own, so that its peak RSS is its own: the weights are 2.5 GB in float32
+    args = ["measure", str(qwen), "--harmful", str(tmp_path / "bad.txt"), "--harmless", str(tmp_path / "good.txt"),
+            "-o", str(out), "--batch-size", "3", "-q", "--max-memory", "1.2GB"]
+    # the child reports its own peak at exit (RUSAGE_CHILDREN would give the largest child of the session)
+    code = ("import atexit, resource, sys; atexit.register(lambda: print('peak-rss-kib', "
+            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
+            "from rewriter.cli import main; main()")
+    run = subprocess.run([sys.executable, "-c", code, *args], check=False, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "streaming the weights layer by layer" in run.stderr and "streamed 24 layers" in run.stderr
+    peak_kib = int(run.stderr.split("peak-rss-kib")[-1].split()[0])
+    assert peak_kib * 1024 < 1.2e9
+    streamed = Measurements.load(out)
+    whole = measure(qwen, bad, good, batch_size=3, progress=False)
+    for n in whole.layers:
+        for a, b in ((streamed.harmful[n], whole.harmful[n]), (streamed.harmless[n], whole.harmless[n])):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+    assert list(table(layer_metrics(streamed))) == list(table(layer_metrics(whole)))
+
+
+def test_sizes_and_the_choice_of_path() -> None:
+    assert parse_size("1GB") == 10**9 and parse_size("512MB") == 512 * 10**6
+    assert parse_size("1.5GiB") == 3 * 2**29 and parse_size("2048") == 2048 and parse_size("64 mb") == 64 * 10**6
+    for bad in ("", "1XB", "-1GB", "0GB", "GB"):
+        with pytest.raises(AbliterateError, match="memory size"):
+            parse_size(bad)
+    assert choose(8 * 10**9, 10 * 10**9).stream is True  # 80% of the cap
+    assert choose(6 * 10**9, 10 * 10**9).stream is False
+    assert "--max-memory 10.0 GB" in choose(8 * 10**9, 10 * 10**9).reason
+
+
+def test_cap_too_small_and_quantized_checkpoints_are_one_line_errors(tmp_path: Path, qwen: Path) -> None:
+    result = CliRunner().invoke(main, ["measure", str(qwen), "-o", str(tmp_path / "d.safetensors"), "--max-memory", "10MB"])
+    assert result.exit_code == 1 and "--max-memory 10.0 MB is too small to stream" in result.output.splitlines()[-1]
+    assert "Traceback" not in result.output and not (tmp_path / "d.safetensors").exists()
+    path = _tiny(tmp_path, "llama")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(AbliterateError, match=r"quantized checkpoint \(fp8\); the streamed forward reads float"):
+        open_streamed(path)
