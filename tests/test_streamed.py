@@ -104,10 +104,10 @@ def test_qwen_streamed_under_a_cap_measures_what_the_whole_model_measures(qwen: 
     # a process of its own, so that its peak RSS is its own: the weights are 2.5 GB in float32
     args = ["measure", str(qwen), "--harmful", str(tmp_path / "bad.txt"), "--harmless", str(tmp_path / "good.txt"),
             "-o", str(out), "--batch-size", "3", "-q", "--max-memory", "1.2GB"]
-    # the child reports its own peak at exit (RUSAGE_CHILDREN would give the largest child of the session)
-    code = ("import atexit, resource, sys; atexit.register(lambda: print('peak-rss-kib', "
-            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
-            "from rewriter.cli import main; main()")
+    # The child reports its own peak at exit: VmHWM of its own address space. (ru_maxrss would
+    # include the parent's RSS at fork: the kernel keeps the old mm's high-water mark at exec.)
+    code = ("import atexit, re, sys; atexit.register(lambda: print('peak-rss-kib', re.search(r'VmHWM:\\s+(\\d+)', "
+            "open('/proc/self/status').read())[1], file=sys.stderr)); from rewriter.cli import main; main()")
     run = subprocess.run([sys.executable, "-c", code, *args], check=False, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "streaming the weights layer by layer" in run.stderr and "streamed 24 layers" in run.stderr
