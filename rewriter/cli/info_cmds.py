@@ -58,10 +58,16 @@ def _inspect_checkpoint(path: Path, layer: int, registry: Registry) -> None:
     click.echo(f"shards: {len(ckpt.shards)}; tensors: {len(ckpt.names)}; bytes: {ckpt.data_bytes:,}")
     click.echo("dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(dtypes.items())))
     click.echo(f"residual writers of layer {layer}:")
+    absent = 0
     for w in arch.residual_writers(layer, ckpt.config, ckpt.names):
-        state = f"{list(ckpt.entry(w.name).shape)} {ckpt.entry(w.name).dtype_name}" if w.name in ckpt.names else (
-            "MISSING" if w.required else "absent (optional)")
+        if w.name not in ckpt.names and not w.required:
+            absent += 1  # optional writers (biases) this checkpoint does not have: counted, not listed
+            continue
+        entry = ckpt.entry(w.name) if w.name in ckpt.names else None
+        state = f"{list(entry.shape)} {entry.dtype_name}" if entry else "MISSING"
         click.echo(f"  {w.component:<9} {w.name}  {state}")
+    if absent:
+        click.echo(f"  ({absent} optional writer{'s' if absent > 1 else ''}, e.g. biases, not in this checkpoint)")
     manifest = load_manifest(path)
     if manifest is not None:
         _echo_record(manifest)
