@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .edits import PlannedEdit
 from .io.files import LOCK_NAME
-from .io.manifest import MANIFEST_NAME, _files_in, load_manifest
+from .io.manifest import MANIFEST_NAME, files_in, load_manifest
 from .io.safetensors_io import COPY_CHUNK, TensorEntry, read_tensor
 from .pipeline import RewriteJob
 
@@ -50,7 +50,7 @@ def verify(job: RewriteJob, output: Path, *, ulps: int = 0, progress: bool = Tru
 def _check_files(job: RewriteJob, output: Path) -> Iterator[str]:
     ckpt = job.ckpt
     keep, _ = ckpt.other_files()
-    copies = [(rel, (ckpt.root / rel).read_bytes()) for rel in keep if rel != MANIFEST_NAME]
+    copies = [(rel, (ckpt.root / rel).read_bytes()) for rel in keep]
     if ckpt.index_name:
         copies.append((ckpt.index_name, ckpt.index_bytes()))
     for rel, data in copies:
@@ -64,7 +64,7 @@ def _check_files(job: RewriteJob, output: Path) -> Iterator[str]:
             yield f"{MANIFEST_NAME}: the rewrite is not finished"
         yield from _fingerprint_differences(manifest.get("fingerprint") or {}, job.fingerprint)
     ours = {s.name for s in ckpt.shards} | {rel for rel, _ in copies} | {MANIFEST_NAME, LOCK_NAME}
-    for name in sorted(set(_files_in(output)) - ours):
+    for name in sorted(set(files_in(output)) - ours):
         yield f"{name}: not written by this rewrite (push leaves it out; remove it)"
 
 

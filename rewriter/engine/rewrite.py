@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint, Shard
 from ..io.files import copy_atomic, exclusive_lock, inside, is_no_space, no_space_message, write_atomic
-from ..io.manifest import MANIFEST_NAME, Manifest
+from ..io.manifest import Manifest
 from ..io.safetensors_io import TensorEntry, read_tensor
 from ..io.shard_writer import ShardWriter
 from .buffers import Scratch
@@ -83,8 +83,7 @@ def rewrite(
     """
     start = time.monotonic()
     check_output_path(ckpt.root, output)
-    keep, foreign = ckpt.other_files()
-    copies = [rel for rel in keep if rel != MANIFEST_NAME]
+    copies, foreign = ckpt.other_files()
     expected = [*(s.name for s in ckpt.shards), *copies, *([ckpt.index_name] if ckpt.index_name else [])]
     for name in expected:
         inside(output, name, "output")  # every name checked before a byte is written

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import AbliterateError
 from .files import safe_name
+from .manifest import MANIFEST_NAME
 from .safetensors_io import Header, TensorEntry, read_header, tensor_from_bytes
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -144,8 +145,9 @@ class Checkpoint:
 
     def other_files(self) -> tuple[list[str], list[str]]:
         """(files to copy: configs, tokenizer, templates, code; weight files in other formats, left out),
-        as relative posix names. Hidden files and folders are neither."""
-        skip = {s.name for s in self.shards} | ({self.index_name} if self.index_name else set())
+        as relative posix names. Hidden files and folders are neither, nor is the record of an
+        earlier rewrite (a source that is itself an output): it would describe another rewrite."""
+        skip = {s.name for s in self.shards} | {MANIFEST_NAME} | ({self.index_name} if self.index_name else set())
         keep, foreign = [], []
         for p in sorted(self.root.rglob("*")):
             rel = p.relative_to(self.root).as_posix()

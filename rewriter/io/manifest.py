@@ -40,7 +40,7 @@ class Manifest:
         path = output / MANIFEST_NAME
         if output.is_symlink() or (output.exists() and not output.is_dir()):
             raise AbliterateError(f"output {output} exists and is not a directory")
-        present = _files_in(output)
+        present = files_in(output)
         old = load_manifest(output) if MANIFEST_NAME in present else None
         mine = {*expected, MANIFEST_NAME, LOCK_NAME}
         recorded = set(old.get("shards") or {}) | set(old.get("files") or ()) if old else set()
@@ -128,7 +128,7 @@ def published_files(output: Path) -> list[str]:
     return sorted([*shards, *files])
 
 
-def _files_in(folder: Path) -> list[str]:
+def files_in(folder: Path) -> list[str]:
     """Relative names of every file (and link) below ``folder``; links are listed, not followed."""
     if not folder.is_dir():
         return []
