@@ -1,29 +1,47 @@
-"""Rewrite speed and memory against a plain copy, on synthetic checkpoints of growing size.
+"""Rewrite speed and memory against a plain copy, on synthetic checkpoints; a markdown report.
 
-    python benchmarks/rewrite_bench.py --sizes 1 2 4 8 --shard-gb 2 --work /tmp/bench
+    python benchmarks/rewrite_bench.py --sizes 4 8 --work /tmp/bench
+    python benchmarks/rewrite_bench.py --sizes 4 --work /dev/shm/bench --workers 1 2   # a fast disk
+    python benchmarks/rewrite_bench.py --sizes 4 --fused-experts 32                    # gpt-oss-shaped
+    python benchmarks/rewrite_bench.py --sizes 2 --fp8                                 # block FP8
 
-For each size: generate a Gemma-3-12B-shaped bf16 checkpoint, read it once so that both
-runs find it equally in the page cache, then time `cp -r` + `sync` and
-`rewrite --strategy norm-preserving` over every layer (which fsyncs each shard), in one
-run, ``--repeat`` times in alternating order, each after a sync and a few seconds' rest
-(medians: the disk here is shared and noisy, and slows down right after a large write;
-use an even ``--repeat`` so that each goes first equally often). Peak RSS is the child's
-own ru_maxrss (os.wait4), the maximum over repeats. Prints a table; asserts nothing.
+For each size: generate a bf16 checkpoint (Gemma-3-12B-shaped, or gpt-oss-shaped with
+``--fused-experts``; block FP8 with ``--fp8``, whose edits decode, edit and re-encode), read it once so that every run finds it equally in the page cache,
+then time, in one run, ``--repeat`` times in alternating order, each after a sync and a few
+seconds' rest (medians: the disk here is shared and noisy, and slows down right after a
+large write; use an even ``--repeat`` so that each goes first equally often):
+
+- ``cp -r`` + ``sync``;
+- copy: ``rewrite --scale 0`` over every layer, the streaming copy (a tensor planned at
+  scale 0 stays in the kernel's copy);
+- rewrite: ``rewrite --strategy norm-preserving`` over every layer, each shard fsynced.
+
+Peak RSS is the child's own ru_maxrss (os.wait4), the maximum over repeats. A second table
+times the edit of the largest tensors in-process on one torch thread (the rewrite's setting)
+and gives the bandwidth one core's edits keep up with, and what a 16-core machine (8 workers,
+one per two cores) would need from its disk. Prints markdown with the date and machine;
+asserts nothing. The work directory is deleted at the end.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import synthetic  # noqa: E402  (torch-free at import)
+
+CORES_16_WORKERS = 8  # what rewriter.engine.threads.auto_workers picks on 16 cores
 
 
 def run(cmd: list[str]) -> tuple[float, int]:
@@ -44,57 +62,158 @@ def warm(path: Path) -> None:
                 pass
 
 
+def machine(work: Path) -> str:
+    """One line: CPU, usable cores, memory, kernel and the work directory's file system."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    fs = subprocess.run(["df", "--output=fstype", str(work)], capture_output=True, text=True).stdout.split()[-1:]
+    return (f"{cpu}, {len(os.sched_getaffinity(0))} usable cores, {mem / 2**30:.0f} GiB RAM, "
+            f"Linux {platform.release()}, work dir {work} on {fs[0] if fs else '?'}")
+
+
+def time_edits(src: Path, repeat: int) -> None:
+    """Child: median seconds of the edit of each kind of edited tensor (one expert slice of a
+    fused one), one torch thread, as JSON lines {name, shape, pieces, bytes (whole tensor),
+    seconds (one piece), layers}."""
+    import torch
+
+    from rewriter.engine.coded import CodedEdit
+    from rewriter.io.safetensors_io import tensor_from_bytes
+    from rewriter.pipeline import prepare
+    from rewriter.plan import parse_layer_specs
+
+    torch.set_num_threads(1)
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    plan = parse_layer_specs((f"0-{layers - 1}:{layers // 2}",), 1.0, {})
+    job = prepare(src, None, src.with_suffix(".directions.safetensors"), plan, "norm-preserving")
+    seen: set[str] = set()
+    for name, edit in job.stored_edits.items():
+        kind = name.split(".layers.")[-1].split(".", 1)[-1]
+        if kind in seen or (isinstance(edit, CodedEdit) and name != edit.parts[0]):
+            continue
+        seen.add(kind)
+        shape = job.ckpt.entry(name).shape
+        piece = edit.piece(0) if edit.slices(shape) > 1 else edit
+        part = shape[1:] if piece is not edit else shape
+        if isinstance(piece, CodedEdit):  # decode, edit, re-encode, from the stored parts
+            parts = {p: tensor_from_bytes(bytearray(job.ckpt.files.read(job.ckpt.shard_of[p], job.ckpt.entry(p).start,
+                                                                      job.ckpt.entry(p).end)),
+                                          job.ckpt.entry(p), stored=True) for p in piece.parts}
+            nbytes = sum(job.ckpt.entry(p).end - job.ckpt.entry(p).start for p in piece.parts)
+            times = _timed(lambda: piece.apply(parts), repeat)  # noqa: B023 (called at once)
+        else:
+            tensor = (torch.randn(part) * 0.02).to(torch.bfloat16)
+            work = torch.empty(tensor.numel(), dtype=torch.float32)
+            nbytes = job.ckpt.entry(name).end - job.ckpt.entry(name).start
+            times = _timed(lambda: piece.apply(tensor.clone(), torch.float32, in_place=True, workspace=work), repeat)  # noqa: B023
+        print(json.dumps({"name": kind + ("[i]" if piece is not edit else ""), "shape": list(part),
+                          "pieces": edit.slices(shape), "bytes": nbytes,
+                          "seconds": statistics.median(times), "layers": layers}), flush=True)
+
+
+def _timed(f: Callable[[], object], repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def edit_table(src: Path, repeat: int) -> None:
+    """Per-tensor edit times (from a child) and the disk bandwidth at which edits become the limit."""
+    child = subprocess.run([sys.executable, __file__, "--time-edits", str(src), "--repeat", str(repeat)],
+                           check=True, capture_output=True, text=True)
+    rows = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
+    layer_bytes = sum(r["bytes"] for r in rows)
+    layer_seconds = sum(r["pieces"] * r["seconds"] for r in rows)
+    share = rows[0]["layers"] * layer_bytes / sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    per_core = layer_bytes / layer_seconds / 1e9
+    print(f"\n## Edit math, one torch thread (in-process, medians of {repeat})\n")
+    print("| tensor | piece shape | pieces | piece ms | piece GB/s (bf16) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['shape']} | {r['pieces']} | {r['seconds'] * 1e3:.0f} "
+              f"| {r['bytes'] / r['pieces'] / r['seconds'] / 1e9:.2f} |")
+    print(f"\nOne layer's edits: {layer_seconds:.2f} s for {layer_bytes / 1e9:.2f} GB on one core "
+          f"({per_core:.2f} GB/s); edited tensors are {share:.0%} of the checkpoint, so one core's edits keep up "
+          f"with a {per_core / share:.1f} GB/s disk. A 16-core machine ({CORES_16_WORKERS} workers, one per two "
+          f"cores, enough shards) keeps up with {CORES_16_WORKERS * per_core / share:.1f} GB/s, if memory "
+          f"bandwidth allows; past that the edit math is the limit.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=float, nargs="+", default=[1, 2, 4, 8], help="checkpoint sizes in GiB")
-    ap.add_argument("--shard-gb", type=float, nargs="+", default=[2.0], help="shard sizes in GiB (a memory-scaling table)")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/abliterate-bench"))
-    ap.add_argument("--workers", type=int, nargs="+", default=[1], help="--workers values to time")
+    ap.add_argument("--sizes", type=float, nargs="+", default=[4, 8], help="checkpoint sizes in GiB")
+    ap.add_argument("--shard-gb", type=float, nargs="+", default=[2.0], help="shard sizes in GiB")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/abliterate-bench"),
+                    help="source and outputs live here (/dev/shm: a fast disk)")
+    ap.add_argument("--workers", nargs="+", default=["auto"], help="--workers values to time ('auto': the default)")
+    ap.add_argument("--fused-experts", type=int, default=0, metavar="E", help="gpt-oss layers with E fused experts")
+    ap.add_argument("--fp8", action="store_true", help="block-FP8 projections: edits decode, edit and re-encode")
     ap.add_argument("--repeat", type=int, default=2, help="alternating runs of each; medians are printed")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds of rest (after a sync) before each timed run")
+    ap.add_argument("--time-edits", type=Path, help=argparse.SUPPRESS)  # the child of the edit-time table
     args = ap.parse_args()
+    if args.time_edits:
+        time_edits(args.time_edits, args.repeat)
+        return
     exe = shutil.which("abliterate") or sys.exit("abliterate is not installed")
     startup, baseline = run([sys.executable, "-c", "import torch, safetensors, tqdm, rewriter.cli"])
-    tensor = synthetic.largest_edited_fp32_bytes()
-    print(f"baseline (python + torch + libraries): {baseline / 2**20:.0f} MiB RSS, {startup:.1f} s to start; "
-          f"largest edited tensor in fp32: {tensor / 2**20:.0f} MiB")
-    print(f"{'size GiB':>8} {'shard GiB':>9} {'workers':>7} {'layers':>6} {'cp s':>7} {'rewrite s':>9} "
-          f"{'ratio':>6} {'MB/s':>6} {'peak RSS MiB':>12} {'(RSS-base)/tensor':>17}")
-    for shard_gb in args.shard_gb:
-        for size in args.sizes:
-            src = args.work / f"src-{size:g}-{shard_gb:g}"
-            shutil.rmtree(args.work, ignore_errors=True)
-            # generated in a child, so that this process stays small: a child's ru_maxrss
-            # counts what it inherited at fork
-            made = subprocess.run([sys.executable, str(HERE / "synthetic.py"), str(src), "--gigabytes", str(size),
-                                   "--shard-gb", str(shard_gb)], check=True, capture_output=True, text=True)
-            layers = int(made.stdout.split()[-1])
-            directions = src.with_suffix(".directions.safetensors")
-            nbytes = sum(p.stat().st_size for p in src.iterdir())
-            for workers in args.workers:
-                cps, rws, rss = [], [], 0
-                for rep in range(args.repeat):
-                    for p in ("copy", "out"):
-                        shutil.rmtree(args.work / p, ignore_errors=True)
-                    # alternate which runs first: the virtual disk here slows down right after a
-                    # large write, which would otherwise always penalise the second run
-                    order = ("cp", "rw") if rep % 2 == 0 else ("rw", "cp")
-                    for which in order:
-                        warm(src)
-                        os.sync()
-                        time.sleep(args.settle)
-                        if which == "cp":
-                            cps.append(run(["sh", "-c", f"cp -r '{src}' '{args.work / 'copy'}' && sync"])[0])
-                            continue
-                        wall, peak = run([exe, "rewrite", str(src), str(args.work / "out"), "-d", str(directions), "-q",
-                                          "--layers", f"0-{layers - 1}:{layers // 2}", "--strategy", "norm-preserving",
-                                          "--workers", str(workers)])
-                        rws.append(wall)
-                        rss = max(rss, peak)
-                cp_s, rw_s = statistics.median(cps), statistics.median(rws)
-                print(f"{size:>8g} {shard_gb:>9g} {workers:>7} {layers:>6} {cp_s:>7.1f} {rw_s:>9.1f} {rw_s / cp_s:>6.2f} "
-                      f"{nbytes / rw_s / 1e6:>6.0f} {rss / 2**20:>12.0f} {(rss - baseline) / tensor:>17.2f}", flush=True)
-    shutil.rmtree(args.work, ignore_errors=True)
+    tensor = synthetic.largest_edited_fp32_bytes(args.fused_experts)
+    shape = f"gpt-oss-shaped, {args.fused_experts} fused experts" if args.fused_experts else "Gemma-3-12B-shaped"
+    print(f"## Rewrite against `cp -r` + `sync` ({shape} {'block FP8' if args.fp8 else 'bf16'}, every layer edited)\n")
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine(args.work.parent)}  ")
+    print(f"`{' '.join(sys.argv)}`  ")
+    print(f"Python + torch start in {startup:.1f} s and {baseline / 2**20:.0f} MiB (in every rewrite's time); "
+          f"largest edited piece in fp32: {tensor / 2**20:.0f} MiB. Medians of {args.repeat}.\n")
+    print("| GiB | shard GiB | workers | layers | cp s | copy s | copy/cp | rewrite s | rewrite/cp | MB/s "
+          "| peak RSS MiB | (RSS-base)/piece |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    src = None
+    try:
+        for shard_gb in args.shard_gb:
+            for size in args.sizes:
+                shutil.rmtree(args.work, ignore_errors=True)
+                src = args.work / f"src-{size:g}-{shard_gb:g}"
+                # generated in a child, so that this process stays small: a child's ru_maxrss
+                # counts what it inherited at fork
+                made = subprocess.run([sys.executable, str(HERE / "synthetic.py"), str(src), "--gigabytes", str(size),
+                                       "--shard-gb", str(shard_gb), "--fused-experts", str(args.fused_experts),
+                                       *(["--fp8"] if args.fp8 else [])],
+                                      check=True, capture_output=True, text=True)
+                layers = int(made.stdout.split()[-1])
+                directions = src.with_suffix(".directions.safetensors")
+                nbytes = sum(p.stat().st_size for p in src.iterdir())
+                rewrite = [exe, "rewrite", str(src), str(args.work / "out"), "-d", str(directions), "-q",
+                           "--layers", f"0-{layers - 1}:{layers // 2}", "--strategy", "norm-preserving"]
+                for workers in args.workers:
+                    extra = [] if workers == "auto" else ["--workers", workers]
+                    runs = {"cp": ["sh", "-c", f"cp -r '{src}' '{args.work / 'out'}' && sync"],
+                            "copy": [*rewrite, "--scale", "0", *extra], "rewrite": [*rewrite, *extra]}
+                    times: dict[str, list[float]] = {k: [] for k in runs}
+                    rss = 0
+                    for rep in range(args.repeat):
+                        # alternate the order: the virtual disk here slows down right after a large
+                        # write, which would otherwise always penalise the same run
+                        for which in (list(runs) if rep % 2 == 0 else list(runs)[::-1]):
+                            shutil.rmtree(args.work / "out", ignore_errors=True)
+                            warm(src)
+                            os.sync()
+                            time.sleep(args.settle)
+                            wall, peak = run(runs[which])
+                            times[which].append(wall)
+                            if which != "cp":
+                                rss = max(rss, peak)
+                    cp_s, copy_s, rw_s = (statistics.median(times[k]) for k in runs)
+                    print(f"| {size:g} | {shard_gb:g} | {workers} | {layers} | {cp_s:.1f} | {copy_s:.1f} "
+                          f"| {copy_s / cp_s:.2f} | {rw_s:.1f} | {rw_s / cp_s:.2f} | {nbytes / rw_s / 1e6:.0f} "
+                          f"| {rss / 2**20:.0f} | {(rss - baseline) / tensor:.2f} |", flush=True)
+        assert src is not None
+        edit_table(src, max(args.repeat, 5))
+    finally:
+        shutil.rmtree(args.work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """Synthetic checkpoints with realistic shapes (Gemma-3-12B widths by default), for benchmarks.
 
-    python benchmarks/synthetic.py OUT --gigabytes 2 --shard-gb 1
+    python benchmarks/synthetic.py OUT --gigabytes 2 --shard-gb 1 [--fused-experts 32 | --fp8]
 
-writes OUT and OUT.directions.safetensors and prints the layer count.
+writes OUT and OUT.directions.safetensors and prints the layer count. ``--fused-experts E``
+writes gpt-oss-shaped layers instead (hidden size 2880, fused ``mlp.experts.down_proj``
+``[E, 2880, 2880]`` edited slice by slice, ``gate_up_proj`` ``[E, 2880, 5760]`` copied).
+``--fp8`` stores every projection as block FP8 (float8_e4m3fn with a float32
+``weight_scale_inv`` per 128 x 128 block, ``quant_method: fp8``), as DeepSeek-V3 does.
 
 Tensor contents are random but reused per shape: timing and memory do not depend on them.
 """
@@ -15,6 +19,7 @@ import struct
 from pathlib import Path
 
 D_MODEL, D_FF, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 3840, 15360, 16, 8, 256, 32768
+OSS_D, OSS_HEADS, OSS_KV_HEADS, OSS_HEAD_DIM = 2880, 64, 8, 64  # gpt-oss: expert width = hidden size
 
 
 def layer_shapes(d: int = D_MODEL, ff: int = D_FF) -> dict[str, tuple[int, ...]]:
@@ -35,78 +40,135 @@ def layer_shapes(d: int = D_MODEL, ff: int = D_FF) -> dict[str, tuple[int, ...]]
     }
 
 
-def layer_bytes() -> int:
-    return sum(2 * math.prod(s) for s in layer_shapes().values())
+def fused_layer_shapes(experts: int, d: int = OSS_D) -> dict[str, tuple[int, ...]]:
+    """A gpt-oss decoder layer: attention with sinks, a router and fused experts with biases."""
+    return {
+        "input_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (OSS_HEADS * OSS_HEAD_DIM, d),
+        "self_attn.k_proj.weight": (OSS_KV_HEADS * OSS_HEAD_DIM, d),
+        "self_attn.v_proj.weight": (OSS_KV_HEADS * OSS_HEAD_DIM, d),
+        "self_attn.o_proj.weight": (d, OSS_HEADS * OSS_HEAD_DIM),
+        "self_attn.sinks": (OSS_HEADS,),
+        "post_attention_layernorm.weight": (d,),
+        "mlp.router.weight": (experts, d),
+        "mlp.router.bias": (experts,),
+        "mlp.experts.gate_up_proj": (experts, d, 2 * d),
+        "mlp.experts.gate_up_proj_bias": (experts, 2 * d),
+        "mlp.experts.down_proj": (experts, d, d),
+        "mlp.experts.down_proj_bias": (experts, d),
+    }
 
 
-def largest_edited_fp32_bytes() -> int:
+def shapes(experts: int = 0) -> dict[str, tuple[int, ...]]:
+    """One decoder layer: Gemma-3-12B's, or gpt-oss's with ``experts`` fused experts."""
+    return fused_layer_shapes(experts) if experts else layer_shapes()
+
+
+BLOCK = 128
+
+
+def stored(experts: int = 0, fp8: bool = False) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """One decoder layer as stored: name -> (dtype code, shape); with ``fp8``, each projection
+    as float8 values and a float32 scale per block."""
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, shape in shapes(experts).items():
+        if fp8 and name.endswith("_proj.weight"):
+            out[name] = ("F8_E4M3", shape)
+            out[name[: -len("weight")] + "weight_scale_inv"] = ("F32", tuple(-(-n // BLOCK) for n in shape))
+        else:
+            out[name] = ("BF16", shape)
+    return out
+
+
+SIZES = {"BF16": 2, "F8_E4M3": 1, "F32": 4}
+
+
+def layer_bytes(experts: int = 0, fp8: bool = False) -> int:
+    return sum(SIZES[dtype] * math.prod(s) for dtype, s in stored(experts, fp8).values())
+
+
+def largest_edited_fp32_bytes(experts: int = 0) -> int:
+    """The largest piece the rewrite edits at once: a whole matrix, or one expert's slice."""
+    if experts:
+        return 4 * OSS_D * max(OSS_D, OSS_HEADS * OSS_HEAD_DIM)
     return 4 * D_MODEL * max(D_FF, HEADS * HEAD_DIM)
 
 
-def make(out: Path, layers: int, shard_bytes: int, seed: int = 0) -> Path:
-    """Write a gemma3_text-shaped bf16 checkpoint, one shard in memory at a time."""
+def make(out: Path, layers: int, shard_bytes: int, seed: int = 0, experts: int = 0, fp8: bool = False) -> Path:
+    """Write a gemma3_text-shaped (or, with ``experts``, gpt_oss-shaped) bf16 checkpoint, or
+    with ``fp8`` a block-FP8 one; one random tensor per dtype and shape is made and reused, so
+    memory does not grow with the layer count."""
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    pool: dict[tuple[int, ...], "torch.Tensor"] = {}
+    pool: dict[tuple[str, tuple[int, ...]], "torch.Tensor"] = {}
+    dtypes = {"BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn, "F32": torch.float32}
 
-    def tensor(shape: tuple[int, ...]) -> "torch.Tensor":
-        if shape not in pool:
-            pool[shape] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
-        return pool[shape]
+    def tensor(dtype: str, shape: tuple[int, ...]) -> "torch.Tensor":
+        if (dtype, shape) not in pool:
+            values = torch.rand(shape, generator=g) * 1e-3 + 1e-4 if dtype == "F32" else torch.randn(shape, generator=g)
+            pool[dtype, shape] = (values if dtype == "F32" else values * 0.02 * (1 if dtype == "BF16" else 20)
+                                  ).to(dtypes[dtype])
+        return pool[dtype, shape]
 
-    items = [("model.embed_tokens.weight", (VOCAB, D_MODEL))]
-    items += [(f"model.layers.{i}.{k}", s) for i in range(layers) for k, s in layer_shapes().items()]
-    items.append(("model.norm.weight", (D_MODEL,)))
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    d = OSS_D if experts else D_MODEL
+    items = [("model.embed_tokens.weight", ("BF16", (VOCAB, d)))]
+    items += [(f"model.layers.{i}.{k}", v) for i in range(layers) for k, v in stored(experts, fp8).items()]
+    items.append(("model.norm.weight", ("BF16", (d,))))
+    shards: list[list[tuple[str, tuple[str, tuple[int, ...]]]]] = [[]]
     size = 0
-    for name, shape in items:
-        nbytes = 2 * math.prod(shape)
+    for name, (dtype, shape) in items:
+        nbytes = SIZES[dtype] * math.prod(shape)
         if size and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append((name, shape))
+        shards[-1].append((name, (dtype, shape)))
         size += nbytes
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_safetensors(out / fname, [(n, tensor(s)) for n, s in shard])
+        _write_safetensors(out / fname, [(n, dtype, tensor(dtype, s)) for n, (dtype, s) in shard])
         weight_map.update(dict.fromkeys((n for n, _ in shard), fname))
-    total = sum(2 * math.prod(s) for _, s in items)
+    total = sum(SIZES[dtype] * math.prod(s) for _, (dtype, s) in items)
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (out / "config.json").write_text(json.dumps({
-        "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "hidden_size": D_MODEL,
-        "intermediate_size": D_FF, "num_hidden_layers": layers, "torch_dtype": "bfloat16",
-    }))
+    config = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "hidden_size": D_MODEL,
+              "intermediate_size": D_FF}
+    if experts:
+        config = {"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "hidden_size": OSS_D,
+                  "intermediate_size": OSS_D, "num_local_experts": experts}
+    if fp8:
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [BLOCK, BLOCK]}
+    (out / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers, "torch_dtype": "bfloat16"}))
     return out
 
 
 def _write_safetensors(path: Path, tensors: list) -> None:
-    """A bf16 safetensors file written tensor by tensor (the pool's tensors repeat, so no dict of them)."""
+    """A safetensors file written tensor by tensor (the pool's tensors repeat, so no dict of them)."""
     import torch
 
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     pos = 0
-    for name, t in tensors:
-        header[name] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [pos, pos + 2 * t.numel()]}
-        pos += 2 * t.numel()
+    for name, dtype, t in tensors:
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+        pos += t.nbytes
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
-        for _, t in tensors:
+        for _, _, t in tensors:
             f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
-def directions(path: Path, layers: int, seed: int = 1) -> Path:
+def directions(path: Path, layers: int, seed: int = 1, d: int = D_MODEL) -> Path:
     import torch
 
     from rewriter.directions import Measurements
 
     g = torch.Generator().manual_seed(seed)
-    harmless = {n: torch.randn(D_MODEL, generator=g, dtype=torch.float64) for n in range(layers)}
-    harmful = {n: harmless[n] + torch.randn(D_MODEL, generator=g, dtype=torch.float64) for n in range(layers)}
+    harmless = {n: torch.randn(d, generator=g, dtype=torch.float64) for n in range(layers)}
+    harmful = {n: harmless[n] + torch.randn(d, generator=g, dtype=torch.float64) for n in range(layers)}
     Measurements(harmful, harmless, 1, 1, {"model": "synthetic"}).save(path)
     return path
 
@@ -116,10 +178,12 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--gigabytes", type=float, default=1.0, help="size in GiB (whole layers)")
     ap.add_argument("--shard-gb", type=float, default=2.0)
+    ap.add_argument("--fused-experts", type=int, default=0, metavar="E", help="gpt-oss layers with E fused experts")
+    ap.add_argument("--fp8", action="store_true", help="block-FP8 projections (quant_method fp8)")
     args = ap.parse_args()
-    layers = max(1, round(args.gigabytes * 2**30 / layer_bytes()))
-    make(args.out, layers, int(args.shard_gb * 2**30))
-    directions(args.out.with_suffix(".directions.safetensors"), layers)
+    layers = max(1, round(args.gigabytes * 2**30 / layer_bytes(args.fused_experts, args.fp8)))
+    make(args.out, layers, int(args.shard_gb * 2**30), experts=args.fused_experts, fp8=args.fp8)
+    directions(args.out.with_suffix(".directions.safetensors"), layers, d=OSS_D if args.fused_experts else D_MODEL)
     print(layers)
 
 

@@ -16,6 +16,7 @@ from .engine.edit import TensorEdit
 from .errors import AbliterateError
 from .io.checkpoint import Checkpoint
 from .io.safetensors_io import FLOAT_DTYPES
+from .logical import LogicalTensors
 from .plan import Plan
 from .strategy import Strategy
 
@@ -29,11 +30,14 @@ class PlannedEdit(TensorEdit):
     component: str = ""
 
 
-def plan_edits(ckpt: Checkpoint, arch: Architecture, plan: Plan, meas: Measurements, strategy: Strategy) -> dict[str, PlannedEdit]:
-    """Every tensor edit the plan asks for, or the first problem as an AbliterateError."""
-    quant = ckpt.quantization()
-    if quant:
-        raise AbliterateError(f"{ckpt.root}: quantized checkpoint (quant_method '{quant}'); only float weights can be edited")
+def plan_edits(ckpt: Checkpoint, arch: Architecture, plan: Plan, meas: Measurements, strategy: Strategy,
+               view: LogicalTensors | None = None) -> dict[str, PlannedEdit]:
+    """Every tensor edit the plan asks for, by logical tensor name, or the first problem as an AbliterateError.
+
+    ``view`` folds a quantized checkpoint's parts (see ``rewriter.logical``); without one, the
+    checkpoint must be a float one.
+    """
+    view = view or LogicalTensors.floats(ckpt)
     n_layers, width = arch.num_layers(ckpt.config), arch.hidden_size(ckpt.config)
     if meas.width != width:
         raise AbliterateError(f"direction width {meas.width} does not match the model width {width} ({arch.name})")
@@ -41,8 +45,8 @@ def plan_edits(ckpt: Checkpoint, arch: Architecture, plan: Plan, meas: Measureme
     edits: dict[str, PlannedEdit] = {}
     for entry in sorted(plan.entries, key=lambda e: e.layer):
         base = strategy.refine(meas, entry.measurement, entry.layer)
-        for writer in _present_writers(ckpt, arch, entry.layer):
-            shape = _check_tensor(ckpt, arch, writer, width)
+        for writer in _present_writers(ckpt, view.names, arch, entry.layer):
+            shape = _check_tensor(ckpt, view, arch, writer, width)
             direction = _unit(_through_norm(ckpt, writer, base), entry.layer, entry.measurement)
             update = strategy.update_bias if writer.bias else strategy.update_weight
             edits[writer.name] = PlannedEdit(
@@ -53,9 +57,9 @@ def plan_edits(ckpt: Checkpoint, arch: Architecture, plan: Plan, meas: Measureme
     return edits
 
 
-def _present_writers(ckpt: Checkpoint, arch: Architecture, layer: int) -> Iterator[ResidualWriter]:
-    writers = arch.residual_writers(layer, ckpt.config, ckpt.names)
-    missing = [w.name for w in writers if w.required and w.name not in ckpt.names]
+def _present_writers(ckpt: Checkpoint, names: frozenset[str], arch: Architecture, layer: int) -> Iterator[ResidualWriter]:
+    writers = arch.residual_writers(layer, ckpt.config, names)
+    missing = [w.name for w in writers if w.required and w.name not in names]
     if missing:
         raise AbliterateError(
             f"layer {layer}: residual writer{'s' if len(missing) > 1 else ''} {_some(missing)} "
@@ -63,16 +67,17 @@ def _present_writers(ckpt: Checkpoint, arch: Architecture, layer: int) -> Iterat
         )
     if not writers:
         raise AbliterateError(f"layer {layer}: architecture {arch.name} names no residual writers")
-    _check_complete(ckpt, arch, layer, writers)
-    return (w for w in writers if w.name in ckpt.names)
+    _check_complete(ckpt.config, names, arch, layer, writers)
+    return (w for w in writers if w.name in names)
 
 
-def _check_complete(ckpt: Checkpoint, arch: Architecture, layer: int, writers: list[ResidualWriter]) -> None:
+def _check_complete(config: Config, names: frozenset[str], arch: Architecture, layer: int,
+                    writers: list[ResidualWriter]) -> None:
     """Every tensor of a planned layer is a writer or declared not to be one; else nothing is written."""
-    head = layer_prefix(arch, layer, ckpt.config, ckpt.names, writers) + "."
-    declared = set(arch.non_writers(layer, ckpt.config, ckpt.names)) if isinstance(arch, DeclaresLayer) else set()
+    head = layer_prefix(arch, layer, config, names, writers) + "."
+    declared = set(arch.non_writers(layer, config, names)) if isinstance(arch, DeclaresLayer) else set()
     known = declared | {w.name for w in writers}
-    unknown = sorted(n for n in ckpt.names if n.startswith(head) and n not in known)
+    unknown = sorted(n for n in names if n.startswith(head) and n not in known)
     if unknown:
         raise AbliterateError(
             f"layer {layer}: architecture {arch.name} does not say whether {_some(unknown)} write into the "
@@ -125,18 +130,19 @@ def _unit(r: torch.Tensor, layer: int, measurement: int) -> torch.Tensor:
     return r / norm
 
 
-def _check_tensor(ckpt: Checkpoint, arch: Architecture, writer: ResidualWriter, width: int) -> tuple[int, ...]:
-    entry = ckpt.entry(writer.name)
-    if entry.dtype not in FLOAT_DTYPES:
+def _check_tensor(ckpt: Checkpoint, view: LogicalTensors, arch: Architecture, writer: ResidualWriter,
+                  width: int) -> tuple[int, ...]:
+    shape = view.shape(ckpt, writer.name)
+    if writer.name not in view.packed and (entry := ckpt.entry(writer.name)).dtype not in FLOAT_DTYPES:
         raise AbliterateError(
-            f"{writer.name} has dtype {entry.dtype_name}; only float16, bfloat16, float32 and float64 tensors "
-            "can be edited (quantized or integer weights are not supported)"
+            f"{writer.name} has dtype {entry.dtype_name}; only float16, bfloat16, float32 and float64 tensors, "
+            "or the weights of a quantized format that a codec plugin reads, can be edited"
         )
     if writer.component not in arch.components:
         raise AbliterateError(f"{arch.name}: writer {writer.name} has component '{writer.component}', "
                               f"which the map does not declare ({', '.join(arch.components)})")
-    if writer.axis >= len(entry.shape) or entry.shape[writer.axis] != width:
+    if writer.axis >= len(shape) or shape[writer.axis] != width:
         raise AbliterateError(
-            f"{writer.name} has shape {list(entry.shape)}; expected the model width {width} on axis {writer.axis}"
+            f"{writer.name} has shape {list(shape)}; expected the model width {width} on axis {writer.axis}"
         )
-    return entry.shape
+    return shape

@@ -12,6 +12,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .architecture import Architecture
+    from .codec import Codec
     from .strategy import Strategy
 
 PROJECT = "abliterate"
@@ -31,3 +32,8 @@ def abliterate_architectures() -> list[Architecture]:
 @hookspec
 def abliterate_strategies() -> list[Strategy]:
     """Return the edit strategies this plugin provides (each with a unique name)."""
+
+
+@hookspec
+def abliterate_codecs() -> list[Codec]:
+    """Return the quantized formats this plugin can decode and re-encode (see rewriter.codec)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,16 @@ from . import __version__
 from .architecture import Architecture
 from .directions import Measurements
 from .dtypes import DTYPES, PRECISIONS, dtype_name
+from .dequantized import OUTPUT_FORMATS, dequantized
 from .edits import PlannedEdit, plan_edits
-from .engine.rewrite import Summary, check_output_path, rewrite
+from .engine.coded import CodedEdit
+from .engine.edit import TensorEdit
+from .engine.layout import Reshape
+from .engine.rewrite import SAME, Summary, check_output_path, rewrite
+from .errors import AbliterateError
 from .io.checkpoint import Checkpoint, Shard
 from .io.hub import open_hub_checkpoint, parse_spec
+from .logical import LogicalTensors
 from .plan import Plan
 from .registry import Registry
 from .strategy import Strategy
@@ -30,25 +37,54 @@ class RewriteJob:
     arch: Architecture
     strategy: Strategy
     plan: Plan
-    edits: Mapping[str, PlannedEdit]
+    edits: Mapping[str, PlannedEdit]  # by logical tensor name
     precision: str
     fingerprint: dict[str, Any]
     record: dict[str, Any]
+    view: LogicalTensors
+    output_format: str = "same"
 
     @property
     def compute(self) -> torch.dtype:
         return DTYPES[self.precision]
 
-    def run(self, output: Path, *, overwrite: bool = False, progress: bool = True, workers: int = 1,
+    @cached_property
+    def stored_edits(self) -> dict[str, TensorEdit | CodedEdit]:
+        """The edits by stored tensor name, as the engine applies them: a quantized weight's
+        edit under each of its parts, with its codec's functions bound to it. A quantized
+        weight at scale 0 is left out (copied byte for byte, not re-encoded). Written out
+        dequantized, a quantized weight is edited as it is decoded (``reshape``), not here."""
+        out: dict[str, TensorEdit | CodedEdit] = {}
+        for name, edit in self.edits.items():
+            packed = self.view.packed.get(name)
+            if packed is None:
+                out[name] = edit
+            elif edit.scale != 0 and self.output_format == "same":
+                assert self.view.codec is not None
+                coded = CodedEdit(edit, packed.parts, partial(self.view.codec.decode, packed),
+                                  partial(self.view.codec.encode, packed))
+                out.update(dict.fromkeys(packed.parts, coded))
+        return out
+
+    @cached_property
+    def reshape(self) -> Reshape:
+        """The output's layout: the source's, or for ``bf16`` the dequantized checkpoint's."""
+        return dequantized(self.ckpt, self.view, self.edits) if self.output_format == "bf16" else SAME
+
+    def run(self, output: Path, *, overwrite: bool = False, progress: bool = True, workers: int | None = None,
             on_shard: Callable[[str, Path], None] | None = None) -> Summary:
         return rewrite(
-            self.ckpt, output, self.edits, self.fingerprint, record=self.record, compute=self.compute,
-            overwrite=overwrite, progress=progress, workers=workers, on_shard=on_shard,
+            self.ckpt, output, self.stored_edits, self.fingerprint, record=self.record, compute=self.compute,
+            overwrite=overwrite, progress=progress, workers=workers, on_shard=on_shard, reshape=self.reshape,
         )
 
     def describe(self) -> Iterable[str]:
         """What a dry run prints: per layer, per component, which measurement and scale."""
         yield f"architecture: {self.arch.name}; strategy: {self.strategy.name}; precision: {self.precision}"
+        if self.view.codec is not None and self.output_format == "bf16":
+            yield f"quantized: {self.view.codec.name}; every quantized weight is written out in bfloat16"
+        elif self.view.codec is not None:
+            yield f"quantized: {self.view.codec.name}; edited weights are decoded, edited and re-encoded with new scales"
         by_layer: dict[int, list[PlannedEdit]] = {}
         for e in self.edits.values():
             by_layer.setdefault(e.layer, []).append(e)
@@ -70,11 +106,13 @@ def prepare(
     precision: str = "float32",
     registry: Registry | None = None,
     download_dir: Path | None = None,
+    output_format: str = "same",
 ) -> RewriteJob:
     """Open and check everything a rewrite needs; raises AbliterateError on any problem.
 
     ``source`` is a checkpoint directory or a Hub ``ORG/NAME[@REVISION]``; for the latter,
     ``download_dir`` (--low-disk) holds one shard at a time instead of the HF cache.
+    ``output_format`` ``bf16`` writes a quantized checkpoint out dequantized.
     """
     registry = registry or Registry()
     precision = dtype_name(precision, PRECISIONS)
@@ -84,14 +122,21 @@ def prepare(
         check_output_path(ckpt.root, Path(output))
     strat = registry.strategy(strategy)
     meas = Measurements.load(directions)
-    arch = registry.architecture_for(ckpt.config, ckpt.names)
-    edits = plan_edits(ckpt, arch, plan, meas, strat)
+    view = LogicalTensors.of(ckpt, registry)
+    if output_format not in OUTPUT_FORMATS:
+        raise AbliterateError(f"output format '{output_format}' is not one of {', '.join(OUTPUT_FORMATS)}")
+    if output_format == "bf16" and view.codec is None:
+        raise AbliterateError(f"{ckpt.root} is not quantized; --output-format bf16 writes a quantized checkpoint "
+                              "out dequantized")
+    arch = registry.architecture_for(ckpt.config, view.names)
+    edits = plan_edits(ckpt, arch, plan, meas, strat, view)
     fingerprint = {
         "strategy": strat.name,
         "precision": precision,
         "plan": plan.as_dict(),
         "directions_sha256": meas.sha256,
         "source_headers": _header_digest(ckpt.shards),
+        **({"output_format": output_format} if output_format != "same" else {}),
         **({"origin": ckpt.origin} if ckpt.origin else {}),
     }
     record = {
@@ -99,10 +144,11 @@ def prepare(
         "directions": str(Path(directions).resolve()),
         "architecture": arch.name,
         "strategy_summary": strat.summary,
+        **({"codec": view.codec.name} if view.codec else {}),
         "torch_version": torch.__version__,
         "tool_version": __version__,
     }
-    return RewriteJob(ckpt, arch, strat, plan, edits, precision, fingerprint, record)
+    return RewriteJob(ckpt, arch, strat, plan, edits, precision, fingerprint, record, view, output_format)
 
 
 def _header_digest(shards: Sequence[Shard]) -> dict[str, Any]:

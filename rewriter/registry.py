@@ -10,11 +10,21 @@ import pluggy
 
 from . import hookspecs
 from .architecture import Architecture, Config
+from .codec import Codec
 from .errors import AbliterateError
+from .io.checkpoint import quant_method
 from .strategy import Strategy
 
 T = TypeVar("T")
 ENTRY_POINT_GROUP = hookspecs.PROJECT
+# quant_method -> format name, for formats no codec re-encodes: said by name, with what to do.
+UNSUPPORTED_QUANTIZATION = {
+    "gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "aqlm": "AQLM", "hqq": "HQQ", "quanto": "Quanto",
+    "exl2": "EXL2", "eetq": "EETQ", "torchao": "torchao", "fbgemm_fp8": "FBGEMM FP8", "gptq_marlin": "GPTQ (Marlin)",
+    "awq_marlin": "AWQ (Marlin)", "vptq": "VPTQ", "higgs": "HIGGS", "spqr": "SpQR", "bitnet": "BitNet",
+}
+DEQUANTIZE_FIRST = ("dequantize it to a float checkpoint first (e.g. load it with transformers, call "
+                    "model.dequantize(), save_pretrained) and rewrite that")
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,24 @@ class Registry:
     def strategies(self) -> dict[str, Provided[Strategy]]:
         return self._collect("abliterate_strategies", "strategy")
 
+    def codecs(self) -> dict[str, Provided[Codec]]:
+        return self._collect("abliterate_codecs", "codec")
+
+    def codec_for(self, quantization: dict[str, Any]) -> Codec:
+        """The codec that re-encodes this ``quantization_config``, or a one-line error that says
+        which format was found and what to do."""
+        method = quant_method(quantization)
+        matching = [p.item for p in self.codecs().values() if p.item.matches(quantization)]
+        if len(matching) == 1:
+            return matching[0]
+        if matching:
+            raise AbliterateError(f"several codec plugins read quant_method '{method}': "
+                                  f"{', '.join(c.name for c in matching)}; block one with -p no:NAME")
+        found = UNSUPPORTED_QUANTIZATION.get(method.lower())
+        what = f"{found} weights (quant_method '{method}')" if found else f"quant_method '{method}'"
+        raise AbliterateError(f"quantized checkpoint: {what} cannot be re-encoded by any codec plugin; "
+                              f"{DEQUANTIZE_FIRST}")
+
     def strategy(self, name: str) -> Strategy:
         known = self.strategies()
         if name not in known:
@@ -108,7 +136,8 @@ def _import_plugin(name: str) -> Any:
 
 def describe(registry: Registry) -> Iterable[str]:
     """Lines for ``abliterate plugins``."""
-    for title, provided in (("architectures", registry.architectures()), ("strategies", registry.strategies())):
+    for title, provided in (("architectures", registry.architectures()), ("strategies", registry.strategies()),
+                            ("codecs", registry.codecs())):
         yield f"{title}:"
         for name in sorted(provided):
             p = provided[name]

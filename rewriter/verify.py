@@ -16,7 +16,11 @@ from typing import Any, BinaryIO
 import torch
 from tqdm import tqdm
 
-from .edits import PlannedEdit
+from .engine.coded import CodedEdit
+from .engine.edit import TensorEdit
+from .engine.layout import ShardLayout
+from .engine.rewrite import read_part, slice_entry
+from .io.checkpoint import Shard
 from .io.files import LOCK_NAME
 from .io.manifest import MANIFEST_NAME, files_in, load_manifest
 from .io.safetensors_io import COPY_CHUNK, TensorEntry, read_tensor
@@ -50,12 +54,13 @@ def verify(job: RewriteJob, output: Path, *, ulps: int = 0, progress: bool = Tru
 def _check_files(job: RewriteJob, output: Path) -> Iterator[str]:
     ckpt = job.ckpt
     keep, _ = ckpt.other_files()
-    copies = [(rel, (ckpt.root / rel).read_bytes()) for rel in keep]
+    made = job.reshape.files
+    copies = [(rel, made.get(rel) or (ckpt.root / rel).read_bytes()) for rel in keep]
     if ckpt.index_name:
-        copies.append((ckpt.index_name, ckpt.index_bytes()))
+        copies.append((ckpt.index_name, made.get(ckpt.index_name) or ckpt.index_bytes()))
     for rel, data in copies:
         if not (output / rel).is_file() or (output / rel).read_bytes() != data:
-            yield f"{rel}: missing or different from the source"
+            yield f"{rel}: missing or different from {'what the rewrite writes' if rel in made else 'the source'}"
     manifest = load_manifest(output)
     if manifest is None:
         yield f"{MANIFEST_NAME}: missing or unreadable"
@@ -84,29 +89,68 @@ def _fingerprint_differences(written: dict[str, Any], expected: dict[str, Any]) 
 
 def _check_shards(job: RewriteJob, output: Path, ulps: int, progress: bool) -> Iterator[str]:
     ckpt = job.ckpt
-    with tqdm(total=ckpt.data_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="verify", disable=not progress) as bar:
+    total = sum(job.reshape.size(s) for s in ckpt.shards)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify", disable=not progress) as bar:
         for shard in ckpt.shards:
             out = output / shard.name
-            if not out.is_file() or out.stat().st_size != shard.header.file_size:
+            layout = job.reshape.shards.get(shard.name)
+            header = layout.header if layout else shard.header
+            if not out.is_file() or out.stat().st_size != header.file_size:
                 yield f"{shard.name}: missing or of the wrong size"
-                bar.update(shard.header.file_size)
+                bar.update(header.file_size)
                 continue
             with ckpt.files.local(shard) as local, open(local, "rb") as a, open(out, "rb") as b:
-                if b.read(len(shard.header.raw)) != shard.header.raw:
-                    yield f"{shard.name}: header differs from the source's"
+                if b.read(len(header.raw)) != header.raw:
+                    yield f"{shard.name}: header differs from the {'expected' if layout else 'source'}'s"
+                if layout is not None:
+                    yield from _check_laid_out(job, shard, layout, a, b, ulps, bar)
+                    continue
+                coded_done: set[str] = set()
                 for entry in shard.header.entries:
-                    edit = job.edits.get(entry.name)
+                    edit = job.stored_edits.get(entry.name)
                     if edit is None:
                         if not _same_bytes(a, b, entry):
                             yield f"{entry.name}: not edited by the plan, yet its bytes changed"
+                    elif isinstance(edit, CodedEdit):
+                        if entry.name not in coded_done:
+                            yield from _check_coded(job, edit, shard, a, output, ulps, coded_done)
                     else:
                         yield from _check_edit(job, edit, read_tensor(a, entry), read_tensor(b, entry), ulps)
                     bar.update(entry.end - entry.start)
 
 
-def _same_bytes(a: BinaryIO, b: BinaryIO, entry: TensorEntry) -> bool:
+def _check_laid_out(job: RewriteJob, shard: Shard, layout: ShardLayout, a: BinaryIO, b: BinaryIO, ulps: int,
+                    bar: tqdm) -> Iterator[str]:
+    """An output shard with a header of its own: decoded tensors against a fresh decode (and
+    edit), the others against the source tensor of the same name."""
+    for out in layout.header.entries:
+        made = layout.made.get(out.name)
+        if made is not None:
+            entries = {p: job.ckpt.entry(p) for p in made.parts}
+            n = made.slices(out.shape)
+            for i in range(n):
+                parts = {p: read_part(job.ckpt, shard, a, slice_entry(e, i, n)) for p, e in entries.items()}
+                expected = (made.piece(i) if n > 1 else made).produce(parts, job.compute)
+                problem = compare(expected, read_tensor(b, slice_entry(out, i, n)), ulps)
+                if problem:
+                    yield f"{out.name}{f' (slice {i})' if n > 1 else ''}: {problem}"
+                    break
+        else:
+            entry = shard.header.entry(out.name)
+            edit = job.stored_edits.get(out.name)
+            if edit is None:
+                if not _same_bytes(a, b, entry, out.start):
+                    yield f"{out.name}: not edited by the plan, yet its bytes changed"
+            else:
+                assert isinstance(edit, TensorEdit)
+                yield from _check_edit(job, edit, read_tensor(a, entry), read_tensor(b, out), ulps)
+        bar.update(out.end - out.start)
+
+
+def _same_bytes(a: BinaryIO, b: BinaryIO, entry: TensorEntry, at: int | None = None) -> bool:
+    """Whether ``entry``'s bytes in ``a`` equal those in ``b`` at ``at`` (default: the same offset)."""
     a.seek(entry.start)
-    b.seek(entry.start)
+    b.seek(entry.start if at is None else at)
     left = entry.end - entry.start
     while left:
         n = min(left, COPY_CHUNK)
@@ -116,7 +160,7 @@ def _same_bytes(a: BinaryIO, b: BinaryIO, entry: TensorEntry) -> bool:
     return True
 
 
-def _check_edit(job: RewriteJob, edit: PlannedEdit, source: torch.Tensor, written: torch.Tensor,
+def _check_edit(job: RewriteJob, edit: TensorEdit, source: torch.Tensor, written: torch.Tensor,
                 ulps: int) -> Iterator[str]:
     expected, _ = edit.apply(source, job.compute)
     problem = compare(expected, written, ulps)
@@ -131,6 +175,28 @@ def _check_edit(job: RewriteJob, edit: PlannedEdit, source: torch.Tensor, writte
             yield f"{edit.name}: {broken}"
 
 
+def _check_coded(job: RewriteJob, edit: CodedEdit, shard: Shard, source: BinaryIO, output: Path, ulps: int,
+                 done: set[str]) -> Iterator[str]:
+    """A quantized weight's parts in this shard, against a fresh decode, edit and re-encode of the
+    source's parts, slice by slice as the rewrite went. (The strategy's invariants describe
+    the float edit, which requantization blurs; the re-encoding itself is checked exactly.)"""
+    ckpt = job.ckpt
+    entries = {p: ckpt.entry(p) for p in edit.parts}
+    here = [p for p in edit.parts if p in shard.header.by_name]
+    n = edit.slices(entries[edit.parts[0]].shape)
+    problems: dict[str, str] = {}
+    with open(output / shard.name, "rb") as written:
+        for i in range(n):
+            parts = {p: read_part(ckpt, shard, source, slice_entry(e, i, n)) for p, e in entries.items()}
+            expected, _ = (edit.piece(i) if n > 1 else edit).apply(parts, job.compute)
+            for p in here:
+                problem = compare(expected[p], read_tensor(written, slice_entry(entries[p], i, n), stored=True), ulps)
+                if problem and p not in problems:
+                    problems[p] = f"{p}{f' (slice {i})' if n > 1 else ''}: {problem}"
+    done.update(here)
+    yield from problems.values()
+
+
 def compare(expected: torch.Tensor, written: torch.Tensor, ulps: int) -> str | None:
     """None when ``written`` equals ``expected`` bit for bit, or every element is within ``ulps``
     units in the last place of its expected value; else what differs."""
@@ -139,7 +205,7 @@ def compare(expected: torch.Tensor, written: torch.Tensor, ulps: int) -> str | N
     differ = a != b
     if not differ.any():
         return None
-    nonfinite = differ & ~(torch.isfinite(expected) & torch.isfinite(written))
+    nonfinite = differ & ~(_finite(expected) & _finite(written))
     if nonfinite.any():
         return f"{int(nonfinite.sum())} elements differ in NaN or inf from a fresh edit of the source tensor"
     distance = (_ordered(a, size) - _ordered(b, size)).abs()
@@ -148,6 +214,13 @@ def compare(expected: torch.Tensor, written: torch.Tensor, ulps: int) -> str | N
         return None
     return (f"{int((distance > ulps).sum())} of {expected.numel()} elements differ from a fresh edit of the source "
             f"tensor (up to {worst} ulps; allowed {ulps})")
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise finiteness for any stored dtype (float8 has no isfinite kernel; integers are finite)."""
+    if not t.dtype.is_floating_point:
+        return torch.ones_like(t, dtype=torch.bool)
+    return torch.isfinite(t if t.element_size() > 1 else t.to(torch.float32))
 
 
 _INT_OF = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

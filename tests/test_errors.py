@@ -66,16 +66,31 @@ def test_non_float_tensor_in_planned_position(llama: Path, directions_file: Path
     ckpt, out = copy_checkpoint(llama, tmp_path / "int8"), tmp_path / "o"
     edit_tensor_file(ckpt, O_PROJ, lambda t: t.update({O_PROJ: t[O_PROJ].to(torch.int8)}))
     fail(["rewrite", str(ckpt), str(out), "-d", str(directions_file), "--layers", "1:1"],
-         f"{O_PROJ} has dtype int8; only float16, bfloat16, float32 and float64 tensors can be edited", out)
+         f"{O_PROJ} has dtype int8; only float16, bfloat16, float32 and float64 tensors", out)
 
 
-def test_quantized_checkpoint(llama: Path, directions_file: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("method", "found"), [
+    ("gptq", "GPTQ weights (quant_method 'gptq')"), ("awq", "AWQ weights (quant_method 'awq')"),
+    ("bitsandbytes", "bitsandbytes weights (quant_method 'bitsandbytes')"), ("int3-magic", "quant_method 'int3-magic'"),
+])
+def test_quantized_checkpoint_without_codec(llama: Path, directions_file: Path, tmp_path: Path, method: str,
+                                            found: str) -> None:
     ckpt, out = copy_checkpoint(llama, tmp_path / "q"), tmp_path / "o"
     config = json.loads((ckpt / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    config["quantization_config"] = {"quant_method": method, "bits": 4}
     (ckpt / "config.json").write_text(json.dumps(config))
     fail(["rewrite", str(ckpt), str(out), "-d", str(directions_file), "--layers", "1:1"],
-         "quantized checkpoint (quant_method 'gptq')", out)
+         f"quantized checkpoint: {found} cannot be re-encoded by any codec plugin; dequantize it to a float "
+         "checkpoint first", out)
+
+
+def test_gguf_checkpoint(directions_file: Path, tmp_path: Path) -> None:
+    src, out = tmp_path / "gguf", tmp_path / "o"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model-Q4_K_M.gguf").write_bytes(b"GGUF" + bytes(64))
+    fail(["rewrite", str(src), str(out), "-d", str(directions_file), "--layers", "1:1"],
+         "model-Q4_K_M.gguf is a GGUF file; only safetensors checkpoints can be rewritten. Convert it first", out)
 
 
 def test_planned_layer_with_missing_writer(llama: Path, directions_file: Path, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Property-based fuzzing of every input a rewrite reads: shard headers, the index, the config,
-the direction file and the plan of a tiny checkpoint, each mutated by hypothesis.
+the direction file and the plan of a tiny checkpoint (bfloat16, block FP8 or MXFP4, written
+out in the same format or in bf16), each mutated by hypothesis.
 
 For every mutation: either exit 0 with an output that verifies, or exit 1 with exactly one
 line and no traceback; the source byte-identical; nothing written outside OUTPUT.
@@ -20,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rewriter.cli import main
-from tests.helpers import snapshot
+from tests.helpers import TEXT, random_measurements, snapshot
+from tests.quantize import CASES, quantized
 
 EXAMPLES = int(os.environ.get("ABLITERATE_FUZZ_EXAMPLES", "200"))  # per run; each is one in-process rewrite
 INDEX = "model.safetensors.index.json"
@@ -50,7 +52,8 @@ def _mutate_json(doc: object, path: list[object], value: object) -> object:
 
 PATHS = st.lists(st.one_of(st.integers(min_value=0, max_value=50), st.sampled_from(
     ["weight_map", "dtype", "shape", "data_offsets", "num_hidden_layers", "hidden_size", "model_type", "ablate",
-     "layer", "measurement", "scale", "components", "__metadata__", "quantization_config"])), max_size=4)
+     "layer", "measurement", "scale", "components", "__metadata__", "quantization_config", "weight_block_size",
+     "quant_method", "config_groups", "strategy"])), max_size=4)
 
 
 def _rewrite_header(shard: Path, path: list[object], value: object) -> None:
@@ -75,17 +78,32 @@ def _flip_bytes(file: Path, offset: int, data: bytes) -> None:
 TARGETS = ["header", "index", "config", "directions-bytes", "plan", "header-bytes"]
 
 
+SOURCES = ["bfloat16", "fp8-partial-blocks-apart", "mxfp4-experts"]  # a float source and two quantized ones
+
+
 @pytest.fixture(scope="module")
-def pristine(checkpoint_factory: Callable[[str], Path], directions_file: Path) -> tuple[Path, Path]:
-    return checkpoint_factory("llama"), directions_file
+def pristine(checkpoint_factory: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """Source kind -> (checkpoint, direction file)."""
+    sources = {"bfloat16": (checkpoint_factory("llama"), TEXT["hidden_size"], TEXT["num_hidden_layers"])}
+    for case in CASES:
+        if case.id in SOURCES:
+            sources[case.id] = quantized(case, tmp_path_factory.mktemp(case.id))
+    made = {}
+    for kind, (ckpt, width, layers) in sources.items():
+        directions = tmp_path_factory.mktemp("directions") / "d.safetensors"
+        random_measurements(width, layers).save(directions)
+        made[kind] = (ckpt, directions)
+    return made
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(target=st.sampled_from(TARGETS), path=PATHS, value=WEIRD, offset=st.integers(min_value=0, max_value=2**20),
+@given(source=st.sampled_from(SOURCES), output_format=st.sampled_from(["same", "bf16"]),
+       target=st.sampled_from(TARGETS), path=PATHS, value=WEIRD, offset=st.integers(min_value=0, max_value=2**20),
        noise=st.binary(min_size=1, max_size=8))
-def test_mutated_inputs_fail_cleanly_or_succeed(pristine: tuple[Path, Path], target: str, path: list[object],
-                                                value: object, offset: int, noise: bytes) -> None:
-    ckpt, directions = pristine
+def test_mutated_inputs_fail_cleanly_or_succeed(pristine: dict[str, tuple[Path, Path]], source: str, output_format: str,
+                                                target: str, path: list[object], value: object, offset: int,
+                                                noise: bytes) -> None:
+    ckpt, directions = pristine[source]
     with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
         box = Path(tmp)
         src = Path(shutil.copytree(ckpt, box / "src"))
@@ -106,7 +124,7 @@ def test_mutated_inputs_fail_cleanly_or_succeed(pristine: tuple[Path, Path], tar
         before = snapshot(box)
         out = box / "out"
         result = CliRunner().invoke(main, ["rewrite", str(src), str(out), "-d", str(box / "d.safetensors"),
-                                           "--plan", str(plan), "-q"])
+                                           "--plan", str(plan), "-q", "--output-format", output_format])
         assert "Traceback" not in result.output
         assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
         if result.exit_code == 0:

@@ -10,6 +10,7 @@ from ..directions import Measurements
 from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint
 from ..io.manifest import load_manifest
+from ..logical import LogicalTensors
 from ..registry import Registry, describe
 from .base import command, plugin_option
 
@@ -43,7 +44,8 @@ def inspect_cmd(path: str, layer: int, plugins: tuple[str, ...]) -> None:
 
 def _inspect_checkpoint(path: Path, layer: int, registry: Registry) -> None:
     ckpt = Checkpoint.open(path)
-    arch = registry.architecture_for(ckpt.config, ckpt.names)
+    view = LogicalTensors.of(ckpt, registry)
+    arch = registry.architecture_for(ckpt.config, view.names)
     n_layers = arch.num_layers(ckpt.config)
     if not 0 <= layer < n_layers:
         raise AbliterateError(f"--layer {layer} is out of range: the model has layers 0-{n_layers - 1}")
@@ -57,20 +59,31 @@ def _inspect_checkpoint(path: Path, layer: int, registry: Registry) -> None:
     click.echo(f"components: {', '.join(arch.components)}")
     click.echo(f"shards: {len(ckpt.shards)}; tensors: {len(ckpt.names)}; bytes: {ckpt.data_bytes:,}")
     click.echo("dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(dtypes.items())))
+    if view.codec is not None:
+        click.echo(f"quantized: {view.codec.name} ({len(view.packed)} weights stored as packed values and scales)")
     click.echo(f"residual writers of layer {layer}:")
     absent = 0
-    for w in arch.residual_writers(layer, ckpt.config, ckpt.names):
-        if w.name not in ckpt.names and not w.required:
+    for w in arch.residual_writers(layer, ckpt.config, view.names):
+        if w.name not in view.names and not w.required:
             absent += 1  # optional writers (biases) this checkpoint does not have: counted, not listed
             continue
-        entry = ckpt.entry(w.name) if w.name in ckpt.names else None
-        state = f"{list(entry.shape)} {entry.dtype_name}" if entry else "MISSING"
+        state = _stored_as(ckpt, view, w.name) if w.name in view.names else "MISSING"
         click.echo(f"  {w.component:<9} {w.name}  {state}")
     if absent:
         click.echo(f"  ({absent} optional writer{'s' if absent > 1 else ''}, e.g. biases, not in this checkpoint)")
     manifest = load_manifest(path)
     if manifest is not None:
         _echo_record(manifest)
+
+
+def _stored_as(ckpt: Checkpoint, view: LogicalTensors, name: str) -> str:
+    """'[shape] dtype', or for a quantized weight its logical shape and its parts."""
+    packed = view.packed.get(name)
+    if packed is None:
+        entry = ckpt.entry(name)
+        return f"{list(entry.shape)} {entry.dtype_name}"
+    parts = ", ".join(f"{p.rsplit('.', 1)[-1]} {ckpt.entry(p).dtype_name}" for p in packed.parts)
+    return f"{list(packed.shape)} quantized ({parts})"
 
 
 def _echo_record(manifest: dict[str, object]) -> None:

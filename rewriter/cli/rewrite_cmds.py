@@ -23,8 +23,13 @@ DEFAULT_STRATEGY = "norm-preserving"
 @click.option("--dry-run", is_flag=True, help="Print what would be edited and write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace an output that holds a different rewrite by this tool "
                                                 "(files this tool did not write are never deleted: the run stops and lists them).")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Shards rewritten at once; memory is about workers + 1 times the largest edited tensor in float32.")
+@click.option("--output-format", type=click.Choice(["same", "bf16"]), default="same", show_default=True,
+              help="For a quantized SOURCE (FP8, MXFP4): 'same' re-encodes the edited weights in their format with "
+                   "fresh scales and copies the rest; 'bf16' writes every quantized weight out in bfloat16 and drops "
+                   "the quantization config, for a plain checkpoint.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Shards rewritten at once; each holds about twice the largest edited tensor in float32. "
+                   "Default: one per two cores, at most one per shard and what half the available memory holds.")
 @click.option("--low-disk", is_flag=True, help="Hub source: download one shard at a time into OUTPUT/" + DOWNLOAD_DIR
                                                + " and delete it once rewritten (instead of the HF cache).")
 @click.option("--push-to", metavar="ORG/NAME", help="Publish to this Hub repo: shards upload as they are finished, then "
@@ -38,7 +43,7 @@ DEFAULT_STRATEGY = "norm-preserving"
 def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, directions: Path | None,
                 plan_file: Path | None, layers: tuple[str, ...], scale: float, component_scales: tuple[str, ...],
                 attn_scale: float | None, mlp_scale: float | None, strategy: str | None, precision: str | None,
-                dry_run: bool, overwrite: bool, workers: int, low_disk: bool, push_to: str | None, private: bool,
+                dry_run: bool, overwrite: bool, output_format: str, workers: int | None, low_disk: bool, push_to: str | None, private: bool,
                 card_eval: Path | None, quiet: bool, plugins: tuple[str, ...]) -> None:
     """Write an abliterated copy of the checkpoint SOURCE into OUTPUT.
 
@@ -49,6 +54,11 @@ def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, dir
     (attention and MLP outputs, experts, their biases) are edited in --precision
     arithmetic, all else is copied byte for byte. The source is never written; a rerun
     into the same OUTPUT resumes, keeping the shards it finished.
+
+    A quantized SOURCE (block FP8, compressed-tensors FP8, MXFP4: see 'abliterate
+    plugins') is edited weight by weight in float32 and re-encoded in its own format, with
+    rounding that keeps the removed direction out; GPTQ, AWQ, bitsandbytes and GGUF
+    checkpoints must be dequantized first.
 
     The strategies, the axes and the layer indexing are explained in docs/method.md in
     the project repository.
@@ -71,7 +81,8 @@ def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, dir
 
     download_dir = output / DOWNLOAD_DIR if low_disk and output is not None else None
     job = prepare(resolve_source(source), output, directions, plan, strategy or DEFAULT_STRATEGY,
-                  precision=precision or "float32", registry=Registry(plugins), download_dir=download_dir)
+                  precision=precision or "float32", registry=Registry(plugins), download_dir=download_dir,
+                  output_format=output_format)
     if dry_run:
         for line in job.describe():
             click.echo(line)
@@ -158,7 +169,8 @@ def verify_cmd(ctx: click.Context, source: str, output: Path, directions: Path |
     if directions is None:
         raise AbliterateError("no direction file given (--directions or the plan's 'measurements')")
     job = prepare(resolve_source(source), None, directions, plan, strategy or written.get("strategy") or DEFAULT_STRATEGY,
-                  precision=precision or written.get("precision") or "float32", registry=Registry(plugins))
+                  precision=precision or written.get("precision") or "float32", registry=Registry(plugins),
+                  output_format=str(written.get("output_format") or "same"))
     allowed = allowed_ulps(output) if ulps is None else ulps
     problems = list(verify(job, output, ulps=allowed, progress=not quiet))
     for line in problems:

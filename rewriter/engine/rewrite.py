@@ -1,10 +1,13 @@
 """The streaming rewrite: source shards -> tensor stream -> edit -> shard writer -> output.
 
-Knows nothing about architectures or strategies: it receives ready ``TensorEdit``s by
-tensor name. Every other byte range is copied by the kernel, byte for byte. Memory holds
-two stored-dtype tensor buffers per worker (one being written, one being edited) and one
-shared working copy in the compute dtype: about workers + 1 times the largest edited
-tensor in float32, where a stacked tensor (fused experts) counts as one slice.
+Knows nothing about architectures, strategies or quantized formats: it receives ready
+edits by tensor name (``TensorEdit``, or ``CodedEdit`` for a weight stored as parts).
+Every other byte range, and every tensor planned at scale 0, is copied by the kernel,
+byte for byte. Memory: each worker holds two stored-dtype tensor buffers (one being
+written, one being edited) and its own working copy in the compute dtype, about twice
+the largest edited tensor in float32, where a stacked tensor (fused experts) counts as
+one slice; a quantized weight is decoded, edited and re-encoded with about three float32
+copies of itself (or of one expert slice).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from tqdm import tqdm
@@ -23,10 +26,16 @@ from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint, Shard
 from ..io.files import copy_atomic, exclusive_lock, inside, is_no_space, no_space_message, write_atomic
 from ..io.manifest import Manifest
-from ..io.safetensors_io import TensorEntry, read_tensor
+from ..io.safetensors_io import TensorEntry, read_tensor, tensor_from_bytes
 from ..io.shard_writer import ShardWriter
 from .buffers import Scratch
+from .coded import CodedEdit
 from .edit import TensorEdit
+from .threads import auto_workers
+from .layout import Reshape, ShardLayout
+
+SAME = Reshape({}, {})
+AnyEdit = TensorEdit | CodedEdit
 
 
 @dataclass
@@ -63,20 +72,26 @@ def check_output_path(source: Path, output: Path) -> None:
 def rewrite(
     ckpt: Checkpoint,
     output: Path,
-    edits: Mapping[str, TensorEdit],
+    edits: Mapping[str, AnyEdit],
     fingerprint: dict[str, Any],
     *,
     record: dict[str, Any] | None = None,
     compute: torch.dtype = torch.float32,
     overwrite: bool = False,
     progress: bool = True,
-    workers: int = 1,
+    workers: int | None = None,
     on_shard: Callable[[str, Path], None] | None = None,
+    reshape: Reshape = SAME,
 ) -> Summary:
     """Write the edited checkpoint to ``output``; resumes a run with the same fingerprint.
 
+    ``edits`` maps stored tensor names to their edit; every stored part of a quantized
+    weight maps to the same ``CodedEdit``. ``reshape`` lays out shards and files anew
+    (a quantized checkpoint written out dequantized); by default the output has the
+    source's layout.
     ``workers`` > 1 rewrites that many shards at once, on threads (torch kernels and file
-    I/O release the GIL); memory grows accordingly. ``on_shard(name, path)`` is called,
+    I/O release the GIL); memory grows accordingly; None chooses from the cores, shards and
+    memory (``threads.auto_workers``). ``on_shard(name, path)`` is called,
     on a background thread and in order, as each output shard is finished (or found
     finished by a resumed run), e.g. to upload it while the next one is written.
     ``record`` (provenance: strategy, source, tool versions) goes into the manifest.
@@ -90,17 +105,21 @@ def rewrite(
     output.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(output):
         manifest = Manifest.prepare(output, fingerprint, record or {}, expected, overwrite)
-        # One torch thread per worker: the edit math is memory-bound, and the cores are
-        # needed for I/O; with more, OpenMP threads spin against them (measured: a
-        # [3840, 15360] edit took 0.3-0.45 s on one thread, 0.45-2.3 s on two).
+        # One torch thread per worker; more cores are used by more workers. verify recomputes
+        # edits on one thread and expects the same bits, and OpenMP threads spin against the
+        # I/O threads and anything else running (measured on 2 shared cores: a [3840, 15360]
+        # edit took 0.13 s on one thread, 5.7-8.5 s on two).
+        scratch = Scratch({n: e for n, e in edits.items() if isinstance(e, TensorEdit)}, ckpt, compute)
+        if workers is None:
+            workers = auto_workers(len(ckpt.shards), scratch.worker_bytes)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            summary = _rewrite(ckpt, output, edits, manifest, copies, compute, progress, workers, on_shard)
+            summary = _rewrite(ckpt, output, edits, manifest, copies, scratch, progress, workers, on_shard, reshape)
         except OSError as exc:
             if not is_no_space(exc):
                 raise
-            needed = sum(s.header.file_size for s in ckpt.shards if not manifest.finished(s.name, output / s.name))
+            needed = sum(reshape.size(s) for s in ckpt.shards if not manifest.finished(s.name, output / s.name))
             raise AbliterateError(no_space_message(Path(exc.filename or output), needed)) from None
         finally:
             torch.set_num_threads(threads)
@@ -109,17 +128,20 @@ def rewrite(
     return summary
 
 
-def _rewrite(ckpt: Checkpoint, output: Path, edits: Mapping[str, TensorEdit], manifest: Manifest, copies: list[str],
-             compute: torch.dtype, progress: bool, workers: int,
-             on_shard: Callable[[str, Path], None] | None) -> Summary:
+def _rewrite(ckpt: Checkpoint, output: Path, edits: Mapping[str, AnyEdit], manifest: Manifest, copies: list[str],
+             scratch: Scratch, progress: bool, workers: int,
+             on_shard: Callable[[str, Path], None] | None, reshape: Reshape) -> Summary:
     summary = Summary()
     for rel in copies:
-        copy_atomic(ckpt.root / rel, output / rel)
+        if rel in reshape.files:
+            write_atomic(output / rel, reshape.files[rel])
+        else:
+            copy_atomic(ckpt.root / rel, output / rel)
         manifest.record_file(rel)
         summary.files_copied += 1
-    with tqdm(total=ckpt.data_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="rewrite",
-              disable=not progress) as bar:
-        run = _Run(ckpt, output, edits, manifest, compute, bar, summary, on_shard)
+    with tqdm(total=sum(reshape.size(s) for s in ckpt.shards), unit="B", unit_scale=True, unit_divisor=1024,
+              desc="rewrite", disable=not progress) as bar:
+        run = _Run(ckpt, output, edits, manifest, scratch, bar, summary, on_shard, reshape)
         try:
             if workers <= 1:
                 for shard in ckpt.shards:
@@ -139,7 +161,7 @@ def _rewrite(ckpt: Checkpoint, output: Path, edits: Mapping[str, TensorEdit], ma
             raise
         run.close(failed=False)
     if ckpt.index_name:
-        write_atomic(output / ckpt.index_name, ckpt.index_bytes())
+        write_atomic(output / ckpt.index_name, reshape.files.get(ckpt.index_name) or ckpt.index_bytes())
         manifest.record_file(ckpt.index_name)
     manifest.complete = True
     manifest.save()
@@ -151,10 +173,11 @@ class _Run:
     (fsync, rename, manifest, ``on_shard``) in the order they were written, so that the next
     shard streams meanwhile and an upload overlaps the rest of the rewrite."""
 
-    def __init__(self, ckpt: Checkpoint, output: Path, edits: Mapping[str, TensorEdit], manifest: Manifest,
-                 compute: torch.dtype, bar: tqdm, summary: Summary, on_shard: Callable[[str, Path], None] | None) -> None:
-        self.ckpt, self.output, self.edits, self.manifest = ckpt, output, edits, manifest
-        self.scratch = Scratch(edits, ckpt, compute)
+    def __init__(self, ckpt: Checkpoint, output: Path, edits: Mapping[str, AnyEdit], manifest: Manifest,
+                 scratch: Scratch, bar: tqdm, summary: Summary, on_shard: Callable[[str, Path], None] | None,
+                 reshape: Reshape) -> None:
+        self.ckpt, self.output, self.edits, self.manifest, self.reshape = ckpt, output, edits, manifest, reshape
+        self.scratch = scratch
         self.bar, self.summary, self.on_shard = bar, summary, on_shard
         self.lock = threading.Lock()
         self.finisher = ThreadPoolExecutor(1, thread_name_prefix="finish")
@@ -169,10 +192,15 @@ class _Run:
         target = self.output / shard.name
         written = None
         if self.manifest.finished(shard.name, target):
-            self.advance(shard.header.file_size)
+            self.advance(self.reshape.size(shard))
         else:
             with self.ckpt.files.local(shard) as path:
-                written = _write_shard(shard, path, target, self.edits, self.scratch, self.advance)
+                layout = self.reshape.shards.get(shard.name)
+                if layout is None:
+                    written = _write_shard(self.ckpt, shard, path, target, self.edits, self.scratch, self.advance)
+                else:
+                    written = _write_laid_out(self.ckpt, shard, path, target, layout, self.edits, self.scratch,
+                                              self.advance)
         with self.lock:
             self.finishing.append(self.finisher.submit(self._finish, shard, target, written))
             for done in [f for f in self.finishing if f.done()]:
@@ -220,29 +248,37 @@ class _Written:
 
 
 def _write_shard(
+    ckpt: Checkpoint,
     shard: Shard,
     source: Path,
     target: Path,
-    edits: Mapping[str, TensorEdit],
+    edits: Mapping[str, AnyEdit],
     scratch: Scratch,
     advance: Callable[[int], None],
 ) -> _Written:
     writer = ShardWriter(target, shard.header, depth=scratch.PENDING, written=advance)
     edited = zeroed = 0
     copied = len(shard.header.raw)  # source bytes before this offset are queued
+    coded_done: set[str] = set()  # parts of quantized weights already queued with write_at
     try:
         with open(source, "rb") as src:
             for entry in shard.header.entries:
                 edit = edits.get(entry.name)
                 if edit is None:
                     continue
+                if isinstance(edit, TensorEdit) and edit.scale == 0:
+                    edited += 1  # nothing changes: its bytes stay in the kernel's copy of the run
+                    continue
                 writer.copy(src.fileno(), copied, entry.start, src.name)  # the untouched run before it
-                for piece, part in _pieces(edit, entry):
-                    tensor = read_tensor(src, part, into=scratch.read_buffer())
-                    zeroed += scratch.edit(piece, tensor)
-                    writer.write_tensor(tensor)
+                if isinstance(edit, CodedEdit):
+                    if entry.name not in coded_done:
+                        zeroed += _write_coded(ckpt, shard, src, edit, writer, scratch.compute, coded_done)
+                        edited += 1
+                    writer.skip(entry.end - entry.start)
+                else:
+                    zeroed += _write_edited(src, entry, edit, scratch, writer)
+                    edited += 1
                 copied = entry.end
-                edited += 1
             writer.copy(src.fileno(), copied, shard.header.file_size, src.name)
             writer.close()
         return _Written(writer, edited, zeroed)
@@ -251,14 +287,101 @@ def _write_shard(
         raise
 
 
+def _write_laid_out(ckpt: Checkpoint, shard: Shard, source: Path, target: Path, layout: ShardLayout,
+                    edits: Mapping[str, AnyEdit], scratch: Scratch, advance: Callable[[int], None]) -> _Written:
+    """An output shard with a header of its own: tensors made by decoding (one slice at a time
+    when stacked) or taken from the source shard by name, copied or edited, in its order."""
+    writer = ShardWriter(target, layout.header, depth=scratch.PENDING, written=advance)
+    edited = zeroed = 0
+    try:
+        with open(source, "rb") as src:
+            for out in layout.header.entries:
+                made = layout.made.get(out.name)
+                if made is not None:
+                    entries = {p: ckpt.entry(p) for p in made.parts}
+                    n = made.slices(out.shape)
+                    for i in range(n):
+                        parts = {p: read_part(ckpt, shard, src, slice_entry(e, i, n)) for p, e in entries.items()}
+                        writer.write_tensor((made.piece(i) if n > 1 else made).produce(parts, scratch.compute))
+                    edited += made.edit is not None
+                    continue
+                entry = shard.header.entry(out.name)
+                edit = edits.get(entry.name)
+                if edit is None or (isinstance(edit, TensorEdit) and edit.scale == 0):
+                    writer.copy(src.fileno(), entry.start, entry.end, src.name)
+                else:
+                    assert isinstance(edit, TensorEdit)
+                    zeroed += _write_edited(src, entry, edit, scratch, writer)
+                edited += edit is not None
+            writer.close()
+        return _Written(writer, edited, zeroed)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _write_edited(src: BinaryIO, entry: TensorEntry, edit: TensorEdit, scratch: Scratch, writer: ShardWriter) -> int:
+    """Read, edit and queue one tensor (slice by slice when stacked); returns the columns zeroed."""
+    zeroed = 0
+    for piece, part in _pieces(edit, entry):
+        tensor = read_tensor(src, part, into=scratch.read_buffer())
+        zeroed += scratch.edit(piece, tensor)
+        writer.write_tensor(tensor)
+    return zeroed
+
+
+def _write_coded(ckpt: Checkpoint, shard: Shard, src: BinaryIO, edit: CodedEdit, writer: ShardWriter,
+                 compute: torch.dtype, done: set[str]) -> int:
+    """Decode, edit and re-encode a quantized weight, one slice at a time when stacked, and queue
+    its parts that live in this shard for their places in it; returns the columns zeroed.
+
+    A part in another shard is read from there; that shard's own pass recomputes the same
+    bits (the edit is deterministic), so nothing is held between shards.
+    """
+    entries = {p: ckpt.entry(p) for p in edit.parts}
+    here = [p for p in edit.parts if p in shard.header.by_name]
+    n = _slices(edit, entries)
+    zeroed = 0
+    for i in range(n):
+        parts = {p: read_part(ckpt, shard, src, slice_entry(e, i, n)) for p, e in entries.items()}
+        new, z = (edit.piece(i) if n > 1 else edit).apply(parts, compute)
+        zeroed += z
+        for p in here:
+            writer.write_at(slice_entry(entries[p], i, n).start, new[p])
+    done.update(here)
+    return zeroed
+
+
+def _slices(edit: CodedEdit, entries: Mapping[str, TensorEntry]) -> int:
+    """How many slices along axis 0 every part is streamed in (1 unless the edit is stacked)."""
+    first = entries[edit.parts[0]]
+    n = edit.slices(first.shape)
+    if any(not e.shape or e.shape[0] != n for e in entries.values()) and n > 1:
+        raise AbliterateError(f"{edit.name}: parts {', '.join(edit.parts)} do not share axis 0 ({n} slices)")
+    return n
+
+
+def read_part(ckpt: Checkpoint, shard: Shard, src: BinaryIO, entry: TensorEntry) -> torch.Tensor:
+    """One stored part (or slice of it) in its stored dtype, from this shard's open file or another shard."""
+    owner = ckpt.shard_of[entry.name.partition("[")[0]]
+    if owner.name == shard.name:
+        return read_tensor(src, entry, stored=True)
+    return tensor_from_bytes(bytearray(ckpt.files.read(owner, entry.start, entry.end)), entry, stored=True)
+
+
+def slice_entry(entry: TensorEntry, index: int, count: int) -> TensorEntry:
+    """Slice ``index`` of ``count`` along axis 0, as an entry of its own (contiguous: safetensors
+    is row-major); the entry itself when ``count`` is 1."""
+    if count == 1:
+        return entry
+    step = (entry.end - entry.start) // count
+    start = entry.start + index * step
+    return replace(entry, name=f"{entry.name}[{index}]", shape=entry.shape[1:], start=start, end=start + step)
+
+
 def _pieces(edit: TensorEdit, entry: TensorEntry) -> Iterator[tuple[TensorEdit, TensorEntry]]:
     """The edit and byte range of each slice the tensor is streamed in: the whole tensor, or,
-    for a stacked edit, each index of axis 0 (contiguous, since safetensors is row-major)."""
+    for a stacked edit, each index of axis 0."""
     n = edit.slices(entry.shape)
-    if n == 1:
-        yield edit, entry
-        return
-    step = (entry.end - entry.start) // n
     for i in range(n):
-        start = entry.start + i * step
-        yield edit.piece(i), replace(entry, name=f"{entry.name}[{i}]", shape=entry.shape[1:], start=start, end=start + step)
+        yield (edit.piece(i) if n > 1 else edit), slice_entry(entry, i, n)

@@ -64,6 +64,10 @@ class Checkpoint:
         if not root.is_dir():
             raise AbliterateError(f"checkpoint directory not found: {root}")
         names = sorted(p.name for p in root.glob("*.safetensors"))
+        gguf = sorted(p.name for p in root.glob("*.gguf"))
+        if gguf and not names:
+            raise AbliterateError(f"{root}: {gguf[0]} is a GGUF file; only safetensors checkpoints can be rewritten. "
+                                  "Convert it first: transformers' from_pretrained(..., gguf_file=...), then save_pretrained")
 
         def header(name: str) -> Header:
             if not (root / name).is_file():
@@ -100,12 +104,13 @@ class Checkpoint:
         assert self.index_name is not None
         return (self.root / self.index_name).read_bytes()
 
-    def quantization(self) -> str | None:
-        """The ``quant_method`` of a quantized checkpoint (in config.json or any sub-config), else None."""
+    def quantization(self) -> dict[str, Any] | None:
+        """The ``quantization_config`` of a quantized checkpoint (in config.json or any sub-config),
+        else None; one that is not an object reads as ``{"quant_method": "unknown"}``."""
         for conf in (self.config, *(v for v in self.config.values() if isinstance(v, dict))):
             quant = conf.get("quantization_config")
             if quant:
-                return str(quant.get("quant_method", "unknown")) if isinstance(quant, dict) else "unknown"
+                return quant if isinstance(quant, dict) else {"quant_method": "unknown"}
         return None
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -155,6 +160,11 @@ class Checkpoint:
                 continue
             (foreign if p.name.endswith(FOREIGN_WEIGHTS) else keep).append(rel)
         return keep, foreign
+
+
+def quant_method(quantization: dict[str, Any]) -> str:
+    """The ``quant_method`` a ``quantization_config`` names (as a string, whatever it holds)."""
+    return str(quantization.get("quant_method", "unknown"))
 
 
 def _weight_map(path: Path) -> dict[str, str]:

@@ -104,6 +104,7 @@ def model_card(manifest: dict[str, Any], *, base_model: str | None, evaluation: 
         f"- base model: {base or 'local checkpoint'}" + (f" at revision `{origin['revision']}`" if origin.get("revision") else ""),
         f"- direction file sha256: `{fp.get('directions_sha256', 'unknown')}`",
         f"- edit precision: {fp.get('precision', 'fp32')}",
+        *_format_lines(fp, manifest.get("record") or {}),
         f"- tool: abliterate-rewriter {manifest.get('tool_version', __version__)}",
     ]
     if evaluation:
@@ -112,6 +113,17 @@ def model_card(manifest: dict[str, Any], *, base_model: str | None, evaluation: 
         if evaluation.get("kl") is not None:
             lines.append(f"- KL divergence from the base model on harmless prompts: {evaluation['kl']:.4f}")
     return "\n".join(front + lines) + "\n"
+
+
+def _format_lines(fingerprint: dict[str, Any], record: dict[str, Any]) -> list[str]:
+    """How a quantized base was handled: kept in its format, or written out in bf16."""
+    codec = record.get("codec")
+    if not codec:
+        return []
+    if fingerprint.get("output_format") == "bf16":
+        return [f"- weights: the base's {codec} weights dequantized to bfloat16"]
+    return [f"- weights: {codec}, as in the base; edited weights were decoded, edited in float32 and re-encoded "
+            "with fresh scales, rounded so as to keep the refusal direction out"]
 
 
 def plan_yaml(manifest: dict[str, Any]) -> bytes:

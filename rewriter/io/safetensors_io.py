@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +28,11 @@ DTYPE_BITS = {
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }
 FLOAT_DTYPES: dict[str, torch.dtype] = {code: DTYPES[name] for code, name in SAFETENSORS_FLOATS.items()}
+# Every dtype a codec may read or write as a tensor (quantized parts and their scales).
+STORED_DTYPES: dict[str, torch.dtype] = {
+    **FLOAT_DTYPES, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu, "BOOL": torch.bool,
+}
 _MAX_HEADER = 100 * 1024 * 1024
 COPY_CHUNK = 16 * 1024 * 1024
 
@@ -116,6 +122,21 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def build_header(specs: Sequence[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str]) -> Header:
+    """The header of a new file holding ``specs`` (name, dtype code, shape) in this order, tightly
+    packed; the JSON is padded with spaces to 8 bytes, as safetensors writes it."""
+    doc: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    pos = 0
+    for name, dtype, shape in specs:
+        size = math.prod(shape) * DTYPE_BITS[dtype] // 8
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + size]}
+        pos += size
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    raw = struct.pack("<Q", len(text)) + text
+    return parse_header(raw, len(raw) + pos, "new header")
+
+
 def read_header(path: Path) -> Header:
     """Parse and check a safetensors header without touching tensor data."""
     size = path.stat().st_size
@@ -124,16 +145,18 @@ def read_header(path: Path) -> Header:
         return parse_header(head + f.read(header_length(head, size, path)), size, path)
 
 
-def tensor_from_bytes(data: bytes | bytearray | memoryview, entry: TensorEntry) -> torch.Tensor:
-    """A tensor over ``data`` (the entry's bytes), for the float dtypes that can be edited."""
-    if entry.dtype not in FLOAT_DTYPES:
-        raise AbliterateError(f"{entry.name}: dtype {entry.dtype_name} cannot be edited")
+def tensor_from_bytes(data: bytes | bytearray | memoryview, entry: TensorEntry, *, stored: bool = False) -> torch.Tensor:
+    """A tensor over ``data`` (the entry's bytes): of the float dtypes that can be edited, or,
+    with ``stored``, of any dtype a codec reads."""
+    dtypes = STORED_DTYPES if stored else FLOAT_DTYPES
+    if entry.dtype not in dtypes:
+        raise AbliterateError(f"{entry.name}: dtype {entry.dtype_name} cannot be {'read' if stored else 'edited'}")
     if not data:
-        return torch.empty(entry.shape, dtype=FLOAT_DTYPES[entry.dtype])
-    return torch.frombuffer(data, dtype=FLOAT_DTYPES[entry.dtype]).reshape(entry.shape)
+        return torch.empty(entry.shape, dtype=dtypes[entry.dtype])
+    return torch.frombuffer(data, dtype=torch.uint8).view(dtypes[entry.dtype]).reshape(entry.shape)
 
 
-def read_tensor(src: BinaryIO, entry: TensorEntry, into: bytearray | None = None) -> torch.Tensor:
+def read_tensor(src: BinaryIO, entry: TensorEntry, into: bytearray | None = None, *, stored: bool = False) -> torch.Tensor:
     """One tensor, read with a plain sequential read, into the front of ``into`` if given.
 
     (An mmap, as ``safe_open`` uses, faults pages in one at a time: four times slower
@@ -145,4 +168,4 @@ def read_tensor(src: BinaryIO, entry: TensorEntry, into: bytearray | None = None
     src.seek(entry.start)
     if src.readinto(buf) != n:
         raise AbliterateError(f"{src.name}: unexpected end of file in '{entry.name}'")
-    return tensor_from_bytes(buf, entry)
+    return tensor_from_bytes(buf, entry, stored=stored)

@@ -35,6 +35,19 @@ class _Copy(NamedTuple):
     name: str
 
 
+class _At(NamedTuple):
+    """Data for a later place in the file (positioned write; the file position stays)."""
+
+    offset: int
+    data: bytes | memoryview
+
+
+class _Skip(NamedTuple):
+    """A range already written by an ``_At``: the file position moves past it."""
+
+    length: int
+
+
 class ShardWriter:
     """Bounded by ``depth`` tensors queued for writing (a queued range copy holds no memory).
 
@@ -49,7 +62,7 @@ class ShardWriter:
         self._file = PartialFile(final)
         self._fd = self._file.fd
         self.size = 0
-        self._queue: queue.SimpleQueue[bytes | memoryview | _Copy | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[bytes | memoryview | _Copy | _At | _Skip | None] = queue.SimpleQueue()
         self._buffers = threading.Semaphore(depth)
         self._error: BaseException | None = None
         self._kernel_copy = hasattr(os, "copy_file_range")
@@ -61,15 +74,28 @@ class ShardWriter:
         while (item := self._queue.get()) is not None:
             try:
                 if self._error is None:
-                    self._copy(item) if isinstance(item, _Copy) else _write_all(self._fd, item)
-                    self._written(item.length if isinstance(item, _Copy) else memoryview(item).nbytes)
+                    self._written(self._do(item))
             except BaseException as exc:  # reported to the caller on its next call
                 if isinstance(exc, OSError) and exc.filename is None:
                     exc.filename = str(self._file.partial)
                 self._error = exc
             finally:
-                if not isinstance(item, _Copy):
+                if not isinstance(item, (_Copy, _Skip)):
                     self._buffers.release()
+
+    def _do(self, item: bytes | memoryview | _Copy | _At | _Skip) -> int:
+        """Carry out one queued item; returns the bytes it added to the file."""
+        if isinstance(item, _Copy):
+            self._copy(item)
+            return item.length
+        if isinstance(item, _Skip):
+            os.lseek(self._fd, item.length, os.SEEK_CUR)
+            return 0
+        if isinstance(item, _At):
+            _write_all(self._fd, item.data, item.offset)
+            return memoryview(item.data).nbytes
+        _write_all(self._fd, item)
+        return memoryview(item).nbytes
 
     def _check(self) -> None:
         if self._error is not None:
@@ -83,7 +109,21 @@ class ShardWriter:
         self.size += memoryview(data).nbytes
 
     def write_tensor(self, tensor: torch.Tensor) -> None:
-        self.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self.write(tensor_bytes(tensor))
+
+    def write_at(self, offset: int, tensor: torch.Tensor) -> None:
+        """Queue ``tensor``'s bytes for absolute ``offset``, ahead of the sequential stream, which
+        must then ``skip`` that range when it gets there (parts of a quantized weight written
+        together, wherever they lie in the shard)."""
+        self._buffers.acquire()
+        self._check()
+        self._queue.put(_At(offset, tensor_bytes(tensor)))
+        self.size += tensor.nbytes
+
+    def skip(self, length: int) -> None:
+        """Move the sequential stream past ``length`` bytes queued earlier with ``write_at``."""
+        self._check()
+        self._queue.put(_Skip(length))
 
     def copy(self, fd: int, start: int, end: int, name: str) -> None:
         """Queue bytes [start, end) of the open file ``fd`` (named ``name`` in errors); it must stay open until ``close``."""
@@ -133,10 +173,19 @@ class ShardWriter:
         self._file.abort()
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's bytes as stored (numpy has no view of some dtypes, e.g. float8: go through uint8)."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
+    """Write everything, at the file position, or at ``offset`` when given."""
     view = memoryview(data).cast("B")
     while view:
-        view = view[os.write(fd, view[:_MAX_IO]):]
+        chunk = view[:_MAX_IO]
+        n = os.write(fd, chunk) if offset is None else os.pwrite(fd, chunk, offset)
+        view = view[n:]
+        offset = None if offset is None else offset + n
 
 
 def _copy_through_memory(src: int, start: int, count: int, dst: int) -> int:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..dtypes import DTYPES, RUN_DTYPES, dtype_name
 from ..errors import AbliterateError
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, quant_method
 from ..io.safetensors_io import FLOAT_DTYPES
 from .memory import choose, human, peak_rss_bytes, rss_bytes
 from .models import (LoadedModel, batches, format_prompts, forward_batch, load_tokenizer, model_class,
@@ -126,8 +126,9 @@ def open_streamed(name: str | Path, dtype: str = "float32") -> StreamedModel:
     """A checkpoint's model built without weights, ready to be run layer by layer."""
     path = resolve_model(name)
     ckpt = Checkpoint.open(path)
-    if method := ckpt.quantization():
-        raise AbliterateError(f"{path}: quantized checkpoint ({method}); the streamed forward reads float weights only")
+    if quant := ckpt.quantization():
+        raise AbliterateError(f"{path}: quantized checkpoint ({quant_method(quant)}); the streamed forward reads float "
+                              "weights only")
     tf = quiet_transformers()
     config = tf.AutoConfig.from_pretrained(path)
     with torch.device("meta"):

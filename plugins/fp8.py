@@ -1,0 +1,216 @@
+"""FP8 weights with a grid of scales: DeepSeek-style block FP8 and compressed-tensors FP8.
+
+Both store a weight as float8_e4m3fn values ``q`` and float scales ``s``, one per block of
+``(rows, cols)`` elements over the last two axes (blocks at the edges may be partial), and
+the weight is ``q * s``. They differ in the scale's name and in how the block is chosen:
+
+- ``quant_method: fp8`` (DeepSeek-V3/R1, Kimi-K2, GLM-4.5-FP8, MiniMax-M2, Qwen3-FP8):
+  ``weight_scale_inv``, blocks of ``weight_block_size`` (128 x 128).
+- ``quant_method: compressed-tensors`` in ``float-quantized`` format: ``weight_scale``,
+  blocks from the weights' ``strategy``: one per tensor, per output channel, per group of
+  ``group_size`` inputs, or ``block_structure``.
+
+Re-encoding computes each block's scale afresh as its largest magnitude over 448 (the
+largest finite e4m3 value), stored in the scale's own dtype, and rounds ``w / s`` to the
+nearest e4m3 value (ties to even, as torch converts), saturating at +-448.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rewriter.codec import Packed
+from rewriter.errors import AbliterateError
+from rewriter.hookspecs import hookimpl
+from rewriter.io.safetensors_io import TensorEntry
+from rewriter.rounding import Rounding
+
+E4M3_MAX = 448.0
+SCALE_DTYPES = ("F32", "BF16", "F16")
+BAND_ROWS = 1024  # rows handled at once (whole blocks): temporaries stay a band tall
+
+# (quantization_config, weight rows, weight cols) -> (block rows, block cols)
+BlockOf = Callable[[Mapping[str, Any], int, int], "tuple[int, int]"]
+
+
+@dataclass(frozen=True)
+class BlockScaledFP8:
+    """An FP8 format with a scale per block; ``block_of`` reads the block size from the config."""
+
+    name: str
+    summary: str
+    method: str
+    scale_suffix: str
+    block_of: BlockOf
+    formats: tuple[str, ...] = ()  # accepted values of the config's ``format`` (compressed-tensors)
+
+    def matches(self, quantization: Mapping[str, Any]) -> bool:
+        if quantization.get("quant_method") != self.method:
+            return False
+        return not self.formats or quantization.get("format") in self.formats
+
+    def packed(self, quantization: Mapping[str, Any], entries: Mapping[str, TensorEntry]) -> list[Packed]:
+        found = []
+        for name, scale in entries.items():
+            if not name.endswith("." + self.scale_suffix):
+                continue
+            head = name[: -len(self.scale_suffix)]
+            weight = entries.get(head + "weight")
+            if weight is None:
+                raise AbliterateError(f"{name}: no {head}weight beside this scale")
+            block = self._check(quantization, weight, scale)
+            attached = tuple(n for n in (head + "input_scale",) if n in entries)
+            found.append(Packed(weight.name, (weight.name, scale.name), weight.shape, attached, block))
+        return found
+
+    def _check(self, quantization: Mapping[str, Any], weight: TensorEntry, scale: TensorEntry) -> tuple[int, int]:
+        """The weight's block shape, once its dtypes and the scale grid's shape are checked."""
+        if weight.dtype != "F8_E4M3" or len(weight.shape) < 2:
+            raise AbliterateError(f"{weight.name}: {weight.dtype_name} {list(weight.shape)}; {self.name} stores "
+                                  "weights as float8_e4m3fn matrices")
+        if scale.dtype not in SCALE_DTYPES:
+            raise AbliterateError(f"{scale.name}: scales of dtype {scale.dtype_name} are not supported by the "
+                                  f"{self.name} codec (float32, bfloat16 or float16)")
+        rows, cols = weight.shape[-2:]
+        block = self.block_of(quantization, rows, cols)
+        grid = (*weight.shape[:-2], -(-rows // block[0]), -(-cols // block[1]))
+        if tuple(scale.shape) != grid and not (grid == (1, 1) and tuple(scale.shape) in {(), (1,)}):
+            raise AbliterateError(f"{scale.name} has shape {list(scale.shape)}; blocks of {list(block)} over "
+                                  f"{list(weight.shape)} need {list(grid)}")
+        return block
+
+    def decode(self, packed: Packed, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        q, s = parts[packed.parts[0]], parts[packed.parts[1]]
+        out = q.to(torch.float32)
+        grid = _as_grid(s, q.shape).to(torch.float32)
+        for rows, grid_rows in _bands(out, grid, packed.block[0]):
+            rows.mul_(_widen(grid_rows, rows.shape, packed.block))
+        return out
+
+    def encode(self, packed: Packed, tensor: torch.Tensor, like: Mapping[str, torch.Tensor],
+               rounding: Rounding | None = None) -> dict[str, torch.Tensor]:
+        q_like, s_like = like[packed.parts[0]], like[packed.parts[1]]
+        grid = torch.empty(_as_grid(s_like, q_like.shape).shape, dtype=s_like.dtype)
+        for rows, grid_rows in _bands(tensor, grid, packed.block[0]):
+            amax = _block_amax(rows, packed.block)
+            grid_rows.copy_(torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)))
+        if rounding is not None:
+            tensor = rounding(tensor, *self._neighbours(packed, tensor, grid))
+        q = torch.empty(tensor.shape, dtype=q_like.dtype)
+        for (rows, grid_rows), (q_rows, _) in zip(_bands(tensor, grid, packed.block[0]),
+                                                  _bands(q, grid, packed.block[0]), strict=True):
+            q_rows.copy_(_scaled(rows, grid_rows, packed.block))
+        return {packed.parts[0]: q, packed.parts[1]: grid.reshape(s_like.shape)}
+
+    def _neighbours(self, packed: Packed, tensor: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The nearest grid value of every element and its neighbour on the other side, dequantized."""
+        nearest, other = torch.empty_like(tensor), torch.empty_like(tensor)
+        height = packed.block[0]
+        for (rows, grid_rows), (n_rows, _), (o_rows, _) in zip(
+                _bands(tensor, grid, height), _bands(nearest, grid, height), _bands(other, grid, height), strict=True):
+            scale = _widen(grid_rows.to(torch.float32), rows.shape, packed.block)
+            y = (rows / scale).clamp_(-E4M3_MAX, E4M3_MAX)
+            near = y.to(torch.float8_e4m3fn)
+            near_value = near.to(torch.float32)
+            n_rows.copy_(near_value * scale)
+            o_rows.copy_(_other_e4m3(near, near_value, y).to(torch.float32) * scale)
+        return nearest, other
+
+
+def _scaled(rows: torch.Tensor, grid_rows: torch.Tensor, block: tuple[int, ...]) -> torch.Tensor:
+    """``rows`` over their blocks' scales, within the e4m3 range (converted to e4m3 by the caller's copy)."""
+    return (rows / _widen(grid_rows.to(torch.float32), rows.shape, block)).clamp_(-E4M3_MAX, E4M3_MAX)
+
+
+def _other_e4m3(near: torch.Tensor, near_value: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The e4m3 value next to ``near`` (of value ``near_value``) on the other side of ``y`` (``near``
+    itself where y is on the grid or beyond the largest value): one step of the magnitude code,
+    which is monotonic in the magnitude."""
+    bits = near.view(torch.uint8)
+    magnitude = bits & 0x7F
+    away = (y.abs() > near_value.abs()) & (magnitude < 0x7E)
+    toward = y.abs() < near_value.abs()
+    sign = torch.where(magnitude == 0, torch.signbit(y).to(torch.uint8) << 7, bits & 0x80)
+    magnitude = torch.where(away, magnitude + 1, torch.where(toward, magnitude - 1, magnitude))
+    return (sign | magnitude).view(torch.float8_e4m3fn)
+
+
+def _as_grid(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The scale as [..., grid rows, grid cols] (a per-tensor scale is a 1 x 1 grid)."""
+    return scale.reshape(1, 1) if scale.dim() < 2 and len(shape) == 2 else scale
+
+
+def _bands(t: torch.Tensor, grid: torch.Tensor, height: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Views of ``t`` over bands of whole blocks about ``BAND_ROWS`` tall, with the matching rows of ``grid``."""
+    blocks = max(1, BAND_ROWS // height)
+    step = height * blocks
+    return [(t[..., start : start + step, :], grid[..., start // height : start // height + blocks, :])
+            for start in range(0, t.shape[-2], step)]
+
+
+def _widen(grid_rows: torch.Tensor, shape: torch.Size, block: tuple[int, ...]) -> torch.Tensor:
+    """Grid values repeated over their blocks, cut to ``shape`` (edge blocks are partial)."""
+    rows, cols = shape[-2:]
+    return grid_rows.repeat_interleave(block[0], -2)[..., :rows, :].repeat_interleave(block[1], -1)[..., :cols]
+
+
+def _block_amax(rows: torch.Tensor, block: tuple[int, ...]) -> torch.Tensor:
+    """The largest magnitude in each block of a band of whole block rows."""
+    per_col = torch.stack([b.abs().amax(-2) for b in rows.split(block[0], -2)], -2)
+    pad = -per_col.shape[-1] % block[1]
+    return torch.nn.functional.pad(per_col, (0, pad)).unflatten(-1, (-1, block[1])).amax(-1)
+
+
+def _fp8_block(quantization: Mapping[str, Any], rows: int, cols: int) -> tuple[int, int]:
+    block = quantization.get("weight_block_size")
+    if block is None:
+        return rows, cols  # one scale per tensor
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise AbliterateError(f"quantization_config: weight_block_size {block!r}; expected [rows, cols]")
+    return block[0], block[1]
+
+
+def _compressed_block(quantization: Mapping[str, Any], rows: int, cols: int) -> tuple[int, int]:
+    groups = quantization.get("config_groups")
+    weights = [g.get("weights") for g in groups.values() if isinstance(g, dict)] if isinstance(groups, dict) else []
+    schemes = {json_key(w) for w in weights if isinstance(w, dict)}
+    if len(schemes) != 1:
+        raise AbliterateError("quantization_config: compressed-tensors config_groups with "
+                              f"{len(schemes) or 'no'} weight schemes; the codec reads one")
+    w = next(x for x in weights if isinstance(x, dict))
+    if w.get("type") != "float" or w.get("num_bits") != 8 or w.get("symmetric") is False:
+        raise AbliterateError(f"quantization_config: compressed-tensors weights {w.get('type')} "
+                              f"{w.get('num_bits')}-bit; only symmetric float 8-bit weights can be re-encoded")
+    strategy = w.get("strategy")
+    if strategy == "tensor":
+        return rows, cols
+    if strategy == "channel":
+        return 1, cols
+    if strategy == "group" and isinstance(w.get("group_size"), int) and w["group_size"] > 0:
+        return 1, w["group_size"]
+    if strategy == "block":
+        return _fp8_block({"weight_block_size": w.get("block_structure")}, rows, cols)
+    raise AbliterateError(f"quantization_config: compressed-tensors weight strategy {strategy!r} is not supported")
+
+
+def json_key(value: Mapping[str, Any]) -> str:
+    """A hashable, order-independent form of a config object."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+CODECS = [
+    BlockScaledFP8("fp8", "block-scaled FP8 (DeepSeek-V3/R1, Kimi-K2, GLM-4.5, MiniMax-M2, Qwen3 FP8): "
+                   "weight_scale_inv per 128 x 128 block", "fp8", "weight_scale_inv", _fp8_block),
+    BlockScaledFP8("compressed-tensors-fp8", "compressed-tensors float-quantized FP8: weight_scale per tensor, "
+                   "channel, group or block", "compressed-tensors", "weight_scale", _compressed_block,
+                   formats=("float-quantized",)),
+]
+
+
+@hookimpl
+def abliterate_codecs() -> list[BlockScaledFP8]:
+    return CODECS

@@ -1,0 +1,123 @@
+"""MXFP4 (OCP microscaling, as gpt-oss ships its experts): ``NAME_blocks`` and ``NAME_scales``.
+
+``NAME_blocks`` is uint8 [..., R, G, 16]: each row's G groups of 32 FP4 (e2m1) values,
+two to a byte, the even element in the low nibble. ``NAME_scales`` is uint8 [..., R, G]:
+one power-of-two scale per group, as an exponent biased by 127 (e8m0). transformers
+loads the pair as ``NAME`` with the last two axes swapped, [..., G * 32, R]: that is the
+logical tensor the architecture map names.
+
+Re-encoding picks each group's exponent afresh as the smallest that brings the group's
+largest magnitude within 6 (the largest e2m1 value), so that nothing saturates, and rounds
+every value to the nearest e2m1 value, ties to even.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from rewriter.codec import Packed
+from rewriter.errors import AbliterateError
+from rewriter.hookspecs import hookimpl
+from rewriter.io.safetensors_io import TensorEntry
+from rewriter.rounding import Rounding
+
+GROUP = 32
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitudes by 3-bit code; bit 3 is the sign
+BIAS = 127
+
+
+class MXFP4:
+    name = "mxfp4"
+    summary = "MXFP4 experts (gpt-oss): *_blocks of e2m1 pairs with *_scales, one e8m0 exponent per 32 values"
+
+    def matches(self, quantization: Mapping[str, Any]) -> bool:
+        return quantization.get("quant_method") == "mxfp4"
+
+    def packed(self, quantization: Mapping[str, Any], entries: Mapping[str, TensorEntry]) -> list[Packed]:
+        found = []
+        for name, blocks in entries.items():
+            if not name.endswith("_blocks"):
+                continue
+            head = name[: -len("_blocks")]
+            scales = entries.get(head + "_scales")
+            if scales is None:
+                raise AbliterateError(f"{name}: no {head}_scales beside these blocks")
+            if (blocks.dtype, scales.dtype) != ("U8", "U8") or len(blocks.shape) < 4 or blocks.shape[-1] != GROUP // 2 \
+                    or tuple(scales.shape) != tuple(blocks.shape[:-1]):
+                raise AbliterateError(
+                    f"{name}: {blocks.dtype_name} {list(blocks.shape)} with scales {scales.dtype_name} "
+                    f"{list(scales.shape)}; MXFP4 stores uint8 [..., rows, groups, 16] with uint8 [..., rows, groups]")
+            *lead, rows, groups, _ = blocks.shape
+            found.append(Packed(head, (name, scales.name), (*lead, groups * GROUP, rows)))
+        return found
+
+    def decode(self, packed: Packed, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        blocks, scales = parts[packed.parts[0]], parts[packed.parts[1]]
+        lut = torch.tensor([*E2M1, *(-v for v in E2M1)], dtype=torch.float32)
+        values = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], -1).flatten(-2)
+        values *= _power_of_two(scales.to(torch.int32) - BIAS)
+        return values.flatten(-2).transpose(-1, -2).contiguous()
+
+    def encode(self, packed: Packed, tensor: torch.Tensor, like: Mapping[str, torch.Tensor],
+               rounding: Rounding | None = None) -> dict[str, torch.Tensor]:
+        rows = _groups(tensor)
+        amax = rows.abs().amax(-1)
+        exponent = torch.where(amax > 0, torch.ceil(torch.log2(amax / E2M1[-1])), torch.full_like(amax, -BIAS))
+        exponent = exponent.clamp_(-BIAS, BIAS).to(torch.int32)
+        scale, unscale = _power_of_two(exponent), _power_of_two(-exponent)
+        scaled = rows * unscale
+        codes = _round_e2m1(scaled.abs())
+        if rounding is not None:
+            sign = torch.where(torch.signbit(scaled), -scale, scale)
+            nearest, other = (_logical(_magnitude(c) * sign, tensor.shape) for c in (codes, _other_code(codes, scaled.abs())))
+            scaled = _groups(rounding(tensor, nearest, other)) * unscale
+            codes = _round_e2m1(scaled.abs())
+        codes |= torch.signbit(scaled).to(torch.uint8) << 3
+        blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        return {packed.parts[0]: blocks.contiguous(), packed.parts[1]: (exponent + BIAS).to(torch.uint8)}
+
+
+def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
+    """2 ** exponent per group, broadcast over its 32 values (exact: a power of two, subnormal at -127)."""
+    return torch.exp2(exponent.to(torch.float32)).unsqueeze(-1)
+
+
+def _groups(tensor: torch.Tensor) -> torch.Tensor:
+    """The logical tensor [..., C, R] as stored rows of groups, [..., R, C / 32, 32]."""
+    return tensor.transpose(-1, -2).contiguous().unflatten(-1, (-1, GROUP))
+
+
+def _logical(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return rows.flatten(-2).transpose(-1, -2).reshape(shape)
+
+
+def _magnitude(codes: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(E2M1, dtype=torch.float32)[codes.long()]
+
+
+def _other_code(codes: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """The magnitude code next to ``codes`` on the other side of ``magnitude`` (the same where it is on the grid)."""
+    value = _magnitude(codes)
+    up = (magnitude > value) & (codes < len(E2M1) - 1)
+    down = magnitude < value
+    return torch.where(up, codes + 1, torch.where(down, codes - 1, codes))
+
+
+def _round_e2m1(magnitude: torch.Tensor) -> torch.Tensor:
+    """The 3-bit code of the nearest e2m1 magnitude, ties to the even code, saturating at 6.
+
+    The grid has steps of 0.5 below 2, of 1 up to 4 and of 2 up to 6, and within each
+    range the code is the rounded magnitude over the step plus an offset; torch.round
+    rounds half to even, which is the even code at every tie.
+    """
+    fine = torch.round(magnitude * 2)
+    middle = torch.round(magnitude) + 2
+    coarse = (torch.round(magnitude / 2) + 4).clamp_(max=len(E2M1) - 1)
+    return torch.where(magnitude < 2, fine, torch.where(magnitude < 4, middle, coarse)).to(torch.uint8)
+
+
+@hookimpl
+def abliterate_codecs() -> list[MXFP4]:
+    return [MXFP4()]

@@ -1,0 +1,77 @@
+"""The edit of a weight stored as several tensors (a quantized format): decode, edit, encode.
+
+The engine knows no format: it receives, for each stored part of a planned weight, the
+same ``CodedEdit``, with the codec's two functions bound to that weight.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..rounding import Rounding, along
+from .edit import TensorEdit
+
+Decode = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+Encode = Callable[[torch.Tensor, Mapping[str, torch.Tensor], "Rounding | None"], "dict[str, torch.Tensor]"]
+
+
+@dataclass(frozen=True)
+class CodedEdit:
+    """``edit`` applies to the logical tensor that ``decode`` makes of the stored ``parts``.
+
+    A stacked edit (fused experts) goes slice by slice along axis 0 of every part.
+    """
+
+    edit: TensorEdit
+    parts: tuple[str, ...]
+    decode: Decode
+    encode: Encode
+
+    @property
+    def name(self) -> str:
+        return self.edit.name
+
+    def slices(self, logical_shape: tuple[int, ...]) -> int:
+        return self.edit.slices(logical_shape)
+
+    def piece(self, index: int) -> CodedEdit:
+        return replace(self, edit=self.edit.piece(index))
+
+    def apply(self, parts: Mapping[str, torch.Tensor], compute: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], int]:
+        """The parts re-encoded after the edit, and how many columns had to be zeroed.
+
+        The decoded tensor is edited in place. Rounding keeps the edit's direction out of the
+        requantized weight (``rewriter.rounding``): plain rounding to nearest would put back
+        about half of what the edit removed.
+        """
+        logical = self.decode(parts).to(compute)
+        edited, zeroed = self.edit.apply(logical, compute, in_place=True)
+        return self.encode(edited.to(torch.float32), parts, along(self.edit.direction, self.edit.axis)), zeroed
+
+
+@dataclass(frozen=True)
+class DecodedTensor:
+    """An output tensor made by decoding a quantized weight's ``parts`` to ``dtype`` (a plain
+    checkpoint out of a quantized one), edited on the way when ``edit`` is given."""
+
+    parts: tuple[str, ...]
+    decode: Decode
+    edit: TensorEdit | None
+    stacked: bool
+    dtype: torch.dtype
+
+    def slices(self, logical_shape: tuple[int, ...]) -> int:
+        """Stacked (fused experts): streamed one slice along axis 0 at a time, edited or not."""
+        return logical_shape[0] if self.stacked and logical_shape else 1
+
+    def piece(self, index: int) -> DecodedTensor:
+        return replace(self, edit=self.edit.piece(index) if self.edit else None, stacked=False)
+
+    def produce(self, parts: Mapping[str, torch.Tensor], compute: torch.dtype = torch.float32) -> torch.Tensor:
+        logical = self.decode(parts)
+        if self.edit is None or self.edit.scale == 0:
+            return logical.to(self.dtype)
+        edited, _ = self.edit.apply(logical.to(compute), compute, in_place=True)
+        return edited.to(self.dtype)

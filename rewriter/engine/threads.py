@@ -1,0 +1,36 @@
+"""How many shards a rewrite works on at once when the caller does not say: from the machine.
+
+Each worker keeps about two cores busy: its own thread reads and edits (the edit math runs on
+one thread, so that the bits match ``verify``, which recomputes edits on one thread), and its
+shard writer's thread moves bytes in the kernel. So one worker per two usable cores, no more
+workers than shards, and no more than fit in half the memory available now.
+"""
+from __future__ import annotations
+
+import os
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` from /proc/meminfo, in bytes; None where there is no such file."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def auto_workers(shards: int, worker_bytes: int) -> int:
+    """Workers for ``shards`` shards when each worker holds ``worker_bytes`` of buffers."""
+    workers = min(usable_cores() // 2, shards)
+    memory = available_memory()
+    if memory is not None and worker_bytes > 0:
+        workers = min(workers, memory // 2 // worker_bytes)
+    return max(1, workers)

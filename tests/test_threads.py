@@ -1,0 +1,30 @@
+"""The automatic worker count: one per two cores, bounded by shards and by available memory."""
+from __future__ import annotations
+
+import pytest
+
+from rewriter.engine import threads
+from rewriter.engine.threads import auto_workers
+
+
+@pytest.mark.parametrize("cores, memory, shards, worker_bytes, expected", [
+    (16, 64 << 30, 30, 1 << 30, 8),  # one worker per two cores
+    (16, 64 << 30, 3, 1 << 30, 3),  # no more workers than shards
+    (16, 6 << 30, 30, 1 << 30, 3),  # half the available memory holds three
+    (2, 64 << 30, 30, 1 << 30, 1),
+    (1, 64 << 30, 30, 1 << 30, 1),  # never fewer than one
+    (16, 1 << 20, 30, 1 << 30, 1),
+    (16, None, 30, 1 << 30, 8),  # memory unknown: cores and shards decide
+    (16, 64 << 30, 30, 0, 8),  # nothing to edit
+])
+def test_auto_workers(monkeypatch: pytest.MonkeyPatch, cores: int, memory: int | None, shards: int,
+                      worker_bytes: int, expected: int) -> None:
+    monkeypatch.setattr(threads, "usable_cores", lambda: cores)
+    monkeypatch.setattr(threads, "available_memory", lambda: memory)
+    assert auto_workers(shards, worker_bytes) == expected
+
+
+def test_the_machine_is_read() -> None:
+    assert threads.usable_cores() >= 1
+    memory = threads.available_memory()
+    assert memory is None or memory > 0
