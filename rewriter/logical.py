@@ -30,7 +30,7 @@ class LogicalTensors:
         if quant is None:
             return cls(ckpt.names, {}, None, None)
         codec = registry.codec_for(quant)
-        entries = {n: ckpt.entry(n) for n in ckpt.names}
+        entries = {n: ckpt.entry(n) for n in sorted(ckpt.names)}  # sorted: the same first error every run
         packed: dict[str, Packed] = {}
         owner: dict[str, str] = {}
         for p in codec.packed(quant, entries):

@@ -13,9 +13,12 @@ from safetensors.torch import load_file
 from rewriter.cli import main
 from rewriter.directions import Measurements
 from rewriter.io.checkpoint import Checkpoint
+from rewriter.lab.evaluate import first_token_logits
 from rewriter.lab.inmemory import InMemoryEditor
-from rewriter.lab.models import load_model
+from rewriter.lab.measure import last_token_states
+from rewriter.lab.models import batches, format_prompts, load_model
 from rewriter.lab.optimize import Space, heuristic_params, plan_from_params
+from rewriter.lab.refusals import first_token_scores, opener_ids, refusal_log_odds
 from rewriter.plan import load_plan
 from rewriter.edits import plan_edits
 from rewriter.registry import Registry
@@ -79,6 +82,20 @@ def test_in_memory_edit_equals_the_rewritten_checkpoint(tiny: tuple[Path, Path],
         assert torch.equal(lm.model.get_parameter(name).detach(), written[name].float()), name
     editor.restore()
     assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+
+
+def test_first_token_scores_are_the_log_odds_and_the_projection_of_one_pass(tiny: tuple[Path, Path]) -> None:
+    path, directions = tiny
+    lm, meas = load_model(path), Measurements.load(directions)
+    prompts = ["a", "bb b", "ccc cc c"]
+    openers = opener_ids(lm.tokenizer)
+    odds, proj = first_token_scores(lm, prompts, openers, {2: meas.direction(2)}, batch_size=2)
+    expected = refusal_log_odds(first_token_logits(lm, prompts, batch_size=2, progress=False), openers)
+    assert torch.allclose(odds, expected, atol=1e-5)
+    states = torch.cat([last_token_states(lm, enc)[:, 2] for _, enc in
+                        batches(lm, format_prompts(lm.tokenizer, prompts, True, None), 8, True)])
+    unit = (meas.direction(2) / meas.direction(2).norm()).float()
+    assert torch.allclose(proj[2], states @ unit, atol=1e-4)
 
 
 def load_plan_text(folder: Path, text: str) -> Path:

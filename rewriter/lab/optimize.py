@@ -186,14 +186,14 @@ def optimize(model: str | Path, directions: Path, harmful: Sequence[str], harmle
 
         def report(study: Any, trial: Any) -> None:
             bar.update(1)
-            best = _choose(study, max_kl)
+            best = choose(study, max_kl)
             if best is not None:
                 bar.set_postfix_str(f"best: score {best.values[0]:+.2f}, KL {best.values[1]:.3f} (trial {best.number})")
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         if trials > done:
             study.optimize(objective, n_trials=trials - done, timeout=timeout, callbacks=[report])
-    best = _choose(study, max_kl) or min(_complete(study), key=lambda t: t.values[1])
+    best = choose(study, max_kl) or min(_complete(study), key=lambda t: t.values[1])
     plan, strategy = plan_from_params(dict(best.params), space)
     front = [{"trial": t.number, "refusal_score": t.values[0], "kl": t.values[1], **_describe(t.params, space)}
              for t in sorted(study.best_trials, key=lambda t: t.values[1])]
@@ -209,8 +209,10 @@ def _complete(study: Any) -> list[Any]:
     return trials
 
 
-def _choose(study: Any, max_kl: float) -> Any:
-    feasible = [t for t in study.trials if t.state.name == "COMPLETE" and t.values and t.values[1] <= max_kl]
+def choose(study: Any, max_kl: float, strategy: str | None = None) -> Any:
+    """The trial of lowest refusal score with KL <= max_kl (of ``strategy`` only, if given), or None."""
+    feasible = [t for t in study.trials if t.state.name == "COMPLETE" and t.values and t.values[1] <= max_kl
+                and strategy in (None, t.params.get("strategy"))]
     return min(feasible, key=lambda t: (t.values[0], t.values[1])) if feasible else None
 
 
@@ -229,9 +231,12 @@ class FinalEvaluation:
 
 
 def evaluate_plan(scorer: Scorer, plan: Plan, strategy: str, harmful: Sequence[str], harmless: Sequence[str], *,
-                  max_new_tokens: int = 128, progress: bool = True) -> FinalEvaluation:
-    """Generation-based evaluation of ``plan`` on held-out prompts (both marker sets), and KL."""
-    reference = first_token_logits(scorer.lm, harmless, batch_size=scorer.batch_size, progress=False)
+                  max_new_tokens: int = 128, reference: torch.Tensor | None = None,
+                  progress: bool = True) -> FinalEvaluation:
+    """Generation-based evaluation of ``plan`` on held-out prompts (both marker sets), and KL
+    (``reference``: the original's logits on ``harmless``, when already computed)."""
+    if reference is None:
+        reference = first_token_logits(scorer.lm, harmless, batch_size=scorer.batch_size, progress=False)
     scorer.apply(plan, strategy)
     try:
         answers = generate(scorer.lm, harmful, max_new_tokens=max_new_tokens, batch_size=scorer.batch_size,

@@ -3,11 +3,12 @@ from one forward pass for searches that cannot afford generation."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from ..errors import AbliterateError
+from .models import LoadedModel, batches, format_prompts
 
 # The project's own markers: refusals and apologies, not words a compliant answer may repeat.
 PROJECT_MARKERS = (
@@ -75,3 +76,20 @@ def refusal_log_odds(logits: torch.Tensor, openers: Sequence[int]) -> torch.Tens
     inside = torch.logsumexp(logp[:, list(openers)], dim=-1)
     outside = torch.log1p(-inside.exp().clamp(max=1 - 1e-12))
     return inside - outside
+
+
+def first_token_scores(lm: LoadedModel, prompts: Sequence[str], openers: Sequence[int],
+                       directions: Mapping[int, torch.Tensor], *, batch_size: int,
+                       chat_template: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Two cheap refusal scores from one forward pass, per prompt: the refusal log-odds of
+    the first response token, and, per layer N given, the residual hidden_states[N] at the
+    last prompt token projected on that layer's unit direction (what an edit aims to remove)."""
+    texts = format_prompts(lm.tokenizer, prompts, chat_template, None)
+    units = {n: (r / r.norm()).float() for n, r in directions.items()}
+    odds, proj = torch.empty(len(texts), dtype=torch.float64), {n: torch.empty(len(texts)) for n in units}
+    for idx, enc in batches(lm, texts, batch_size, chat_template):
+        out = lm.forward(enc, output_hidden_states=True)
+        odds[idx] = refusal_log_odds(out.logits[:, -1, :], openers)
+        for n, u in units.items():
+            proj[n][idx] = out.hidden_states[n][:, -1, :].float().cpu() @ u
+    return odds, proj
