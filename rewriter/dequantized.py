@@ -8,7 +8,6 @@ without quantized weights keep their layout, byte for byte.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
@@ -19,7 +18,7 @@ from .engine.coded import DecodedTensor
 from .engine.edit import TensorEdit
 from .engine.layout import Reshape, ShardLayout
 from .io.checkpoint import Checkpoint
-from .io.safetensors_io import DTYPE_BITS, build_header
+from .io.safetensors_io import build_header, byte_size
 from .logical import LogicalTensors
 
 OUTPUT_FORMATS = ("same", "bf16")
@@ -47,7 +46,7 @@ def dequantized(ckpt: Checkpoint, view: LogicalTensors, edits: Mapping[str, Tens
             elif e.name not in gone:
                 specs.append((e.name, e.dtype, e.shape))
         weight_map.update(dict.fromkeys((name for name, _, _ in specs), shard.name))
-        total += sum(_nbytes(dtype, shape) for _, dtype, shape in specs)
+        total += sum(byte_size(dtype, shape) for _, dtype, shape in specs)
         if made or len(specs) != len(shard.header.entries):
             shards[shard.name] = ShardLayout(build_header(specs, shard.header.metadata), made)
     files = {"config.json": _plain_config(ckpt.config)}
@@ -56,10 +55,6 @@ def dequantized(ckpt: Checkpoint, view: LogicalTensors, edits: Mapping[str, Tens
         metadata = {**(index.get("metadata") or {}), "total_size": total}
         files[ckpt.index_name] = _json({"metadata": metadata, "weight_map": weight_map})
     return Reshape(shards, files)
-
-
-def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    return math.prod(shape) * DTYPE_BITS[dtype] // 8
 
 
 def _plain_config(config: dict[str, Any]) -> bytes:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .engine.coded import CodedEdit
 from .engine.edit import TensorEdit
 from .engine.layout import ShardLayout
-from .engine.rewrite import read_part, slice_entry
+from .engine.rewrite import coded_slices, part_slices, slice_entry
 from .io.checkpoint import Shard
 from .io.files import LOCK_NAME
 from .io.manifest import MANIFEST_NAME, files_in, load_manifest
@@ -126,10 +126,8 @@ def _check_laid_out(job: RewriteJob, shard: Shard, layout: ShardLayout, a: Binar
     for out in layout.header.entries:
         made = layout.made.get(out.name)
         if made is not None:
-            entries = {p: job.ckpt.entry(p) for p in made.parts}
             n = made.slices(out.shape)
-            for i in range(n):
-                parts = {p: read_part(job.ckpt, shard, a, slice_entry(e, i, n)) for p, e in entries.items()}
+            for i, parts in enumerate(part_slices(job.ckpt, shard, a, made.parts, n)):
                 expected = (made.piece(i) if n > 1 else made).produce(parts, job.compute)
                 problem = compare(expected, read_tensor(b, slice_entry(out, i, n)), ulps)
                 if problem:
@@ -180,20 +178,17 @@ def _check_coded(job: RewriteJob, edit: CodedEdit, shard: Shard, source: BinaryI
     """A quantized weight's parts in this shard, against a fresh decode, edit and re-encode of the
     source's parts, slice by slice as the rewrite went. (The strategy's invariants describe
     the float edit, which requantization blurs; the re-encoding itself is checked exactly.)"""
-    ckpt = job.ckpt
-    entries = {p: ckpt.entry(p) for p in edit.parts}
-    here = [p for p in edit.parts if p in shard.header.by_name]
-    n = edit.slices(entries[edit.parts[0]].shape)
+    here = [shard.header.entry(p) for p in edit.parts if p in shard.header.by_name]
+    n = coded_slices(job.ckpt, edit)
     problems: dict[str, str] = {}
     with open(output / shard.name, "rb") as written:
-        for i in range(n):
-            parts = {p: read_part(ckpt, shard, source, slice_entry(e, i, n)) for p, e in entries.items()}
+        for i, parts in enumerate(part_slices(job.ckpt, shard, source, edit.parts, n)):
             expected, _ = (edit.piece(i) if n > 1 else edit).apply(parts, job.compute)
-            for p in here:
-                problem = compare(expected[p], read_tensor(written, slice_entry(entries[p], i, n), stored=True), ulps)
-                if problem and p not in problems:
-                    problems[p] = f"{p}{f' (slice {i})' if n > 1 else ''}: {problem}"
-    done.update(here)
+            for e in here:
+                problem = compare(expected[e.name], read_tensor(written, slice_entry(e, i, n), stored=True), ulps)
+                if problem and e.name not in problems:
+                    problems[e.name] = f"{e.name}{f' (slice {i})' if n > 1 else ''}: {problem}"
+    done.update(e.name for e in here)
     yield from problems.values()
 
 

@@ -298,10 +298,8 @@ def _write_laid_out(ckpt: Checkpoint, shard: Shard, source: Path, target: Path, 
             for out in layout.header.entries:
                 made = layout.made.get(out.name)
                 if made is not None:
-                    entries = {p: ckpt.entry(p) for p in made.parts}
                     n = made.slices(out.shape)
-                    for i in range(n):
-                        parts = {p: read_part(ckpt, shard, src, slice_entry(e, i, n)) for p, e in entries.items()}
+                    for i, parts in enumerate(part_slices(ckpt, shard, src, made.parts, n)):
                         writer.write_tensor((made.piece(i) if n > 1 else made).produce(parts, scratch.compute))
                     edited += made.edit is not None
                     continue
@@ -338,27 +336,34 @@ def _write_coded(ckpt: Checkpoint, shard: Shard, src: BinaryIO, edit: CodedEdit,
     A part in another shard is read from there; that shard's own pass recomputes the same
     bits (the edit is deterministic), so nothing is held between shards.
     """
-    entries = {p: ckpt.entry(p) for p in edit.parts}
-    here = [p for p in edit.parts if p in shard.header.by_name]
-    n = _slices(edit, entries)
+    here = [shard.header.entry(p) for p in edit.parts if p in shard.header.by_name]
+    n = coded_slices(ckpt, edit)
     zeroed = 0
-    for i in range(n):
-        parts = {p: read_part(ckpt, shard, src, slice_entry(e, i, n)) for p, e in entries.items()}
+    for i, parts in enumerate(part_slices(ckpt, shard, src, edit.parts, n)):
         new, z = (edit.piece(i) if n > 1 else edit).apply(parts, compute)
         zeroed += z
-        for p in here:
-            writer.write_at(slice_entry(entries[p], i, n).start, new[p])
-    done.update(here)
+        for e in here:
+            writer.write_at(slice_entry(e, i, n).start, new[e.name])
+    done.update(e.name for e in here)
     return zeroed
 
 
-def _slices(edit: CodedEdit, entries: Mapping[str, TensorEntry]) -> int:
+def coded_slices(ckpt: Checkpoint, edit: CodedEdit) -> int:
     """How many slices along axis 0 every part is streamed in (1 unless the edit is stacked)."""
-    first = entries[edit.parts[0]]
-    n = edit.slices(first.shape)
-    if any(not e.shape or e.shape[0] != n for e in entries.values()) and n > 1:
+    shapes = [ckpt.entry(p).shape for p in edit.parts]
+    n = edit.slices(shapes[0])
+    if n > 1 and any(not s or s[0] != n for s in shapes):
         raise AbliterateError(f"{edit.name}: parts {', '.join(edit.parts)} do not share axis 0 ({n} slices)")
     return n
+
+
+def part_slices(ckpt: Checkpoint, shard: Shard, src: BinaryIO, parts: tuple[str, ...],
+                n: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Slice i of every part, for i in range(n) (the whole parts when n is 1), each read from
+    this shard's open file or from the shard that holds it."""
+    entries = [ckpt.entry(p) for p in parts]
+    for i in range(n):
+        yield {e.name: read_part(ckpt, shard, src, slice_entry(e, i, n)) for e in entries}
 
 
 def read_part(ckpt: Checkpoint, shard: Shard, src: BinaryIO, entry: TensorEntry) -> torch.Tensor:

@@ -122,13 +122,18 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def byte_size(dtype: str, shape: Sequence[int]) -> int:
+    """Bytes of a tensor of safetensors ``dtype`` and ``shape`` (sub-byte types packed)."""
+    return math.prod(shape) * DTYPE_BITS[dtype] // 8
+
+
 def build_header(specs: Sequence[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str]) -> Header:
     """The header of a new file holding ``specs`` (name, dtype code, shape) in this order, tightly
     packed; the JSON is padded with spaces to 8 bytes, as safetensors writes it."""
     doc: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     pos = 0
     for name, dtype, shape in specs:
-        size = math.prod(shape) * DTYPE_BITS[dtype] // 8
+        size = byte_size(dtype, shape)
         doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + size]}
         pos += size
     text = json.dumps(doc, separators=(",", ":")).encode()
