@@ -41,8 +41,12 @@ def dequantized(ckpt: Checkpoint, view: LogicalTensors, edits: Mapping[str, Tens
             if packed is not None:
                 specs.append((packed.name, "BF16", packed.shape))
                 edit = edits.get(packed.name)
-                made[packed.name] = DecodedTensor(packed.parts, partial(view.codec.decode, packed), edit,
-                                                  bool(edit and edit.stacked), torch.bfloat16)
+                # fused experts go slice by slice, edited or not (an edit along axis 0 needs the whole),
+                # where every part holds the same slices along axis 0
+                stacked = (len(packed.shape) >= 3 and (edit is None or edit.stacked)
+                           and all(ckpt.entry(p).shape[:1] == packed.shape[:1] for p in packed.parts))
+                made[packed.name] = DecodedTensor(packed.parts, partial(view.codec.decode, packed), edit, stacked,
+                                                  torch.bfloat16)
             elif e.name not in gone:
                 specs.append((e.name, e.dtype, e.shape))
         weight_map.update(dict.fromkeys((name for name, _, _ in specs), shard.name))

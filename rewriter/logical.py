@@ -8,8 +8,6 @@ exactly as for the same model in float.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 from .codec import Codec, Packed
 from .errors import AbliterateError
 from .io.checkpoint import Checkpoint, quant_method
@@ -21,14 +19,13 @@ class LogicalTensors:
     names: frozenset[str]
     packed: dict[str, Packed]  # logical name -> its stored parts
     codec: Codec | None
-    quantization: dict[str, Any] | None
 
     @classmethod
     def of(cls, ckpt: Checkpoint, registry: Registry) -> LogicalTensors:
         """Identity for a float checkpoint; else the codec's view, every part checked to exist once."""
         quant = ckpt.quantization()
         if quant is None:
-            return cls(ckpt.names, {}, None, None)
+            return cls(ckpt.names, {}, None)
         codec = registry.codec_for(quant)
         entries = {n: ckpt.entry(n) for n in sorted(ckpt.names)}  # sorted: the same first error every run
         packed: dict[str, Packed] = {}
@@ -44,7 +41,7 @@ class LogicalTensors:
                 raise AbliterateError(f"codec {codec.name}: {p.name} is both stored as such and packed in "
                                       f"{', '.join(p.parts)}")
             packed[p.name] = p
-        return cls(frozenset((ckpt.names - owner.keys()) | packed.keys()), packed, codec, quant)
+        return cls(frozenset((ckpt.names - owner.keys()) | packed.keys()), packed, codec)
 
     @classmethod
     def floats(cls, ckpt: Checkpoint) -> LogicalTensors:
@@ -52,7 +49,7 @@ class LogicalTensors:
         if quant := ckpt.quantization():
             raise AbliterateError(f"{ckpt.root}: quantized checkpoint (quant_method '{quant_method(quant)}'); "
                                   "only float weights can be read here")
-        return cls(ckpt.names, {}, None, None)
+        return cls(ckpt.names, {}, None)
 
     def shape(self, ckpt: Checkpoint, name: str) -> tuple[int, ...]:
         return self.packed[name].shape if name in self.packed else ckpt.entry(name).shape

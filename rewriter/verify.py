@@ -113,7 +113,7 @@ def _check_shards(job: RewriteJob, output: Path, ulps: int, progress: bool) -> I
                             yield f"{entry.name}: not edited by the plan, yet its bytes changed"
                     elif isinstance(edit, CodedEdit):
                         if entry.name not in coded_done:
-                            yield from _check_coded(job, edit, shard, a, output, ulps, coded_done)
+                            yield from _check_coded(job, edit, shard, a, b, ulps, coded_done)
                     else:
                         yield from _check_edit(job, edit, read_tensor(a, entry), read_tensor(b, entry), ulps)
                     bar.update(entry.end - entry.start)
@@ -173,7 +173,7 @@ def _check_edit(job: RewriteJob, edit: TensorEdit, source: torch.Tensor, written
             yield f"{edit.name}: {broken}"
 
 
-def _check_coded(job: RewriteJob, edit: CodedEdit, shard: Shard, source: BinaryIO, output: Path, ulps: int,
+def _check_coded(job: RewriteJob, edit: CodedEdit, shard: Shard, source: BinaryIO, written: BinaryIO, ulps: int,
                  done: set[str]) -> Iterator[str]:
     """A quantized weight's parts in this shard, against a fresh decode, edit and re-encode of the
     source's parts, slice by slice as the rewrite went. (The strategy's invariants describe
@@ -181,13 +181,12 @@ def _check_coded(job: RewriteJob, edit: CodedEdit, shard: Shard, source: BinaryI
     here = [shard.header.entry(p) for p in edit.parts if p in shard.header.by_name]
     n = coded_slices(job.ckpt, edit)
     problems: dict[str, str] = {}
-    with open(output / shard.name, "rb") as written:
-        for i, parts in enumerate(part_slices(job.ckpt, shard, source, edit.parts, n)):
-            expected, _ = (edit.piece(i) if n > 1 else edit).apply(parts, job.compute)
-            for e in here:
-                problem = compare(expected[e.name], read_tensor(written, slice_entry(e, i, n), stored=True), ulps)
-                if problem and e.name not in problems:
-                    problems[e.name] = f"{e.name}{f' (slice {i})' if n > 1 else ''}: {problem}"
+    for i, parts in enumerate(part_slices(job.ckpt, shard, source, edit.parts, n)):
+        expected, _ = (edit.piece(i) if n > 1 else edit).apply(parts, job.compute)
+        for e in here:
+            problem = compare(expected[e.name], read_tensor(written, slice_entry(e, i, n), stored=True), ulps)
+            if problem and e.name not in problems:
+                problems[e.name] = f"{e.name}{f' (slice {i})' if n > 1 else ''}: {problem}"
     done.update(e.name for e in here)
     yield from problems.values()
 

@@ -31,8 +31,8 @@ from ..io.shard_writer import ShardWriter
 from .buffers import Scratch
 from .coded import CodedEdit
 from .edit import TensorEdit
-from .threads import auto_workers
 from .layout import Reshape, ShardLayout
+from .threads import auto_workers
 
 SAME = Reshape({}, {})
 AnyEdit = TensorEdit | CodedEdit
