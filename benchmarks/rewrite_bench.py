@@ -4,10 +4,12 @@
     python benchmarks/rewrite_bench.py --sizes 4 --work /dev/shm/bench --workers 1 2   # a fast disk
     python benchmarks/rewrite_bench.py --sizes 4 --fused-experts 32                    # gpt-oss-shaped
     python benchmarks/rewrite_bench.py --sizes 2 --fp8                                 # block FP8
+    python benchmarks/rewrite_bench.py --sizes 4 8 --cold                              # from the disk
 
 For each size: generate a bf16 checkpoint (Gemma-3-12B-shaped, or gpt-oss-shaped with
-``--fused-experts``; block FP8 with ``--fp8``, whose edits decode, edit and re-encode), read it once so that every run finds it equally in the page cache,
-then time, in one run, ``--repeat`` times in alternating order, each after a sync and a few
+``--fused-experts``; block FP8 with ``--fp8``, whose edits decode, edit and re-encode), and
+before each run read it once so that every run finds it equally in the page cache, or with
+``--cold`` drop the page cache (root) so that every run reads it from the disk; then time, in one run, ``--repeat`` times in alternating order, each after a sync and a few
 seconds' rest (medians: the disk here is shared and noisy, and slows down right after a
 large write; use an even ``--repeat`` so that each goes first equally often):
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -35,6 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -60,6 +64,14 @@ def warm(path: Path) -> None:
         with open(p, "rb") as f:
             while f.read(64 << 20):
                 pass
+
+
+def drop_caches() -> None:
+    """Empty the page cache, so that every run reads its source from the disk."""
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as exc:
+        sys.exit(f"--cold needs to write /proc/sys/vm/drop_caches (root): {exc}")
 
 
 def machine(work: Path) -> str:
@@ -88,6 +100,7 @@ def time_edits(src: Path, repeat: int) -> None:
     plan = parse_layer_specs((f"0-{layers - 1}:{layers // 2}",), 1.0, {})
     job = prepare(src, None, src.with_suffix(".directions.safetensors"), plan, "norm-preserving")
     seen: set[str] = set()
+    pooled: list[float] = []
     for name, edit in job.stored_edits.items():
         kind = name.split(".layers.")[-1].split(".", 1)[-1]
         if kind in seen or (isinstance(edit, CodedEdit) and name != edit.parts[0]):
@@ -102,14 +115,18 @@ def time_edits(src: Path, repeat: int) -> None:
                                           job.ckpt.entry(p), stored=True) for p in piece.parts}
             nbytes = sum(job.ckpt.entry(p).end - job.ckpt.entry(p).start for p in piece.parts)
             times = _timed(lambda: piece.apply(parts), repeat)  # noqa: B023 (called at once)
+            pooled = []
         else:
             tensor = (torch.randn(part) * 0.02).to(torch.bfloat16)
             work = torch.empty(tensor.numel(), dtype=torch.float32)
             nbytes = job.ckpt.entry(name).end - job.ckpt.entry(name).start
             times = _timed(lambda: piece.apply(tensor.clone(), torch.float32, in_place=True, workspace=work), repeat)  # noqa: B023
+            with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+                pooled = _timed(lambda: piece.apply(tensor.clone(), torch.float32, in_place=True,  # noqa: B023
+                                                    workspace=work, pool=pool), repeat)  # noqa: B023
         print(json.dumps({"name": kind + ("[i]" if piece is not edit else ""), "shape": list(part),
-                          "pieces": edit.slices(shape), "bytes": nbytes,
-                          "seconds": statistics.median(times), "layers": layers}), flush=True)
+                          "pieces": edit.slices(shape), "bytes": nbytes, "seconds": statistics.median(times),
+                          "pooled": statistics.median(pooled) if pooled else None, "layers": layers}), flush=True)
 
 
 def _timed(f: Callable[[], object], repeat: int) -> list[float]:
@@ -131,11 +148,13 @@ def edit_table(src: Path, repeat: int) -> None:
     share = rows[0]["layers"] * layer_bytes / sum(p.stat().st_size for p in src.glob("*.safetensors"))
     per_core = layer_bytes / layer_seconds / 1e9
     print(f"\n## Edit math, one torch thread (in-process, medians of {repeat})\n")
-    print("| tensor | piece shape | pieces | piece ms | piece GB/s (bf16) |")
-    print("|---|---|---|---|---|")
+    cores = len(os.sched_getaffinity(0))
+    print(f"| tensor | piece shape | pieces | piece ms | piece GB/s (bf16) | piece ms, {cores} edit threads |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
+        pooled = "-" if r["pooled"] is None else f"{r['pooled'] * 1e3:.0f}"
         print(f"| {r['name']} | {r['shape']} | {r['pieces']} | {r['seconds'] * 1e3:.0f} "
-              f"| {r['bytes'] / r['pieces'] / r['seconds'] / 1e9:.2f} |")
+              f"| {r['bytes'] / r['pieces'] / r['seconds'] / 1e9:.2f} | {pooled} |")
     print(f"\nOne layer's edits: {layer_seconds:.2f} s for {layer_bytes / 1e9:.2f} GB on one core "
           f"({per_core:.2f} GB/s); edited tensors are {share:.0%} of the checkpoint, so one core's edits keep up "
           f"with a {per_core / share:.1f} GB/s disk. A 16-core machine ({CORES_16_WORKERS} workers, one per two "
@@ -150,9 +169,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/abliterate-bench"),
                     help="source and outputs live here (/dev/shm: a fast disk)")
     ap.add_argument("--workers", nargs="+", default=["auto"], help="--workers values to time ('auto': the default)")
+    ap.add_argument("--edit-threads", nargs="+", default=["auto"],
+                    help="--edit-threads values to time with each --workers value ('auto': the default)")
     ap.add_argument("--fused-experts", type=int, default=0, metavar="E", help="gpt-oss layers with E fused experts")
     ap.add_argument("--fp8", action="store_true", help="block-FP8 projections: edits decode, edit and re-encode")
     ap.add_argument("--repeat", type=int, default=2, help="alternating runs of each; medians are printed")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the page cache before each run (needs root), as the issue measured, instead of "
+                         "reading the source beforehand")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds of rest (after a sync) before each timed run")
     ap.add_argument("--time-edits", type=Path, help=argparse.SUPPRESS)  # the child of the edit-time table
     args = ap.parse_args()
@@ -168,9 +192,9 @@ def main() -> None:
     print(f"`{' '.join(sys.argv)}`  ")
     print(f"Python + torch start in {startup:.1f} s and {baseline / 2**20:.0f} MiB (in every rewrite's time); "
           f"largest edited piece in fp32: {tensor / 2**20:.0f} MiB. Medians of {args.repeat}.\n")
-    print("| GiB | shard GiB | workers | layers | cp s | copy s | copy/cp | rewrite s | rewrite/cp | MB/s "
-          "| peak RSS MiB | (RSS-base)/piece |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| GiB | shard GiB | workers | edit threads | layers | cp s | copy s | copy/cp | rewrite s | rewrite/cp "
+          "| MB/s | peak RSS MiB | (RSS-base)/piece |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     src = None
     try:
         for shard_gb in args.shard_gb:
@@ -188,8 +212,9 @@ def main() -> None:
                 nbytes = sum(p.stat().st_size for p in src.iterdir())
                 rewrite = [exe, "rewrite", str(src), str(args.work / "out"), "-d", str(directions), "-q",
                            "--layers", f"0-{layers - 1}:{layers // 2}", "--strategy", "norm-preserving"]
-                for workers in args.workers:
-                    extra = [] if workers == "auto" else ["--workers", workers]
+                for workers, threads in itertools.product(args.workers, args.edit_threads):
+                    extra = [*([] if workers == "auto" else ["--workers", workers]),
+                             *([] if threads == "auto" else ["--edit-threads", threads])]
                     runs = {"cp": ["sh", "-c", f"cp -r '{src}' '{args.work / 'out'}' && sync"],
                             "copy": [*rewrite, "--scale", "0", *extra], "rewrite": [*rewrite, *extra]}
                     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -199,15 +224,15 @@ def main() -> None:
                         # write, which would otherwise always penalise the same run
                         for which in (list(runs) if rep % 2 == 0 else list(runs)[::-1]):
                             shutil.rmtree(args.work / "out", ignore_errors=True)
-                            warm(src)
                             os.sync()
+                            drop_caches() if args.cold else warm(src)
                             time.sleep(args.settle)
                             wall, peak = run(runs[which])
                             times[which].append(wall)
                             if which != "cp":
                                 rss = max(rss, peak)
                     cp_s, copy_s, rw_s = (statistics.median(times[k]) for k in runs)
-                    print(f"| {size:g} | {shard_gb:g} | {workers} | {layers} | {cp_s:.1f} | {copy_s:.1f} "
+                    print(f"| {size:g} | {shard_gb:g} | {workers} | {threads} | {layers} | {cp_s:.1f} | {copy_s:.1f} "
                           f"| {copy_s / cp_s:.2f} | {rw_s:.1f} | {rw_s / cp_s:.2f} | {nbytes / rw_s / 1e6:.0f} "
                           f"| {rss / 2**20:.0f} | {(rss - baseline) / tensor:.2f} |", flush=True)
         assert src is not None

@@ -72,10 +72,11 @@ class RewriteJob:
         return dequantized(self.ckpt, self.view, self.edits) if self.output_format == "bf16" else SAME
 
     def run(self, output: Path, *, overwrite: bool = False, progress: bool = True, workers: int | None = None,
-            on_shard: Callable[[str, Path], None] | None = None) -> Summary:
+            edit_threads: int | None = None, on_shard: Callable[[str, Path], None] | None = None) -> Summary:
         return rewrite(
             self.ckpt, output, self.stored_edits, self.fingerprint, record=self.record, compute=self.compute,
-            overwrite=overwrite, progress=progress, workers=workers, on_shard=on_shard, reshape=self.reshape,
+            overwrite=overwrite, progress=progress, workers=workers, edit_threads=edit_threads, on_shard=on_shard,
+            reshape=self.reshape,
         )
 
     def describe(self) -> Iterable[str]:

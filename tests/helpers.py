@@ -147,3 +147,11 @@ def rename_tensors(path: Path, rename: Callable[[str], str]) -> None:
         save_file(renamed, shard, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(renamed, shard.name))
     index_path.write_text(json.dumps({**json.loads(index_path.read_text()), "weight_map": weight_map}))
+
+
+def tree(path: Path) -> dict[str, object]:
+    """Every file's bytes; the manifest parsed, without the shards' modification times."""
+    files: dict[str, object] = {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+    manifest = json.loads(files.pop("abliteration.json"))
+    files["abliteration.json"] = {**manifest, "shards": {n: r["size"] for n, r in manifest["shards"].items()}}
+    return files

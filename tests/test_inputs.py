@@ -13,8 +13,9 @@ from click.testing import CliRunner
 from rewriter.cli import main
 from rewriter.directions import CONVENTION, Measurements
 from rewriter.errors import AbliterateError
+from rewriter.launch import prefetch
 from rewriter.plan import load_plan
-from tests.helpers import random_measurements
+from tests.helpers import random_measurements, tree
 
 
 def test_direction_file_round_trip(tmp_path: Path) -> None:
@@ -119,6 +120,29 @@ def test_console_scripts() -> None:
         assert done.returncode == 0 and "Usage:" in done.stdout
     done = subprocess.run([shutil.which("rewrite"), "--strategy", "x"], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.strip().startswith("Error:") and "Traceback" not in done.stderr
+
+
+def test_console_script_rewrites_as_the_command_does(checkpoint_factory: Callable[[str], Path],
+                                                     directions_file: Path, tmp_path: Path) -> None:
+    """The scripts hint the kernel to read SOURCE ahead before loading torch; the output is the same."""
+    src = checkpoint_factory("llama")
+    args = [str(src), "-d", str(directions_file), "--layers", "1-2:1", "-q"]
+    done = subprocess.run([shutil.which("rewrite"), *args[:1], str(tmp_path / "a"), *args[1:]],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert CliRunner().invoke(main, ["rewrite", *args[:1], str(tmp_path / "b"), *args[1:]]).exit_code == 0
+    assert tree(tmp_path / "a") == tree(tmp_path / "b")
+
+
+def test_prefetch_hints_at_most_its_budget_and_never_fails(checkpoint_factory: Callable[[str], Path],
+                                                          tmp_path: Path) -> None:
+    src = checkpoint_factory("llama")
+    total = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    assert prefetch(src) == total
+    assert prefetch(src, budget=1000) == 1000
+    assert prefetch(tmp_path / "missing") == 0
+    (tmp_path / "dir.safetensors").mkdir()  # not a file: left alone
+    assert prefetch(tmp_path) == 0
 
 
 def test_inspect_an_output_shows_its_record_and_refuses_a_layer_out_of_range(

@@ -17,6 +17,7 @@ from rewriter.cli import main
 from rewriter.errors import AbliterateError
 from rewriter.pipeline import prepare
 from rewriter.plan import parse_layer_specs
+from tests.helpers import tree
 from tests.quantize import CASES, quantized
 
 CASE_IDS = {c.id for c in CASES}
@@ -27,14 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", "from rewriter.cli import main; main()", *args],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
-
-
-def tree(path: Path) -> dict[str, object]:
-    """Every file's bytes; the manifest parsed, without the shards' modification times."""
-    files: dict[str, object] = {p.name: p.read_bytes() for p in sorted(path.iterdir())}
-    manifest = json.loads(files.pop("abliteration.json"))
-    files["abliteration.json"] = {**manifest, "shards": {n: r["size"] for n, r in manifest["shards"].items()}}
-    return files
 
 
 @pytest.mark.parametrize("source", ["qwen2", "fp8-partial-blocks-apart"])
@@ -100,17 +93,21 @@ def test_output_of_a_different_plan_needs_overwrite(checkpoint_factory: Callable
 
 
 def test_parallel_workers_write_the_same_bytes(checkpoint_factory: Callable[[str], Path], directions_file: Path,
-                                               tmp_path: Path) -> None:
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards on several workers, and column chunks on several edit threads, change no byte."""
+    from rewriter.engine import edit as edit_module
+    monkeypatch.setattr(edit_module, "COLUMNS", 8)  # tiny tensors in several chunks
     src = checkpoint_factory("gemma3_text")
     outs = []
-    for workers in ("1", "3"):
-        out = tmp_path / f"w{workers}"
+    for workers, threads in (("1", "1"), ("3", "1"), ("1", "3"), ("2", "2")):
+        out = tmp_path / f"w{workers}t{threads}"
         result = CliRunner().invoke(main, ["rewrite", str(src), str(out), "-d", str(directions_file),
-                                           "--layers", "0-3:1", "-q", "--workers", workers])
+                                           "--layers", "0-3:1", "-q", "--workers", workers,
+                                           "--edit-threads", threads])
         assert result.exit_code == 0, result.output
         assert "tensors edited: 8" in result.output
         outs.append(tree(out))
-    assert outs[0] == outs[1]
+    assert all(o == outs[0] for o in outs[1:])
 
 
 def _job(src: Path, directions: Path):

@@ -148,3 +148,29 @@ def test_two_pass_gram_schmidt_survives_near_parallel_vectors() -> None:
     p = projected_direction(m, 0, 0)
     h = harmless / harmless.norm()
     assert abs(float(p @ h)) / float(p.norm()) < 1e-12
+
+
+@pytest.mark.parametrize("axis, shape", [(0, (48, 5000)), (1, (4100, 48)), (0, (48,))])
+@pytest.mark.parametrize("name", [s.name for s in BUILTIN])
+def test_chunks_on_threads_give_the_bits_of_one_thread(monkeypatch: pytest.MonkeyPatch, axis: int,
+                                                       shape: tuple[int, ...], name: str) -> None:
+    """Columns are edited in chunks fixed by the shape, so the thread count never changes a bit
+    (verify recomputes on one thread), and the chunked edit is the whole-matrix one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rewriter.engine import edit as edit_module
+    strategy = next(s for s in BUILTIN if s.name == name)
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(11), dtype=torch.bfloat16)
+    r = unit(shape[axis], 12)
+    update = strategy.update_bias if len(shape) == 1 else strategy.update_weight
+    e = edit(update, r, 0.9, axis)
+    monkeypatch.setattr(edit_module, "COLUMNS", 1000)  # several chunks, the last one partial
+    inline, _ = e.apply(w.clone())
+    with ThreadPoolExecutor(3) as pool:
+        threaded, _ = e.apply(w.clone(), pool=pool)
+        in_place, _ = e.apply(w.clone(), in_place=True, pool=pool)
+    assert torch.equal(inline, threaded) and torch.equal(inline, in_place)
+    whole = w.float().movedim(axis, 0).reshape(shape[axis], -1).clone()
+    expected = update(whole, r.float(), 0.9)[0].reshape(w.movedim(axis, 0).shape).movedim(0, axis)
+    torch.testing.assert_close(inline.float(), expected.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+    assert not torch.equal(inline, w)

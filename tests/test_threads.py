@@ -28,3 +28,15 @@ def test_the_machine_is_read() -> None:
     assert threads.usable_cores() >= 1
     memory = threads.available_memory()
     assert memory is None or memory > 0
+
+
+@pytest.mark.parametrize("cores, workers, expected", [
+    (2, 1, 1),  # this machine: one worker, its writer, one edit thread
+    (16, 8, 1),  # enough shards: workers use the cores
+    (16, 2, 7),  # two shards: the other cores edit column chunks
+    (16, 1, 15),
+    (1, 1, 1),
+])
+def test_auto_edit_threads(monkeypatch: pytest.MonkeyPatch, cores: int, workers: int, expected: int) -> None:
+    monkeypatch.setattr(threads, "usable_cores", lambda: cores)
+    assert threads.auto_edit_threads(workers) == expected

@@ -30,6 +30,10 @@ DEFAULT_STRATEGY = "norm-preserving"
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Shards rewritten at once; each holds about twice the largest edited tensor in float32. "
                    "Default: one per two cores, at most one per shard and what half the available memory holds.")
+@click.option("--edit-threads", type=click.IntRange(min=1), default=None,
+              help="Threads per worker that edit a tensor's column chunks at once (the output's bits do not depend "
+                   "on it). Default: the cores the workers leave over, so that a checkpoint with few shards still "
+                   "uses every core.")
 @click.option("--low-disk", is_flag=True, help="Hub source: download one shard at a time into OUTPUT/" + DOWNLOAD_DIR
                                                + " and delete it once rewritten (instead of the HF cache).")
 @click.option("--push-to", metavar="ORG/NAME", help="Publish to this Hub repo: shards upload as they are finished, then "
@@ -43,7 +47,8 @@ DEFAULT_STRATEGY = "norm-preserving"
 def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, directions: Path | None,
                 plan_file: Path | None, layers: tuple[str, ...], scale: float, component_scales: tuple[str, ...],
                 attn_scale: float | None, mlp_scale: float | None, strategy: str | None, precision: str | None,
-                dry_run: bool, overwrite: bool, output_format: str, workers: int | None, low_disk: bool, push_to: str | None, private: bool,
+                dry_run: bool, overwrite: bool, output_format: str, workers: int | None,
+                edit_threads: int | None, low_disk: bool, push_to: str | None, private: bool,
                 card_eval: Path | None, quiet: bool, plugins: tuple[str, ...]) -> None:
     """Write an abliterated copy of the checkpoint SOURCE into OUTPUT.
 
@@ -93,7 +98,7 @@ def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, dir
     publisher = Publisher(push_to, private=private, log=lambda s: click.echo(s, err=True)) if push_to else None
     if publisher:
         publisher.start()  # fails fast on bad credentials, before any work
-    summary = job.run(output, overwrite=overwrite, progress=not quiet, workers=workers,
+    summary = job.run(output, overwrite=overwrite, progress=not quiet, workers=workers, edit_threads=edit_threads,
                       on_shard=publisher.shard_done if publisher else None)
     if download_dir is not None:
         shutil.rmtree(download_dir, ignore_errors=True)

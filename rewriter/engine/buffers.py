@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
@@ -27,6 +29,7 @@ class Scratch:
     PENDING = 1
 
     def __init__(self, edits: Mapping[str, TensorEdit], ckpt: Checkpoint, compute: torch.dtype) -> None:
+        self._pool: Executor | None = None  # threads that edit column chunks, shared by the workers
         # A stacked edit (fused experts) streams one slice at a time: buffers fit a slice.
         pieces = [(ckpt.entry(name), edit.slices(ckpt.entry(name).shape)) for name, edit in edits.items()]
         self.read_bytes = max(((e.end - e.start) // n for e, n in pieces), default=0)
@@ -49,4 +52,17 @@ class Scratch:
         work: torch.Tensor | None = getattr(self._mine, "work", None)
         if work is None:
             work = self._mine.work = torch.empty(self.numel, dtype=self.compute)
-        return edit.apply(tensor, self.compute, in_place=True, workspace=work)[1]
+        return edit.apply(tensor, self.compute, in_place=True, workspace=work, pool=self._pool)[1]
+
+    @contextmanager
+    def edit_threads(self, threads: int) -> Iterator[None]:
+        """Edits inside the block run their column chunks on ``threads`` threads in all (1: inline)."""
+        if threads <= 1:
+            yield
+            return
+        with ThreadPoolExecutor(threads, thread_name_prefix="edit") as pool:
+            self._pool = pool
+            try:
+                yield
+            finally:
+                self._pool = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
 import torch
@@ -14,8 +15,11 @@ import torch
 from ..errors import AbliterateError
 
 # (matrix [d_model, columns] in the compute dtype, unit direction, scale) -> (new matrix, zeroed columns);
-# it may work in place.
+# it may work in place. Each column is edited on its own: the engine hands an update chunks of
+# COLUMNS columns, possibly on several threads at once.
 Update = Callable[[torch.Tensor, torch.Tensor, float], "tuple[torch.Tensor, int]"]
+
+COLUMNS = 2048  # columns per chunk: the unit of work that edit threads share
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class TensorEdit:
         return replace(self, name=f"{self.name}[{index}]", axis=self.axis - 1, stacked=False)
 
     def apply(self, tensor: torch.Tensor, compute: torch.dtype = torch.float32, *, in_place: bool = False,
-              workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+              workspace: torch.Tensor | None = None, pool: Executor | None = None) -> tuple[torch.Tensor, int]:
         """The edited tensor in its stored dtype, and how many columns had to be zeroed.
 
         ``in_place`` writes the result into ``tensor`` itself (the engine owns that buffer,
@@ -51,44 +55,60 @@ class TensorEdit:
         ``tensor.numel()`` long) holds the working copy: reused across edits it saves
         allocating, and page-faulting, a tensor-sized buffer each time, which costs more
         than the edit math (180 ms against 22 ms for the conversion of a [3840, 15360]
-        bf16 tensor into float32 here).
+        bf16 tensor into float32 here). ``pool`` runs the column chunks on its threads.
         """
         if self.scale == 0:
             return tensor, 0
         if self.stacked:
-            return self._apply_stacked(tensor, compute, in_place, workspace)
-        moved = tensor.movedim(self.axis, 0)
+            return self._apply_stacked(tensor, compute, in_place, workspace, pool)
+        out = tensor if in_place else torch.empty(tensor.shape, dtype=tensor.dtype)
+        # [d_model, ..., columns]; a vector (a bias) is one column
+        moved, target = (t.movedim(self.axis, 0) if t.dim() > 1 else t.unsqueeze(1) for t in (tensor, out))
         room = workspace if workspace is not None else torch.empty(tensor.numel(), dtype=compute)
-        work = room[: tensor.numel()].view(moved.shape).copy_(moved)
-        _refuse_nonfinite(self.name, work)
-        edited, zeroed = self.update(work.reshape(moved.shape[0], -1), self.direction.to(compute), self.scale)
-        result = edited.reshape(moved.shape).movedim(0, self.axis)
-        if in_place:
-            tensor.copy_(result)
-            return tensor, zeroed
-        return result.to(tensor.dtype).contiguous(), zeroed
+        direction = self.direction.to(compute)
+        per_column = tensor.numel() // moved.shape[-1]
+
+        def edit_chunk(columns: slice) -> int:
+            # each chunk has a contiguous working copy of its own: an update on a strided view
+            # of a whole working copy ran 1.5x slower
+            src = moved[..., columns]
+            offset = per_column * columns.start
+            work = room[offset : offset + src.numel()].view(src.shape).copy_(src)
+            if not math.isfinite(float(work.sum())):  # one pass, no allocation: finite but for extreme values
+                _refuse_nonfinite(self.name, tensor)
+            edited, zeroed = self.update(work.reshape(src.shape[0], -1), direction, self.scale)
+            target[..., columns].copy_(edited.reshape(src.shape))
+            return zeroed
+
+        chunks = column_chunks(moved.shape[-1])
+        if pool is None or len(chunks) == 1:
+            zeroed = sum(edit_chunk(c) for c in chunks)
+        else:
+            zeroed = sum(f.result() for f in [pool.submit(edit_chunk, c) for c in chunks])
+        return out, zeroed
 
     def _apply_stacked(self, tensor: torch.Tensor, compute: torch.dtype, in_place: bool,
-                       workspace: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+                       workspace: torch.Tensor | None, pool: Executor | None) -> tuple[torch.Tensor, int]:
         """Slice by slice, as the engine streams it, so that both compute the same bits."""
         out = tensor if in_place else torch.empty_like(tensor)
         zeroed = 0
         for i in range(tensor.shape[0]):
-            edited, z = self.piece(i).apply(tensor[i], compute, in_place=in_place, workspace=workspace)
+            edited, z = self.piece(i).apply(tensor[i], compute, in_place=in_place, workspace=workspace, pool=pool)
             if not in_place:
                 out[i].copy_(edited)
             zeroed += z
         return out, zeroed
 
 
-def _refuse_nonfinite(name: str, work: torch.Tensor) -> None:
-    """One NaN or inf in a weight would spread to its whole column: refuse, with the count.
+def column_chunks(columns: int) -> list[slice]:
+    """The pieces an edit's columns are worked in: fixed by the width alone, so that the bits
+    never depend on how many threads ran them (``verify`` recomputes on one)."""
+    return [slice(start, min(start + COLUMNS, columns)) for start in range(0, columns, COLUMNS)]
 
-    A plain sum (one pass, no allocation) is finite for any finite tensor but an extreme
-    one; only then are the elements counted.
-    """
-    if math.isfinite(float(work.sum())):
-        return
-    bad = int((~torch.isfinite(work)).sum())
+
+def _refuse_nonfinite(name: str, stored: torch.Tensor) -> None:
+    """One NaN or inf in a weight would spread to its whole column: refuse, with the count
+    (over the whole stored tensor; a sum that overflowed on finite values is no error)."""
+    bad = int((~torch.isfinite(stored)).sum())
     if bad:
         raise AbliterateError(f"{name}: {bad} NaN or inf values in the stored weight; refusing to edit it")

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint, Shard
-from ..io.files import copy_atomic, exclusive_lock, inside, is_no_space, no_space_message, write_atomic
+from ..io.files import (copy_atomic, exclusive_lock, inside, is_no_space, no_space_message, open_sequential,
+                        write_atomic)
 from ..io.manifest import Manifest
 from ..io.safetensors_io import TensorEntry, read_tensor, tensor_from_bytes
 from ..io.shard_writer import ShardWriter
@@ -32,7 +33,7 @@ from .buffers import Scratch
 from .coded import CodedEdit
 from .edit import TensorEdit
 from .layout import Reshape, ShardLayout
-from .threads import auto_workers
+from .threads import auto_edit_threads, auto_workers
 
 SAME = Reshape({}, {})
 AnyEdit = TensorEdit | CodedEdit
@@ -80,6 +81,7 @@ def rewrite(
     overwrite: bool = False,
     progress: bool = True,
     workers: int | None = None,
+    edit_threads: int | None = None,
     on_shard: Callable[[str, Path], None] | None = None,
     reshape: Reshape = SAME,
 ) -> Summary:
@@ -91,7 +93,8 @@ def rewrite(
     source's layout.
     ``workers`` > 1 rewrites that many shards at once, on threads (torch kernels and file
     I/O release the GIL); memory grows accordingly; None chooses from the cores, shards and
-    memory (``threads.auto_workers``). ``on_shard(name, path)`` is called,
+    memory (``threads.auto_workers``). ``edit_threads`` threads per worker edit each tensor's
+    column chunks (None: the cores the workers leave over). ``on_shard(name, path)`` is called,
     on a background thread and in order, as each output shard is finished (or found
     finished by a resumed run), e.g. to upload it while the next one is written.
     ``record`` (provenance: strategy, source, tool versions) goes into the manifest.
@@ -105,17 +108,22 @@ def rewrite(
     output.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(output):
         manifest = Manifest.prepare(output, fingerprint, record or {}, expected, overwrite)
-        # One torch thread per worker; more cores are used by more workers. verify recomputes
-        # edits on one thread and expects the same bits, and OpenMP threads spin against the
-        # I/O threads and anything else running (measured on 2 shared cores: a [3840, 15360]
-        # edit took 0.13 s on one thread, 5.7-8.5 s on two).
+        # One torch (OpenMP) thread: more cores are used by more workers and by edit threads,
+        # each on its own column chunks, whose bits do not depend on the thread count (verify
+        # recomputes on one). OpenMP threads spin against the I/O threads and anything else
+        # running (measured on 2 shared cores: a [3840, 15360] edit took 0.13 s on one
+        # thread, 5.7-8.5 s on two).
         scratch = Scratch({n: e for n, e in edits.items() if isinstance(e, TensorEdit)}, ckpt, compute)
         if workers is None:
             workers = auto_workers(len(ckpt.shards), scratch.worker_bytes)
+        if edit_threads is None:
+            edit_threads = auto_edit_threads(workers)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            summary = _rewrite(ckpt, output, edits, manifest, copies, scratch, progress, workers, on_shard, reshape)
+            with scratch.edit_threads(workers * edit_threads):
+                summary = _rewrite(ckpt, output, edits, manifest, copies, scratch, progress, workers, on_shard,
+                                   reshape)
         except OSError as exc:
             if not is_no_space(exc):
                 raise
@@ -261,7 +269,7 @@ def _write_shard(
     copied = len(shard.header.raw)  # source bytes before this offset are queued
     coded_done: set[str] = set()  # parts of quantized weights already queued with write_at
     try:
-        with open(source, "rb") as src:
+        with open_sequential(source) as src:
             for entry in shard.header.entries:
                 edit = edits.get(entry.name)
                 if edit is None:
@@ -294,7 +302,7 @@ def _write_laid_out(ckpt: Checkpoint, shard: Shard, source: Path, target: Path, 
     writer = ShardWriter(target, layout.header, depth=scratch.PENDING, written=advance)
     edited = zeroed = 0
     try:
-        with open(source, "rb") as src:
+        with open_sequential(source) as src:
             for out in layout.header.entries:
                 made = layout.made.get(out.name)
                 if made is not None:

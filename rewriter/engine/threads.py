@@ -1,9 +1,11 @@
-"""How many shards a rewrite works on at once when the caller does not say: from the machine.
+"""How many shards a rewrite works on at once, and how many threads edit each tensor, when
+the caller does not say: from the machine.
 
-Each worker keeps about two cores busy: its own thread reads and edits (the edit math runs on
-one thread, so that the bits match ``verify``, which recomputes edits on one thread), and its
-shard writer's thread moves bytes in the kernel. So one worker per two usable cores, no more
-workers than shards, and no more than fit in half the memory available now.
+Each worker keeps about two cores busy: its own thread reads and edits, and its shard
+writer's thread moves bytes in the kernel. So one worker per two usable cores, no more
+workers than shards, and no more than fit in half the memory available now. Cores left
+over when there are fewer shards than that edit each tensor's column chunks in parallel
+(the chunks are fixed by the tensor's shape, so the bits do not depend on the thread count).
 """
 from __future__ import annotations
 
@@ -34,3 +36,8 @@ def auto_workers(shards: int, worker_bytes: int) -> int:
     if memory is not None and worker_bytes > 0:
         workers = min(workers, memory // 2 // worker_bytes)
     return max(1, workers)
+
+
+def auto_edit_threads(workers: int) -> int:
+    """Threads per worker for the edit math: the cores that ``workers`` workers and their writers leave over."""
+    return max(1, (usable_cores() - workers) // workers)

@@ -127,6 +127,15 @@ def partial_file(final: Path) -> Iterator[BinaryIO]:
     pf.commit()
 
 
+def open_sequential(path: Path) -> BinaryIO:
+    """``path`` opened for reading front to back, with the kernel told so (as ``cp`` does):
+    its read-ahead doubles, which a copy from a cold page cache needs to keep up with ``cp``."""
+    f = open(path, "rb")
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    return f
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     with partial_file(path) as f:
         f.write(data)
