@@ -11,9 +11,11 @@ from click.testing import CliRunner
 from rewriter.lab.analyze import layer_metrics
 from rewriter.cli import main
 from rewriter.directions import CONVENTION, Measurements
+from rewriter.errors import AbliterateError
 from rewriter.lab.measure import mean_states, measure, winsorize
 from rewriter.lab.models import load_model
 from rewriter.lab.prompts import default_prompts, load_prompts
+from rewriter.lab.refusals import first_token_scores, opener_ids
 from tests.helpers import build_model, tiny_tokenizer, write_checkpoint
 
 
@@ -53,6 +55,27 @@ def test_batched_and_unbatched_measurements_agree(qwen: Path) -> None:
     for n in (0, 5, 12, 23):
         for a, b in ((one.harmful[n], many.harmful[n]), (one.harmless[n], many.harmless[n])):
             assert float((a - b).norm()) <= 1e-3 * float(a.norm()), n
+
+
+def test_refused_only_averages_the_prompts_the_model_refuses(qwen: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The harmful means of --refused-only are the plain means of the prompts whose own
+    first-token refusal log-odds, scored one by one, are above 0; harmless ones are unchanged."""
+    lm = load_model(qwen)
+    bad, good = default_prompts("harmful-measure")[:16], default_prompts("harmless-measure")[:4]
+    odds, _ = first_token_scores(lm, bad, opener_ids(lm.tokenizer), {}, batch_size=1)
+    refused = [p for p, o in zip(bad, odds.tolist(), strict=True) if o > 0]
+    assert 0 < len(refused) < len(bad), "these prompts should mix refusals and answers"
+    m = measure(qwen, bad, good, batch_size=8, lm=lm, progress=False, refused_only=True)
+    plain = measure(qwen, refused, good, batch_size=8, lm=lm, progress=False)
+    assert m.harmful_count == len(refused) and m.harmless_count == len(good)
+    assert m.metadata["harmful_prompts"] == f"refused only (first-token refusal log-odds > 0): {len(refused)} of 16"
+    for n in (0, 12, 22):
+        assert float((m.harmful[n] - plain.harmful[n]).norm()) <= 1e-3 * float(plain.harmful[n].norm()), n
+        assert torch.equal(m.harmless[n], plain.harmless[n])
+    from rewriter.lab import measure as measure_module
+    monkeypatch.setattr(measure_module, "refusal_log_odds", lambda logits, openers: -torch.ones(logits.shape[0]))
+    with pytest.raises(AbliterateError, match="refuses none of the 16 harmful prompts"):
+        measure(qwen, bad, good, lm=lm, progress=False, refused_only=True)
 
 
 def test_winsorize_clips_each_vector_on_its_own() -> None:

@@ -72,6 +72,17 @@ def _force_streaming(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(streamed_module, "choose", lambda weights, max_memory: MemoryChoice(True, "forced"))
 
 
+def test_refused_only_is_refused_when_the_measurement_is_streamed(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """--refused-only needs logits, which the streamed pass does not compute: one line, no file."""
+    path = _tiny(tmp_path, "qwen2")
+    _force_streaming(monkeypatch)
+    out = tmp_path / "d.safetensors"
+    result = CliRunner().invoke(main, ["measure", str(path), "-o", str(out), "--refused-only", "-q"])
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.strip().splitlines()[-1].startswith("Error: --refused-only needs the model's first-token logits")
+
+
 def test_evaluate_streamed_scores_without_generating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path / "cache"))
     path = _tiny(tmp_path, "qwen2")

@@ -71,17 +71,22 @@ _STREAMING = ("Memory the model may take: 512MB, 1GB, 1GiB (GB = 10^9 bytes). Th
 @click.option("--system-prompt", help="System message put before each prompt.")
 @click.option("--no-chat-template", is_flag=True, help="Feed raw prompts (for models without a chat template).")
 @click.option("--max-memory", type=MemorySize(), help=_STREAMING + " A streamed measurement gives the same means.")
+@click.option("--refused-only", is_flag=True,
+              help="Average only the harmful prompts MODEL refuses (first-token refusal log-odds > 0, from the same "
+                   "forward pass): prompts it answers anyway dilute the direction. On Qwen2.5-Coder-0.5B-Instruct "
+                   "it took held-out refusals from 8/64 to 2/64 at KL 0.042 (README). Not with a streamed measurement.")
 @quiet_option
 def measure_cmd(model: str, harmful: str | None, harmless: str | None, column: str, output: Path, batch_size: int,
                 winsorize: float, dtype: str, device: str, max_prompts: int | None, system_prompt: str | None,
-                no_chat_template: bool, max_memory: int | None, quiet: bool) -> None:
+                no_chat_template: bool, max_memory: int | None, refused_only: bool, quiet: bool) -> None:
     """Measure refusal directions of MODEL (a checkpoint directory or an example name).
 
     For every prompt, the chat template with generation prompt is applied and the
     residual stream at the last prompt token is taken at every layer,
     hidden_states[N] for N = 0..L-1, in one forward pass (no generation). Each vector
     is winsorized on its own, then harmful and harmless means are accumulated in
-    float64 and written with their metadata.
+    float64 and written with their metadata. --refused-only keeps, of the harmful
+    prompts, those the model refuses.
     """
     from ..lab.measure import measure
 
@@ -89,9 +94,10 @@ def measure_cmd(model: str, harmful: str | None, harmless: str | None, column: s
     good = _prompt_set(harmless, "harmless-measure", column)[:max_prompts]
     m = measure(model, bad, good, batch_size=batch_size, winsorize_q=winsorize, dtype=dtype, device=device,
                 system_prompt=system_prompt, chat_template=not no_chat_template, progress=not quiet,
-                max_memory=max_memory, log=lambda s: click.echo(s, err=True))
+                max_memory=max_memory, refused_only=refused_only, log=lambda s: click.echo(s, err=True))
     m.save(output)
-    click.echo(f"wrote {output}: {len(m.layers)} layers, width {m.width}, {len(bad)} harmful and {len(good)} harmless prompts")
+    click.echo(f"wrote {output}: {len(m.layers)} layers, width {m.width}, {m.harmful_count} harmful and "
+               f"{m.harmless_count} harmless prompts")
 
 
 @command("analyze")

@@ -68,7 +68,7 @@ class _Demo:
         directions = self.out / "directions.safetensors"
         m: Measurements = self.step("measure", lambda: measure(
             self.source, default_prompts("harmful-measure"), default_prompts("harmless-measure"),
-            batch_size=self.batch_size, progress=self.progress))
+            batch_size=self.batch_size, progress=self.progress, refused_only=True))
         m.save(directions)
         self.log(f"{directions}: {len(m.layers)} layers, width {m.width}")
         metrics = self.step("analyze", lambda: layer_metrics(m))

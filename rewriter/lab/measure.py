@@ -18,6 +18,7 @@ from ..directions import Measurements
 from ..errors import AbliterateError
 from .models import LoadedModel, batches, format_prompts, load_model
 from .prompts import prompts_sha256
+from .refusals import opener_ids, refusal_log_odds
 from .streamed import streamed_if_needed, streamed_means
 
 
@@ -27,7 +28,10 @@ def last_token_states(lm: LoadedModel, enc: Any) -> torch.Tensor:
     transformers returns L + 1 hidden states (the embedding output, then each layer's);
     the last one is the final layer's output, after which no decoder layer reads.
     """
-    out = lm.forward(enc, output_hidden_states=True)
+    return _last_token(lm.forward(enc, output_hidden_states=True))
+
+
+def _last_token(out: Any) -> torch.Tensor:
     return torch.stack([h[:, -1, :] for h in out.hidden_states[:-1]], dim=1).float().cpu()
 
 
@@ -42,25 +46,56 @@ def winsorize(v: torch.Tensor, q: float) -> torch.Tensor:
 def mean_states(lm: LoadedModel, prompts: Sequence[str], *, batch_size: int, q: float, chat_template: bool,
                 system_prompt: str | None, desc: str, progress: bool = True) -> torch.Tensor:
     """float64 [layers, width] mean over prompts of winsorized last-token residuals."""
+    total, count = _summed_states(lm, prompts, None, batch_size=batch_size, q=q, chat_template=chat_template,
+                                  system_prompt=system_prompt, desc=desc, progress=progress)
+    return total / count
+
+
+def refused_mean_states(lm: LoadedModel, prompts: Sequence[str], *, batch_size: int, q: float, chat_template: bool,
+                        system_prompt: str | None, desc: str, progress: bool = True) -> tuple[torch.Tensor, int]:
+    """The mean over only the prompts the model refuses (first-token refusal log-odds > 0, from
+    the same forward pass), and how many those were."""
+    openers = opener_ids(lm.tokenizer)
+    total, count = _summed_states(lm, prompts, openers, batch_size=batch_size, q=q, chat_template=chat_template,
+                                  system_prompt=system_prompt, desc=desc, progress=progress)
+    if not count:
+        raise AbliterateError(f"--refused-only: the model refuses none of the {len(prompts)} harmful prompts (first-token "
+                              "refusal log-odds > 0); measure without it, or with prompts it refuses")
+    return total / count, count
+
+
+def _summed_states(lm: LoadedModel, prompts: Sequence[str], openers: Sequence[int] | None, *, batch_size: int,
+                   q: float, chat_template: bool, system_prompt: str | None, desc: str,
+                   progress: bool) -> tuple[torch.Tensor, int]:
+    """float64 [layers, width] sum of winsorized last-token residuals, over every prompt or, with
+    ``openers``, over those whose first response token opens a refusal more likely than not."""
     texts = format_prompts(lm.tokenizer, prompts, chat_template, system_prompt)
-    total: torch.Tensor | None = None
+    total = torch.zeros(())
+    count = 0
     with tqdm(total=len(texts), unit="prompt", desc=desc, disable=not progress) as bar:
         for idx, enc in batches(lm, texts, batch_size, chat_template):
-            states = winsorize(last_token_states(lm, enc), q).double().sum(0)
-            total = states if total is None else total + states
+            out = lm.forward(enc, output_hidden_states=True)
+            states = _last_token(out)
+            if openers is not None:
+                states = states[refusal_log_odds(out.logits[:, -1, :].cpu(), openers) > 0]
+            if states.shape[0]:  # a batch may hold no refused prompt
+                total = total + winsorize(states, q).double().sum(0)
+                count += states.shape[0]
             bar.update(len(idx))
-    assert total is not None
-    return total / len(texts)
+    return total, count
 
 
 def measure(model: str | Path, harmful: Sequence[str], harmless: Sequence[str], *, batch_size: int = 16,
             winsorize_q: float = 0.995, dtype: str = "float32", device: str = "cpu", system_prompt: str | None = None,
             chat_template: bool = True, progress: bool = True, lm: LoadedModel | None = None,
-            max_memory: int | None = None, log: Callable[[str], None] = lambda s: None) -> Measurements:
+            max_memory: int | None = None, refused_only: bool = False,
+            log: Callable[[str], None] = lambda s: None) -> Measurements:
     """Harmful and harmless means for every layer, with the metadata method.md asks for.
 
     A model whose weights do not fit (in ``max_memory`` bytes, else in the memory available) is
-    streamed layer by layer (streamed.py), with the same numbers.
+    streamed layer by layer (streamed.py), with the same numbers. ``refused_only`` averages
+    only the harmful prompts the model refuses: those it answers anyway carry little of the
+    refusal and dilute the direction (docs/method.md).
     """
     if not harmful or not harmless:
         raise AbliterateError("both prompt sets must hold at least one prompt")
@@ -69,11 +104,20 @@ def measure(model: str | Path, harmful: Sequence[str], harmless: Sequence[str], 
     start = time.monotonic()
     kw = dict(batch_size=batch_size, q=winsorize_q, chat_template=chat_template, system_prompt=system_prompt, progress=progress)
     streamed = None if lm is not None else streamed_if_needed(model, dtype, max_memory, device, log)
+    harmful_count = len(harmful)
     if streamed is not None:
+        if refused_only:
+            raise AbliterateError("--refused-only needs the model's first-token logits, which a streamed measurement "
+                                  "does not compute: give --max-memory room for the whole model, or measure without it")
         bad, good = streamed_means(streamed, [harmful, harmless], log=log, **kw)
     else:
         lm = lm or load_model(model, dtype, device)
-        bad = mean_states(lm, harmful, desc="harmful", **kw)
+        if refused_only:
+            bad, harmful_count = refused_mean_states(lm, harmful, desc="harmful", **kw)
+            log(f"--refused-only: the model refuses {harmful_count} of the {len(harmful)} harmful prompts; "
+                "the harmful means are theirs")
+        else:
+            bad = mean_states(lm, harmful, desc="harmful", **kw)
         good = mean_states(lm, harmless, desc="harmless", **kw)
     source = streamed or lm
     seconds = time.monotonic() - start
@@ -83,6 +127,8 @@ def measure(model: str | Path, harmful: Sequence[str], harmless: Sequence[str], 
         "model_name_or_path": str(getattr(source.model.config, "_name_or_path", "")),
         "harmful_sha256": prompts_sha256(list(harmful)),
         "harmless_sha256": prompts_sha256(list(harmless)),
+        "harmful_prompts": ("refused only (first-token refusal log-odds > 0): "
+                            f"{harmful_count} of {len(harmful)}" if refused_only else "all"),
         "winsorize_quantile": str(winsorize_q),
         "position": "last prompt token (after the generation prompt)",
         "chat_template": str(chat_template).lower(),
@@ -91,4 +137,4 @@ def measure(model: str | Path, harmful: Sequence[str], harmless: Sequence[str], 
         "tool_version": __version__,
     }
     layers = range(bad.shape[0])
-    return Measurements({n: bad[n] for n in layers}, {n: good[n] for n in layers}, len(harmful), len(harmless), meta)
+    return Measurements({n: bad[n] for n in layers}, {n: good[n] for n in layers}, harmful_count, len(harmless), meta)
