@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, wait
 from dataclasses import dataclass, replace
 
 import torch
@@ -84,7 +84,9 @@ class TensorEdit:
         if pool is None or len(chunks) == 1:
             zeroed = sum(edit_chunk(c) for c in chunks)
         else:
-            zeroed = sum(f.result() for f in [pool.submit(edit_chunk, c) for c in chunks])
+            futures = [pool.submit(edit_chunk, c) for c in chunks]
+            wait(futures)  # all chunks done before a failed one raises: none writes into a buffer reused after
+            zeroed = sum(f.result() for f in futures)
         return out, zeroed
 
     def _apply_stacked(self, tensor: torch.Tensor, compute: torch.dtype, in_place: bool,
