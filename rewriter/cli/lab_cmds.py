@@ -74,7 +74,7 @@ _STREAMING = ("Memory the model may take: 512MB, 1GB, 1GiB (GB = 10^9 bytes). Th
 @click.option("--refused-only", is_flag=True,
               help="Average only the harmful prompts MODEL refuses (first-token refusal log-odds > 0, from the same "
                    "forward pass): prompts it answers anyway dilute the direction. On Qwen2.5-Coder-0.5B-Instruct "
-                   "it took held-out refusals from 8/64 to 2/64 at KL 0.042 (README). Not with a streamed measurement.")
+                   "it took held-out refusals from 8/64 to 1/64 at KL 0.042 (README). Not with a streamed measurement.")
 @quiet_option
 def measure_cmd(model: str, harmful: str | None, harmless: str | None, column: str, output: Path, batch_size: int,
                 winsorize: float, dtype: str, device: str, max_prompts: int | None, system_prompt: str | None,
