@@ -20,9 +20,11 @@ class Scratch:
     math itself. A ShardWriter keeps at most ``PENDING`` tensors queued, so each worker
     thread has ``PENDING + 1`` read buffers of its own: the next tensor is read while the
     last one is written. Each worker also has its own working copy in the compute dtype,
-    so that workers edit at the same time: on a fast disk the edit math, one thread per
-    edit, is the limit, and more workers are how more cores are used. N workers of a
-    bf16 checkpoint hold about 2N times the largest edited tensor in fp32. A stacked
+    so that workers edit at the same time: on a fast disk the edit math is the limit, and
+    more workers, and edit threads inside each (``edit_threads``), are how more cores are
+    used. Edit threads share their worker's working copy, each column chunk in a region of
+    its own, so they add no memory. N workers of a bf16 checkpoint hold about 2N times the
+    largest edited tensor in fp32. A stacked
     tensor (fused experts) counts as its largest slice, since it is streamed slice by slice.
     """
 
