@@ -23,7 +23,7 @@ import torch
 from rewriter.codec import Packed
 from rewriter.plugins.fp8 import CODECS
 from rewriter.plugins.mxfp4 import MXFP4
-from rewriter.rounding import along
+from rewriter.rounding import Rounding
 
 
 def formats() -> list[tuple[str, object, Packed, dict[str, torch.Tensor], int]]:
@@ -59,7 +59,7 @@ def main() -> None:
         published = codec.decode(packed, codec.encode(packed, w, like))
         edited = (published.double() - _outer(r, _along(published, r, axis), axis)).float()
         nearest, t_near = _timed(lambda: codec.decode(packed, codec.encode(packed, edited, like)))
-        aware, t_aware = _timed(lambda: codec.decode(packed, codec.encode(packed, edited, like, along(r, axis))))
+        aware, t_aware = _timed(lambda: codec.decode(packed, codec.encode(packed, edited, like, Rounding(r, axis))))
         cells = [_stat(x, r, axis) for x in (published, edited, nearest, aware)]
         errors = [_rel(x, edited) for x in (nearest, aware)] + [_rel(codec.decode(packed, codec.encode(packed, w, like)), w)]
         print(f"| {label} | {list(shape)} | " + " | ".join(cells) + " | "

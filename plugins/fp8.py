@@ -88,7 +88,8 @@ class BlockScaledFP8:
         out = q.to(torch.float32)
         grid = _as_grid(s, q.shape).to(torch.float32)
         for rows, grid_rows in _bands(out, grid, packed.block[0]):
-            rows.mul_(_widen(grid_rows, rows.shape, packed.block))
+            blocks, scale = _by_block(rows, grid_rows, packed.block)
+            blocks.mul_(scale)
         return out
 
     def encode(self, packed: Packed, tensor: torch.Tensor, like: Mapping[str, torch.Tensor],
@@ -98,32 +99,57 @@ class BlockScaledFP8:
         for rows, grid_rows in _bands(tensor, grid, packed.block[0]):
             amax = _block_amax(rows, packed.block)
             grid_rows.copy_(torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)))
-        if rounding is not None:
-            tensor = rounding(tensor, *self._neighbours(packed, tensor, grid))
         q = torch.empty(tensor.shape, dtype=q_like.dtype)
         for (rows, grid_rows), (q_rows, _) in zip(_bands(tensor, grid, packed.block[0]),
                                                   _bands(q, grid, packed.block[0]), strict=True):
-            q_rows.copy_(_scaled(rows, grid_rows, packed.block))
+            q_rows.copy_(_scaled(rows, grid_rows, packed.block))  # nearest
+        if rounding is not None:
+            self._round_candidates(packed, tensor, grid, q, rounding)
         return {packed.parts[0]: q, packed.parts[1]: grid.reshape(s_like.shape)}
 
-    def _neighbours(self, packed: Packed, tensor: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The nearest grid value of every element and its neighbour on the other side, dequantized."""
-        nearest, other = torch.empty_like(tensor), torch.empty_like(tensor)
-        height = packed.block[0]
-        for (rows, grid_rows), (n_rows, _), (o_rows, _) in zip(
-                _bands(tensor, grid, height), _bands(nearest, grid, height), _bands(other, grid, height), strict=True):
-            scale = _widen(grid_rows.to(torch.float32), rows.shape, packed.block)
-            y = (rows / scale).clamp_(-E4M3_MAX, E4M3_MAX)
-            near = y.to(torch.float8_e4m3fn)
-            near_value = near.to(torch.float32)
-            n_rows.copy_(near_value * scale)
-            o_rows.copy_(_other_e4m3(near, near_value, y).to(torch.float32) * scale)
-        return nearest, other
+    def _round_candidates(self, packed: Packed, tensor: torch.Tensor, grid: torch.Tensor, q: torch.Tensor,
+                          rounding: Rounding) -> None:
+        """Re-round ``q`` (nearest e4m3 codes of ``tensor``) at the rounding's candidate rows, to the
+        values it chooses between each element's nearest value and its other neighbour."""
+        axis, at = rounding.axis % tensor.dim(), rounding.rows
+        nearest = self.decode(packed, {packed.parts[0]: q, packed.parts[1]: grid})
+        scale = _scale_at(grid, packed.block, tensor.shape, axis, at)
+        codes = q.view(torch.uint8).index_select(axis, at).view(torch.float8_e4m3fn)
+        y = (tensor.index_select(axis, at) / scale).clamp_(-E4M3_MAX, E4M3_MAX)
+        other = _other_e4m3(codes, codes.to(torch.float32), y).to(torch.float32).mul_(scale)
+        chosen = rounding.choose(tensor, nearest, other)
+        q.view(torch.uint8).index_copy_(axis, at, (chosen / scale).clamp_(-E4M3_MAX, E4M3_MAX)
+                                        .to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def _scale_at(grid: torch.Tensor, block: tuple[int, ...], shape: torch.Size, axis: int,
+              at: torch.Tensor) -> torch.Tensor:
+    """Each element's scale (float32) at indices ``at`` along ``axis`` of a weight of ``shape``."""
+    blocks = (1,) * (len(shape) - 2) + tuple(block)
+    scale = grid.to(torch.float32).index_select(axis, torch.div(at, blocks[axis], rounding_mode="floor"))
+    for dim in (len(shape) - 2, len(shape) - 1):
+        if dim != axis:
+            scale = scale.repeat_interleave(blocks[dim], dim).narrow(dim, 0, shape[dim])
+    return scale
 
 
 def _scaled(rows: torch.Tensor, grid_rows: torch.Tensor, block: tuple[int, ...]) -> torch.Tensor:
     """``rows`` over their blocks' scales, within the e4m3 range (converted to e4m3 by the caller's copy)."""
-    return (rows / _widen(grid_rows.to(torch.float32), rows.shape, block)).clamp_(-E4M3_MAX, E4M3_MAX)
+    blocks, scale = _by_block(rows, grid_rows, block)
+    return (blocks / scale).clamp_(-E4M3_MAX, E4M3_MAX).view(rows.shape)
+
+
+def _by_block(rows: torch.Tensor, grid_rows: torch.Tensor, block: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A view of ``rows`` and each element's block scale (float32) that broadcast against each
+    other: [..., blocks, rows per block, blocks, columns per block] against a scale per block
+    where whole blocks tile a contiguous band (3x faster than widening the scales), else
+    ``rows`` itself and the scales widened over it."""
+    *lead, height, width = rows.shape
+    scale = grid_rows.to(torch.float32)
+    if height % block[0] or width % block[1] or not (rows.is_contiguous() and scale.is_contiguous()):
+        return rows, _widen(scale, rows.shape, block)
+    tiles = (height // block[0], block[0], width // block[1], block[1])
+    return rows.view(*lead, *tiles), scale.view(*lead, tiles[0], 1, tiles[2], 1)
 
 
 def _other_e4m3(near: torch.Tensor, near_value: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -132,11 +158,11 @@ def _other_e4m3(near: torch.Tensor, near_value: torch.Tensor, y: torch.Tensor) -
     which is monotonic in the magnitude."""
     bits = near.view(torch.uint8)
     magnitude = bits & 0x7F
-    away = (y.abs() > near_value.abs()) & (magnitude < 0x7E)
-    toward = y.abs() < near_value.abs()
+    wanted, held = y.abs(), near_value.abs()
+    away = (wanted > held) & (magnitude < 0x7E)
+    step = away.to(torch.uint8) - (wanted < held).to(torch.uint8)  # 1, 0 or 255 (uint8: -1)
     sign = torch.where(magnitude == 0, torch.signbit(y).to(torch.uint8) << 7, bits & 0x80)
-    magnitude = torch.where(away, magnitude + 1, torch.where(toward, magnitude - 1, magnitude))
-    return (sign | magnitude).view(torch.float8_e4m3fn)
+    return (sign | (magnitude + step)).view(torch.float8_e4m3fn)
 
 
 def _as_grid(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -69,10 +69,13 @@ class MXFP4:
         scale, unscale = _power_of_two(exponent), _power_of_two(-exponent)
         scaled = rows * unscale
         codes = _round_e2m1(scaled.abs())
-        if rounding is not None:
+        if rounding is not None:  # the other neighbour of every element, then the choice at the candidates
             sign = torch.where(torch.signbit(scaled), -scale, scale)
             nearest, other = (_logical(_magnitude(c) * sign, tensor.shape) for c in (codes, _other_code(codes, scaled.abs())))
-            scaled = _groups(rounding(tensor, nearest, other)) * unscale
+            axis = rounding.axis % tensor.dim()
+            chosen = nearest.index_copy_(axis, rounding.rows,
+                                         rounding.choose(tensor, nearest, other.index_select(axis, rounding.rows)))
+            scaled = _groups(chosen) * unscale
             codes = _round_e2m1(scaled.abs())
         codes |= torch.signbit(scaled).to(torch.uint8) << 3
         blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)

@@ -65,7 +65,9 @@ class Codec(Protocol):
                rounding: Rounding | None = None) -> dict[str, torch.Tensor]:
         """``tensor`` (float32, logical) as parts of the shapes and dtypes of ``like``, with new scales.
 
-        ``rounding``, when given, chooses each element's value between its nearest grid value
-        and the neighbour on the other side (``rewriter.rounding``), once the scales are set
-        from ``tensor``; the codec then stores exactly the chosen values.
+        ``rounding``, when given, chooses the values at indices ``rounding.rows`` along
+        ``rounding.axis`` (``rewriter.rounding``), once the scales are set from ``tensor``: the
+        codec rounds every element to nearest, computes the grid neighbour on the other side
+        of the wanted value for those elements only, and stores exactly the values that
+        ``rounding.choose(tensor, nearest, other)`` returns for them.
         """

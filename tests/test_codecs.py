@@ -83,6 +83,16 @@ def test_quantized_rewrite_keeps_the_format(case: Case, tmp_path: Path) -> None:
         _check_transformers_loads(job, out, after)
 
 
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_edit_threads_give_the_bits_of_one_thread(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quantized edit's column chunks and its rounding's column groups run on the edit threads;
+    ``verify`` recomputes every edit on one thread and must find the same bits. Small chunks and
+    groups, so that a tiny model has several of each."""
+    monkeypatch.setattr("rewriter.engine.edit.COLUMNS", 16)
+    monkeypatch.setattr("rewriter.rounding.COLUMNS", 8)
+    _rewritten(case, tmp_path, "--workers", "1", "--edit-threads", "3")
+
+
 def _check_fidelity(case: Case, job: RewriteJob, before: dict[str, Any], after: dict[str, Any]) -> None:
     c = job.view.codec
     assert c is not None and c.name == case.codec

@@ -8,7 +8,7 @@ import torch
 from rewriter.codec import Packed
 from rewriter.plugins.fp8 import CODECS, _other_e4m3
 from rewriter.plugins.mxfp4 import E2M1, MXFP4, _round_e2m1
-from rewriter.rounding import along
+from rewriter.rounding import Rounding
 
 
 def test_e2m1_rounds_to_nearest_with_ties_to_even() -> None:
@@ -53,7 +53,7 @@ def test_rounding_keeps_the_direction_out(kind: str) -> None:
         return float(torch.tensordot(x.double().movedim(axis, -1), r, dims=1).abs().mean())
 
     nearest = codec.decode(packed, codec.encode(packed, edited, like))
-    kept = codec.decode(packed, codec.encode(packed, edited, like, along(r, axis)))
+    kept = codec.decode(packed, codec.encode(packed, edited, like, Rounding(r, axis)))
     assert left(nearest) > 0.2 * left(w)  # rounding to nearest undoes much of the edit
     assert left(kept) < 0.01 * left(w)
     error = float(torch.linalg.vector_norm(kept - edited) / torch.linalg.vector_norm(edited))

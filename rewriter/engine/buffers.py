@@ -49,12 +49,17 @@ class Scratch:
         ring.append(ring.pop(0))
         return ring[-1]
 
+    @property
+    def pool(self) -> Executor | None:
+        """The edit threads (None: edits run inline)."""
+        return self._pool
+
     def edit(self, edit: TensorEdit, tensor: torch.Tensor) -> int:
         """Apply ``edit`` to ``tensor`` in place, through this thread's working copy; returns the columns zeroed."""
         work: torch.Tensor | None = getattr(self._mine, "work", None)
         if work is None:
             work = self._mine.work = torch.empty(self.numel, dtype=self.compute)
-        return edit.apply(tensor, self.compute, in_place=True, workspace=work, pool=self._pool)[1]
+        return edit.apply(tensor, self.compute, in_place=True, workspace=work, pool=self.pool)[1]
 
     @contextmanager
     def edit_threads(self, threads: int) -> Iterator[None]:

@@ -6,11 +6,12 @@ same ``CodedEdit``, with the codec's two functions bound to that weight.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
 import torch
 
-from ..rounding import Rounding, along
+from ..rounding import Rounding
 from .edit import TensorEdit
 
 Decode = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
@@ -39,16 +40,19 @@ class CodedEdit:
     def piece(self, index: int) -> CodedEdit:
         return replace(self, edit=self.edit.piece(index))
 
-    def apply(self, parts: Mapping[str, torch.Tensor], compute: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], int]:
+    def apply(self, parts: Mapping[str, torch.Tensor], compute: torch.dtype = torch.float32,
+              pool: Executor | None = None) -> tuple[dict[str, torch.Tensor], int]:
         """The parts re-encoded after the edit, and how many columns had to be zeroed.
 
         The decoded tensor is edited in place. Rounding keeps the edit's direction out of the
         requantized weight (``rewriter.rounding``): plain rounding to nearest would put back
-        about half of what the edit removed.
+        about half of what the edit removed. ``pool`` runs the edit's column chunks and the
+        rounding's column groups on its threads (the bits do not depend on it).
         """
         logical = self.decode(parts).to(compute)
-        edited, zeroed = self.edit.apply(logical, compute, in_place=True)
-        return self.encode(edited.to(torch.float32), parts, along(self.edit.direction, self.edit.axis)), zeroed
+        edited, zeroed = self.edit.apply(logical, compute, in_place=True, pool=pool)
+        rounding = Rounding(self.edit.direction, self.edit.axis, pool)
+        return self.encode(edited.to(torch.float32), parts, rounding), zeroed
 
 
 @dataclass(frozen=True)

@@ -280,7 +280,7 @@ def _write_shard(
                 writer.copy(src.fileno(), copied, entry.start, src.name)  # the untouched run before it
                 if isinstance(edit, CodedEdit):
                     if entry.name not in coded_done:
-                        zeroed += _write_coded(ckpt, shard, src, edit, writer, scratch.compute, coded_done)
+                        zeroed += _write_coded(ckpt, shard, src, edit, writer, scratch, coded_done)
                         edited += 1
                     writer.skip(entry.end - entry.start)
                 else:
@@ -337,7 +337,7 @@ def _write_edited(src: BinaryIO, entry: TensorEntry, edit: TensorEdit, scratch: 
 
 
 def _write_coded(ckpt: Checkpoint, shard: Shard, src: BinaryIO, edit: CodedEdit, writer: ShardWriter,
-                 compute: torch.dtype, done: set[str]) -> int:
+                 scratch: Scratch, done: set[str]) -> int:
     """Decode, edit and re-encode a quantized weight, one slice at a time when stacked, and queue
     its parts that live in this shard for their places in it; returns the columns zeroed.
 
@@ -348,7 +348,7 @@ def _write_coded(ckpt: Checkpoint, shard: Shard, src: BinaryIO, edit: CodedEdit,
     n = coded_slices(ckpt, edit)
     zeroed = 0
     for i, parts in enumerate(part_slices(ckpt, shard, src, edit.parts, n)):
-        new, z = (edit.piece(i) if n > 1 else edit).apply(parts, compute)
+        new, z = (edit.piece(i) if n > 1 else edit).apply(parts, scratch.compute, scratch.pool)
         zeroed += z
         for e in here:
             writer.write_at(slice_entry(e, i, n).start, new[e.name])
