@@ -5,6 +5,7 @@
     python benchmarks/rewrite_bench.py --sizes 4 --fused-experts 32                    # gpt-oss-shaped
     python benchmarks/rewrite_bench.py --sizes 2 --fp8                                 # block FP8
     python benchmarks/rewrite_bench.py --sizes 4 8 --cold                              # from the disk
+    python benchmarks/rewrite_bench.py --sizes 4 --work /dev/shm/bench --cores 1 2     # scaling with cores
 
 For each size: generate a bf16 checkpoint (Gemma-3-12B-shaped, or gpt-oss-shaped with
 ``--fused-experts``; block FP8 with ``--fp8``, whose edits decode, edit and re-encode), and
@@ -21,7 +22,8 @@ large write; use an even ``--repeat`` so that each goes first equally often):
 Peak RSS is the child's own ru_maxrss (os.wait4), the maximum over repeats. A second table
 times the edit of the largest tensors in-process on one torch thread (the rewrite's setting)
 and gives the bandwidth one core's edits keep up with, and what a 16-core machine (8 workers,
-one per two cores) would need from its disk. Prints markdown with the date and machine;
+one per two cores) would need from its disk; a third, for disks of 3, 7 and 14 GB/s, how many
+cores the edits need and how long each piece's edit may take on one of 16 cores. Prints markdown with the date and machine;
 asserts nothing. The work directory is deleted at the end.
 """
 from __future__ import annotations
@@ -46,6 +48,7 @@ sys.path.insert(0, str(HERE))
 import synthetic  # noqa: E402  (torch-free at import)
 
 CORES_16_WORKERS = 8  # what rewriter.engine.threads.auto_workers picks on 16 cores
+DISKS = (3.0, 7.0, 14.0)  # GB/s: a PCIe 3, PCIe 4 and PCIe 5 NVMe drive
 
 
 def run(cmd: list[str]) -> tuple[float, int]:
@@ -160,6 +163,14 @@ def edit_table(src: Path, repeat: int) -> None:
           f"with a {per_core / share:.1f} GB/s disk. A 16-core machine ({CORES_16_WORKERS} workers, one per two "
           f"cores, enough shards) keeps up with {CORES_16_WORKERS * per_core / share:.1f} GB/s, if memory "
           f"bandwidth allows; past that the edit math is the limit.")
+    print("\n| disk GB/s | cores the edits need (one thread each) | " +
+          " | ".join(f"{r['name']} budget, ms per piece on one of 16 cores" for r in rows) + " |")
+    print("|---|---|" + "---|" * len(rows))
+    for disk in DISKS:
+        # the disk streams a piece's share of the checkpoint in (piece bytes / share) / disk seconds;
+        # 16 cores editing side by side may each take 16 times that
+        budgets = " | ".join(f"{16 * r['bytes'] / r['pieces'] / share / (disk * 1e9) * 1e3:.0f}" for r in rows)
+        print(f"| {disk:g} | {disk * share / per_core:.1f} | {budgets} |")
 
 
 def main() -> None:
@@ -168,6 +179,9 @@ def main() -> None:
     ap.add_argument("--shard-gb", type=float, nargs="+", default=[2.0], help="shard sizes in GiB")
     ap.add_argument("--work", type=Path, default=Path("/tmp/abliterate-bench"),
                     help="source and outputs live here (/dev/shm: a fast disk)")
+    ap.add_argument("--cores", nargs="+", default=["all"],
+                    help="cores every run may use (taskset -c 0..N-1; the automatic workers and edit threads follow "
+                         "the mask), e.g. 1 2 4: how the time scales with cores ('all': no mask)")
     ap.add_argument("--workers", nargs="+", default=["auto"], help="--workers values to time ('auto': the default)")
     ap.add_argument("--edit-threads", nargs="+", default=["auto"],
                     help="--edit-threads values to time with each --workers value ('auto': the default)")
@@ -192,9 +206,9 @@ def main() -> None:
     print(f"`{' '.join(sys.argv)}`  ")
     print(f"Python + torch start in {startup:.1f} s and {baseline / 2**20:.0f} MiB (in every rewrite's time); "
           f"largest edited piece in fp32: {tensor / 2**20:.0f} MiB. Medians of {args.repeat}.\n")
-    print("| GiB | shard GiB | workers | edit threads | layers | cp s | copy s | copy/cp | rewrite s | rewrite/cp "
+    print("| GiB | shard GiB | cores | workers | edit threads | layers | cp s | copy s | copy/cp | rewrite s | rewrite/cp "
           "| MB/s | peak RSS MiB | (RSS-base)/piece |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     src = None
     try:
         for shard_gb in args.shard_gb:
@@ -212,11 +226,12 @@ def main() -> None:
                 nbytes = sum(p.stat().st_size for p in src.iterdir())
                 rewrite = [exe, "rewrite", str(src), str(args.work / "out"), "-d", str(directions), "-q",
                            "--layers", f"0-{layers - 1}:{layers // 2}", "--strategy", "norm-preserving"]
-                for workers, threads in itertools.product(args.workers, args.edit_threads):
+                for cores, workers, threads in itertools.product(args.cores, args.workers, args.edit_threads):
                     extra = [*([] if workers == "auto" else ["--workers", workers]),
                              *([] if threads == "auto" else ["--edit-threads", threads])]
-                    runs = {"cp": ["sh", "-c", f"cp -r '{src}' '{args.work / 'out'}' && sync"],
-                            "copy": [*rewrite, "--scale", "0", *extra], "rewrite": [*rewrite, *extra]}
+                    mask = [] if cores == "all" else ["taskset", "-c", f"0-{int(cores) - 1}"]
+                    runs = {"cp": [*mask, "sh", "-c", f"cp -r '{src}' '{args.work / 'out'}' && sync"],
+                            "copy": [*mask, *rewrite, "--scale", "0", *extra], "rewrite": [*mask, *rewrite, *extra]}
                     times: dict[str, list[float]] = {k: [] for k in runs}
                     rss = 0
                     for rep in range(args.repeat):
@@ -232,7 +247,7 @@ def main() -> None:
                             if which != "cp":
                                 rss = max(rss, peak)
                     cp_s, copy_s, rw_s = (statistics.median(times[k]) for k in runs)
-                    print(f"| {size:g} | {shard_gb:g} | {workers} | {threads} | {layers} | {cp_s:.1f} | {copy_s:.1f} "
+                    print(f"| {size:g} | {shard_gb:g} | {cores} | {workers} | {threads} | {layers} | {cp_s:.1f} | {copy_s:.1f} "
                           f"| {copy_s / cp_s:.2f} | {rw_s:.1f} | {rw_s / cp_s:.2f} | {nbytes / rw_s / 1e6:.0f} "
                           f"| {rss / 2**20:.0f} | {(rss - baseline) / tensor:.2f} |", flush=True)
         assert src is not None

@@ -2,9 +2,14 @@
 Python loads torch.
 
 Loading torch takes 1-2 s, longer than ``cp`` needs for a gigabyte. On a cold page cache
-the disk would sit idle meanwhile, so the head of the first source shards is handed to the
+the disk would sit idle meanwhile, so the head of the source shards is handed to the
 kernel's read-ahead first (``posix_fadvise(WILLNEED)``: asynchronous, nothing is read into
-this process) and the rewrite later finds those bytes in memory. Only a hint: SOURCE is
+this process) and the rewrite later finds those bytes in memory. The hint reaches past
+what the disk reads during start-up, so that reads keep running ahead of the copy's writes
+(a cold 4 GiB copy, medians of 4 on a noisy disk: 1.07x ``cp`` with 3 GiB hinted, 1.31x
+with 1 GiB), but
+no further than a quarter of the memory available, so that hinted pages are used before
+the kernel evicts them. Only a hint: SOURCE is
 guessed from the command line without parsing it, and anything unexpected (no such
 directory, no shards, a platform without fadvise) means no hint; the rewrite itself
 checks and reports everything.
@@ -16,7 +21,9 @@ import sys
 import threading
 from pathlib import Path
 
-PREFETCH_BYTES = 1 << 30  # about what a disk reads while torch loads; bounded for huge checkpoints
+from rewriter.engine.threads import available_memory  # torch-free, as all this module loads
+
+PREFETCH_BYTES = 4 << 30  # at most: bounded for huge checkpoints, and by the memory available
 HINT_BYTES = 8 << 20  # per call: Linux acts on about one read-ahead window of each hint (8 MiB here)
 
 
@@ -42,9 +49,12 @@ def _hint(args: list[str]) -> None:
         threading.Thread(target=prefetch, args=(source,), daemon=True).start()
 
 
-def prefetch(source: Path, budget: int = PREFETCH_BYTES) -> int:
-    """Ask the kernel to read up to ``budget`` bytes of ``source``'s shards, in rewrite order;
-    returns the bytes asked for."""
+def prefetch(source: Path, budget: int | None = None) -> int:
+    """Ask the kernel to read up to ``budget`` bytes of ``source``'s shards, in rewrite order
+    (None: ``PREFETCH_BYTES`` or a quarter of the memory available, the smaller); returns the
+    bytes asked for."""
+    if budget is None:
+        budget = min(PREFETCH_BYTES, (available_memory() or 0) // 4)
     asked = 0
     try:
         for shard in sorted(p for p in source.glob("*.safetensors") if p.is_file()):

@@ -62,7 +62,7 @@ class RewriteJob:
             elif edit.scale != 0 and self.output_format == "same":
                 assert self.view.codec is not None
                 coded = CodedEdit(edit, packed.parts, partial(self.view.codec.decode, packed),
-                                  partial(self.view.codec.encode, packed))
+                                  partial(self.view.codec.encode, packed), packed.shape)
                 out.update(dict.fromkeys(packed.parts, coded))
         return out
 

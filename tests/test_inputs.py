@@ -135,11 +135,13 @@ def test_console_script_rewrites_as_the_command_does(checkpoint_factory: Callabl
 
 
 def test_prefetch_hints_at_most_its_budget_and_never_fails(checkpoint_factory: Callable[[str], Path],
-                                                          tmp_path: Path) -> None:
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = checkpoint_factory("llama")
     total = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     assert prefetch(src) == total
     assert prefetch(src, budget=1000) == 1000
+    monkeypatch.setattr("rewriter.launch.available_memory", lambda: 4000)
+    assert prefetch(src) == 1000  # a quarter of the memory available
     assert prefetch(tmp_path / "missing") == 0
     (tmp_path / "dir.safetensors").mkdir()  # not a file: left alone
     assert prefetch(tmp_path) == 0

@@ -1,4 +1,5 @@
-"""The automatic worker count: one per two cores, bounded by shards and by available memory."""
+"""The automatic worker count: one per two cores (one per core for a quantized rewrite), bounded by
+shards and by available memory; and the edit threads that use the cores left over."""
 from __future__ import annotations
 
 import pytest
@@ -22,6 +23,21 @@ def test_auto_workers(monkeypatch: pytest.MonkeyPatch, cores: int, memory: int |
     monkeypatch.setattr(threads, "usable_cores", lambda: cores)
     monkeypatch.setattr(threads, "available_memory", lambda: memory)
     assert auto_workers(shards, worker_bytes) == expected
+
+
+@pytest.mark.parametrize("cores, memory, shards, expected_workers, expected_threads", [
+    (16, 64 << 30, 30, 16, 1),  # a quantized rewrite: one worker per core
+    (2, 64 << 30, 30, 2, 1),  # this machine
+    (2, 64 << 30, 1, 1, 2),  # one shard: both cores edit its weights
+    (16, 64 << 30, 4, 4, 4),
+    (16, 6 << 30, 30, 3, 5),  # memory bounds the workers; the cores they leave edit chunks
+])
+def test_a_quantized_rewrite_is_compute_bound(monkeypatch: pytest.MonkeyPatch, cores: int, memory: int,
+                                              shards: int, expected_workers: int, expected_threads: int) -> None:
+    monkeypatch.setattr(threads, "usable_cores", lambda: cores)
+    monkeypatch.setattr(threads, "available_memory", lambda: memory)
+    workers = auto_workers(shards, 1 << 30, compute_bound=True)
+    assert (workers, threads.auto_edit_threads(workers, compute_bound=True)) == (expected_workers, expected_threads)
 
 
 def test_the_machine_is_read() -> None:

@@ -28,8 +28,10 @@ DEFAULT_STRATEGY = "norm-preserving"
                    "fresh scales and copies the rest; 'bf16' writes every quantized weight out in bfloat16 and drops "
                    "the quantization config, for a plain checkpoint.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Shards rewritten at once; each holds about twice the largest edited tensor in float32. "
-                   "Default: one per two cores, at most one per shard and what half the available memory holds.")
+              help="Shards rewritten at once; each holds about twice the largest edited tensor in float32 (five "
+                   "times for a quantized one). Default: one per two cores (one per core for a quantized SOURCE, "
+                   "whose re-encoding computes more than it writes), at most one per shard and what half the "
+                   "available memory holds.")
 @click.option("--edit-threads", type=click.IntRange(min=1), default=None,
               help="Threads per worker that edit a tensor's column chunks at once (the output's bits do not depend "
                    "on it). Default: the cores the workers leave over, so that a checkpoint with few shards still "

@@ -6,7 +6,7 @@ Every other byte range, and every tensor planned at scale 0, is copied by the ke
 byte for byte. Memory: each worker holds two stored-dtype tensor buffers (one being
 written, one being edited) and its own working copy in the compute dtype, about twice
 the largest edited tensor in float32, where a stacked tensor (fused experts) counts as
-one slice; a quantized weight is decoded, edited and re-encoded with about three float32
+one slice; a quantized weight is decoded, edited and re-encoded with about five float32
 copies of itself (or of one expert slice).
 """
 from __future__ import annotations
@@ -114,10 +114,11 @@ def rewrite(
         # running (measured on 2 shared cores: a [3840, 15360] edit took 0.13 s on one
         # thread, 5.7-8.5 s on two).
         scratch = Scratch({n: e for n, e in edits.items() if isinstance(e, TensorEdit)}, ckpt, compute)
+        coded = [e.working_bytes for e in edits.values() if isinstance(e, CodedEdit)]
         if workers is None:
-            workers = auto_workers(len(ckpt.shards), scratch.worker_bytes)
+            workers = auto_workers(len(ckpt.shards), scratch.worker_bytes + max(coded, default=0), bool(coded))
         if edit_threads is None:
-            edit_threads = auto_edit_threads(workers)
+            edit_threads = auto_edit_threads(workers, bool(coded))
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

@@ -6,6 +6,9 @@ writer's thread moves bytes in the kernel. So one worker per two usable cores, n
 workers than shards, and no more than fit in half the memory available now. Cores left
 over when there are fewer shards than that edit each tensor's column chunks in parallel
 (the chunks are fixed by the tensor's shape, so the bits do not depend on the thread count).
+
+A quantized rewrite is compute-bound (decoding, editing and re-encoding a weight takes
+about 30 times as long as writing it), so its writers idle and it gets one worker per core.
 """
 from __future__ import annotations
 
@@ -29,15 +32,16 @@ def available_memory() -> int | None:
     return None
 
 
-def auto_workers(shards: int, worker_bytes: int) -> int:
+def auto_workers(shards: int, worker_bytes: int, compute_bound: bool = False) -> int:
     """Workers for ``shards`` shards when each worker holds ``worker_bytes`` of buffers."""
-    workers = min(usable_cores() // 2, shards)
+    workers = min(usable_cores() // (1 if compute_bound else 2), shards)
     memory = available_memory()
     if memory is not None and worker_bytes > 0:
         workers = min(workers, memory // 2 // worker_bytes)
     return max(1, workers)
 
 
-def auto_edit_threads(workers: int) -> int:
-    """Threads per worker for the edit math: the cores that ``workers`` workers and their writers leave over."""
-    return max(1, (usable_cores() - workers) // workers)
+def auto_edit_threads(workers: int, compute_bound: bool = False) -> int:
+    """Threads per worker for the edit math: the cores that ``workers`` workers and their writers
+    leave over (compute-bound: whose writers idle)."""
+    return max(1, (usable_cores() - (0 if compute_bound else workers)) // workers)
