@@ -47,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import synthetic  # noqa: E402  (torch-free at import)
 
-CORES_16_WORKERS = 8  # what rewriter.engine.threads.auto_workers picks on 16 cores
+CORES_16_WORKERS = {False: 8, True: 16}  # what threads.auto_workers picks on 16 cores (quantized: one per core)
 DISKS = (3.0, 7.0, 14.0)  # GB/s: a PCIe 3, PCIe 4 and PCIe 5 NVMe drive
 
 
@@ -103,7 +103,6 @@ def time_edits(src: Path, repeat: int) -> None:
     plan = parse_layer_specs((f"0-{layers - 1}:{layers // 2}",), 1.0, {})
     job = prepare(src, None, src.with_suffix(".directions.safetensors"), plan, "norm-preserving")
     seen: set[str] = set()
-    pooled: list[float] = []
     for name, edit in job.stored_edits.items():
         kind = name.split(".layers.")[-1].split(".", 1)[-1]
         if kind in seen or (isinstance(edit, CodedEdit) and name != edit.parts[0]):
@@ -118,7 +117,8 @@ def time_edits(src: Path, repeat: int) -> None:
                                           job.ckpt.entry(p), stored=True) for p in piece.parts}
             nbytes = sum(job.ckpt.entry(p).end - job.ckpt.entry(p).start for p in piece.parts)
             times = _timed(lambda: piece.apply(parts), repeat)  # noqa: B023 (called at once)
-            pooled = []
+            with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+                pooled = _timed(lambda: piece.apply(parts, pool=pool), repeat)  # noqa: B023
         else:
             tensor = (torch.randn(part) * 0.02).to(torch.bfloat16)
             work = torch.empty(tensor.numel(), dtype=torch.float32)
@@ -129,7 +129,7 @@ def time_edits(src: Path, repeat: int) -> None:
                                                     workspace=work, pool=pool), repeat)  # noqa: B023
         print(json.dumps({"name": kind + ("[i]" if piece is not edit else ""), "shape": list(part),
                           "pieces": edit.slices(shape), "bytes": nbytes, "seconds": statistics.median(times),
-                          "pooled": statistics.median(pooled) if pooled else None, "layers": layers}), flush=True)
+                          "pooled": statistics.median(pooled), "layers": layers}), flush=True)
 
 
 def _timed(f: Callable[[], object], repeat: int) -> list[float]:
@@ -141,7 +141,7 @@ def _timed(f: Callable[[], object], repeat: int) -> list[float]:
     return times
 
 
-def edit_table(src: Path, repeat: int) -> None:
+def edit_table(src: Path, repeat: int, quantized: bool) -> None:
     """Per-tensor edit times (from a child) and the disk bandwidth at which edits become the limit."""
     child = subprocess.run([sys.executable, __file__, "--time-edits", str(src), "--repeat", str(repeat)],
                            check=True, capture_output=True, text=True)
@@ -152,16 +152,15 @@ def edit_table(src: Path, repeat: int) -> None:
     per_core = layer_bytes / layer_seconds / 1e9
     print(f"\n## Edit math, one torch thread (in-process, medians of {repeat})\n")
     cores = len(os.sched_getaffinity(0))
-    print(f"| tensor | piece shape | pieces | piece ms | piece GB/s (bf16) | piece ms, {cores} edit threads |")
+    print(f"| tensor | piece shape | pieces | piece ms | piece GB/s (as stored) | piece ms, {cores} edit threads |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        pooled = "-" if r["pooled"] is None else f"{r['pooled'] * 1e3:.0f}"
         print(f"| {r['name']} | {r['shape']} | {r['pieces']} | {r['seconds'] * 1e3:.0f} "
-              f"| {r['bytes'] / r['pieces'] / r['seconds'] / 1e9:.2f} | {pooled} |")
+              f"| {r['bytes'] / r['pieces'] / r['seconds'] / 1e9:.2f} | {r['pooled'] * 1e3:.0f} |")
     print(f"\nOne layer's edits: {layer_seconds:.2f} s for {layer_bytes / 1e9:.2f} GB on one core "
           f"({per_core:.2f} GB/s); edited tensors are {share:.0%} of the checkpoint, so one core's edits keep up "
-          f"with a {per_core / share:.1f} GB/s disk. A 16-core machine ({CORES_16_WORKERS} workers, one per two "
-          f"cores, enough shards) keeps up with {CORES_16_WORKERS * per_core / share:.1f} GB/s, if memory "
+          f"with a {per_core / share:.1f} GB/s disk. A 16-core machine ({CORES_16_WORKERS[quantized]} workers, "
+          f"enough shards) keeps up with {CORES_16_WORKERS[quantized] * per_core / share:.1f} GB/s, if memory "
           f"bandwidth allows; past that the edit math is the limit.")
     print("\n| disk GB/s | cores the edits need (one thread each) | " +
           " | ".join(f"{r['name']} budget, ms per piece on one of 16 cores" for r in rows) + " |")
@@ -251,7 +250,7 @@ def main() -> None:
                           f"| {copy_s / cp_s:.2f} | {rw_s:.1f} | {rw_s / cp_s:.2f} | {nbytes / rw_s / 1e6:.0f} "
                           f"| {rss / 2**20:.0f} | {(rss - baseline) / tensor:.2f} |", flush=True)
         assert src is not None
-        edit_table(src, max(args.repeat, 5))
+        edit_table(src, max(args.repeat, 5), args.fp8)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
 

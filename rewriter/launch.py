@@ -4,12 +4,10 @@ Python loads torch.
 Loading torch takes 1-2 s, longer than ``cp`` needs for a gigabyte. On a cold page cache
 the disk would sit idle meanwhile, so the head of the source shards is handed to the
 kernel's read-ahead first (``posix_fadvise(WILLNEED)``: asynchronous, nothing is read into
-this process) and the rewrite later finds those bytes in memory. The hint reaches past
-what the disk reads during start-up, so that reads keep running ahead of the copy's writes
-(a cold 4 GiB copy, medians of 4 on a noisy disk: 1.07x ``cp`` with 3 GiB hinted, 1.31x
-with 1 GiB), but
-no further than a quarter of the memory available, so that hinted pages are used before
-the kernel evicts them. Only a hint: SOURCE is
+this process) and the rewrite later finds those bytes in memory. About what the disk reads
+during start-up, and never more than a quarter of the memory available: hinting further
+ahead made the copy slower, not faster (cold 8 GiB, medians of 4 on a noisy disk: 1.30x
+``cp`` with 1 GiB hinted, 1.46x with 2 GiB, 1.52x with 4 GiB). Only a hint: SOURCE is
 guessed from the command line without parsing it, and anything unexpected (no such
 directory, no shards, a platform without fadvise) means no hint; the rewrite itself
 checks and reports everything.
@@ -23,7 +21,7 @@ from pathlib import Path
 
 from rewriter.engine.threads import available_memory  # torch-free, as all this module loads
 
-PREFETCH_BYTES = 4 << 30  # at most: bounded for huge checkpoints, and by the memory available
+PREFETCH_BYTES = 1 << 30  # about what a disk reads while torch loads (at most: see above)
 HINT_BYTES = 8 << 20  # per call: Linux acts on about one read-ahead window of each hint (8 MiB here)
 
 

@@ -41,7 +41,10 @@ def test_norm_preserving_keeps_column_norms_and_removes_direction_fp32(shape: tu
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_norm_preserving_matches_the_textbook_formula(shape: tuple[int, int]) -> None:
+@pytest.mark.parametrize("by_column", [False, True], ids=["row-major", "columns-contiguous"])
+def test_norm_preserving_matches_the_textbook_formula(shape: tuple[int, int], by_column: bool) -> None:
+    """Also on the transposed view the engine passes for an edit along a tensor's last axis
+    (fused experts), which the kernels walk column by column."""
     w = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     r = unit(shape[0], 5)
     alpha = 0.7
@@ -49,7 +52,9 @@ def test_norm_preserving_matches_the_textbook_formula(shape: tuple[int, int]) ->
     d = w / n
     d2 = d - alpha * torch.outer(r, r @ d)
     expected = d2 / d2.norm(dim=0, keepdim=True) * n
-    out, _ = norm_preserving(w.clone(), r, alpha)
+    work = w.T.contiguous().T if by_column else w.clone()
+    out, _ = norm_preserving(work, r, alpha)
+    assert out.data_ptr() == work.data_ptr() and out.stride() == work.stride()  # in place, layout kept
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 

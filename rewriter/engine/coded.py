@@ -47,7 +47,7 @@ class CodedEdit:
         return self.edit.slices(logical_shape)
 
     def piece(self, index: int) -> CodedEdit:
-        return replace(self, edit=self.edit.piece(index))
+        return replace(self, edit=self.edit.piece(index), shape=self.shape[1:])
 
     def apply(self, parts: Mapping[str, torch.Tensor], compute: torch.dtype = torch.float32,
               pool: Executor | None = None) -> tuple[dict[str, torch.Tensor], int]:
