@@ -40,6 +40,32 @@ def _rewrite_odd_tensors(src: Path, out: Path) -> int:
     return writer.commit()
 
 
+def test_the_last_copies_run_on_after_the_buffers_are_free(tmp_path: Path) -> None:
+    """``wait_for_buffers`` frees the caller's buffers for the next shard; the source it holds
+    stays open for the copies queued after them until ``close`` (or ``abort``) closes it."""
+    src = _source(tmp_path)
+    header = read_header(src)
+    out = tmp_path / "out.safetensors"
+    writer = ShardWriter(out, header)
+    f = writer.hold(open(src, "rb"))
+    first = header.entries[0]
+    buffer = bytearray(src.read_bytes()[first.start : first.end])
+    writer.write_tensor(-torch.frombuffer(buffer, dtype=torch.bfloat16))
+    writer.copy(f.fileno(), first.end, header.file_size, f.name)
+    writer.wait_for_buffers()
+    assert not f.closed  # the copy may still be reading it
+    writer.close()
+    assert f.closed
+    writer.commit()
+    before, after = load_file(src), load_file(out)
+    assert torch.equal(after[first.name], -before[first.name])
+    assert all(torch.equal(after[e.name], before[e.name]) for e in header.entries[1:])
+    aborted = ShardWriter(tmp_path / "aborted.safetensors", header)
+    g = aborted.hold(open(src, "rb"))
+    aborted.abort()
+    assert g.closed and not list(tmp_path.glob("aborted*"))
+
+
 def _check(src: Path, out: Path, size: int) -> None:
     assert size == src.stat().st_size == out.stat().st_size
     before, after = load_file(src), load_file(out)

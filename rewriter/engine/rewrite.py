@@ -218,6 +218,11 @@ class _Run:
     def _finish(self, shard: Shard, target: Path, written: _Written | None) -> None:
         try:
             if written is not None:
+                try:
+                    written.writer.close()  # the shard's last copies, still running after its worker moved on
+                except BaseException:
+                    written.writer.abort()
+                    raise
                 written.writer.commit()
                 self.manifest.record_shard(shard.name, target)
             self._count(written)
@@ -270,26 +275,26 @@ def _write_shard(
     copied = len(shard.header.raw)  # source bytes before this offset are queued
     coded_done: set[str] = set()  # parts of quantized weights already queued with write_at
     try:
-        with open_sequential(source) as src:
-            for entry in shard.header.entries:
-                edit = edits.get(entry.name)
-                if edit is None:
-                    continue
-                if isinstance(edit, TensorEdit) and edit.scale == 0:
-                    edited += 1  # nothing changes: its bytes stay in the kernel's copy of the run
-                    continue
-                writer.copy(src.fileno(), copied, entry.start, src.name)  # the untouched run before it
-                if isinstance(edit, CodedEdit):
-                    if entry.name not in coded_done:
-                        zeroed += _write_coded(ckpt, shard, src, edit, writer, scratch, coded_done)
-                        edited += 1
-                    writer.skip(entry.end - entry.start)
-                else:
-                    zeroed += _write_edited(src, entry, edit, scratch, writer)
+        src = writer.hold(open_sequential(source))  # closed by the writer once its copies are done
+        for entry in shard.header.entries:
+            edit = edits.get(entry.name)
+            if edit is None:
+                continue
+            if isinstance(edit, TensorEdit) and edit.scale == 0:
+                edited += 1  # nothing changes: its bytes stay in the kernel's copy of the run
+                continue
+            writer.copy(src.fileno(), copied, entry.start, src.name)  # the untouched run before it
+            if isinstance(edit, CodedEdit):
+                if entry.name not in coded_done:
+                    zeroed += _write_coded(ckpt, shard, src, edit, writer, scratch, coded_done)
                     edited += 1
-                copied = entry.end
-            writer.copy(src.fileno(), copied, shard.header.file_size, src.name)
-            writer.close()
+                writer.skip(entry.end - entry.start)
+            else:
+                zeroed += _write_edited(src, entry, edit, scratch, writer)
+                edited += 1
+            copied = entry.end
+        writer.copy(src.fileno(), copied, shard.header.file_size, src.name)
+        writer.wait_for_buffers()  # the copies queued last run on while the next shard is read and edited
         return _Written(writer, edited, zeroed)
     except BaseException:
         writer.abort()
@@ -303,24 +308,24 @@ def _write_laid_out(ckpt: Checkpoint, shard: Shard, source: Path, target: Path, 
     writer = ShardWriter(target, layout.header, depth=scratch.PENDING, written=advance)
     edited = zeroed = 0
     try:
-        with open_sequential(source) as src:
-            for out in layout.header.entries:
-                made = layout.made.get(out.name)
-                if made is not None:
-                    n = made.slices(out.shape)
-                    for i, parts in enumerate(part_slices(ckpt, shard, src, made.parts, n)):
-                        writer.write_tensor((made.piece(i) if n > 1 else made).produce(parts, scratch.compute))
-                    edited += made.edit is not None
-                    continue
-                entry = shard.header.entry(out.name)
-                edit = edits.get(entry.name)
-                if edit is None or (isinstance(edit, TensorEdit) and edit.scale == 0):
-                    writer.copy(src.fileno(), entry.start, entry.end, src.name)
-                else:
-                    assert isinstance(edit, TensorEdit)
-                    zeroed += _write_edited(src, entry, edit, scratch, writer)
-                edited += edit is not None
-            writer.close()
+        src = writer.hold(open_sequential(source))  # closed by the writer once its copies are done
+        for out in layout.header.entries:
+            made = layout.made.get(out.name)
+            if made is not None:
+                n = made.slices(out.shape)
+                for i, parts in enumerate(part_slices(ckpt, shard, src, made.parts, n)):
+                    writer.write_tensor((made.piece(i) if n > 1 else made).produce(parts, scratch.compute))
+                edited += made.edit is not None
+                continue
+            entry = shard.header.entry(out.name)
+            edit = edits.get(entry.name)
+            if edit is None or (isinstance(edit, TensorEdit) and edit.scale == 0):
+                writer.copy(src.fileno(), entry.start, entry.end, src.name)
+            else:
+                assert isinstance(edit, TensorEdit)
+                zeroed += _write_edited(src, entry, edit, scratch, writer)
+            edited += edit is not None
+        writer.wait_for_buffers()  # the copies queued last run on while the next shard is read and edited
         return _Written(writer, edited, zeroed)
     except BaseException:
         writer.abort()

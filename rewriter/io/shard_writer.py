@@ -5,7 +5,9 @@ source header (tensor order, offsets, ``__metadata__``, padding) is reused byte 
 and tensor data follows it, so memory never grows with shard size. Untouched byte ranges
 are copied by the kernel (``copy_file_range``, as ``cp`` does: no trip through user space),
 edited tensors are written from memory. One thread does both, in file order, while the
-caller reads and edits the next tensor.
+caller reads and edits the next tensor, and, once the shard's last buffer is written
+(``wait_for_buffers``), while it goes on to the next shard: the copies queued last hold
+no memory, and the files they read from are held open until ``close``.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import torch
 
@@ -66,6 +68,8 @@ class ShardWriter:
         self._buffers = threading.Semaphore(depth)
         self._error: BaseException | None = None
         self._kernel_copy = hasattr(os, "copy_file_range")
+        self._held: list[BinaryIO] = []
+        self._depth = depth
         self._thread = threading.Thread(target=self._drain, name=f"write {final.name}", daemon=True)
         self._thread.start()
         self.write(header.raw)
@@ -125,6 +129,20 @@ class ShardWriter:
         self._check()
         self._queue.put(_Skip(length))
 
+    def hold(self, source: BinaryIO) -> BinaryIO:
+        """Keep ``source`` (which queued copies read from) open until ``close`` or ``abort``; returns it."""
+        self._held.append(source)
+        return source
+
+    def wait_for_buffers(self) -> None:
+        """Wait until every queued buffer is written, so that the caller may reuse them; queued
+        copies may still be running."""
+        for _ in range(self._depth):
+            self._buffers.acquire()
+        for _ in range(self._depth):
+            self._buffers.release()
+        self._check()
+
     def copy(self, fd: int, start: int, end: int, name: str) -> None:
         """Queue bytes [start, end) of the open file ``fd`` (named ``name`` in errors); it must stay open until ``close``."""
         self._check()
@@ -153,11 +171,18 @@ class ShardWriter:
             return 0
 
     def close(self) -> None:
-        """Wait until everything queued is written; after this the source files may be closed."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        """Wait until everything queued is written; closes the held source files."""
+        try:
+            if self._thread.is_alive():
+                self._queue.put(None)
+                self._thread.join()
+        finally:
+            self._release_sources()
         self._check()
+
+    def _release_sources(self) -> None:
+        while self._held:
+            self._held.pop().close()
 
     def commit(self) -> int:
         """fsync and rename ``NAME.partial`` to ``NAME``; returns the size. Call after ``close``."""
@@ -170,6 +195,7 @@ class ShardWriter:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        self._release_sources()
         self._file.abort()
 
 
