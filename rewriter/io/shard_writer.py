@@ -1,13 +1,15 @@
-"""Streams one output shard to ``NAME.partial`` on a background thread; ``commit`` renames it into place.
+"""Streams one output shard to ``NAME.partial`` on background threads; ``commit`` renames it into place.
 
 safetensors has no streaming writer, but a rewrite changes no shape and no dtype: the
 source header (tensor order, offsets, ``__metadata__``, padding) is reused byte for byte
 and tensor data follows it, so memory never grows with shard size. Untouched byte ranges
-are copied by the kernel (``copy_file_range``, as ``cp`` does: no trip through user space),
-edited tensors are written from memory. One thread does both, in file order, while the
-caller reads and edits the next tensor, and, once the shard's last buffer is written
-(``wait_for_buffers``), while it goes on to the next shard: the copies queued last hold
-no memory, and the files they read from are held open until ``close``.
+are copied by the kernel (``copy_file_range``, as ``cp`` does: no trip through user space)
+on one thread, and edited tensors are written from memory on another, each at its own
+offset, so that neither waits for the other (with one thread for both, the copy of the
+untouched tensors between two edited ones held up every write, and the caller's next
+edit with it). Both run while the caller reads and edits the next tensor, and, once the
+shard's last buffer is written (``wait_for_buffers``), while it goes on to the next
+shard: copies hold no memory, and the files they read from are held open until ``close``.
 """
 from __future__ import annotations
 
@@ -31,30 +33,27 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, er
 
 
 class _Copy(NamedTuple):
+    """Bytes [start, start + length) of the open file ``fd``, for ``offset`` in the shard."""
+
     fd: int
     start: int
     length: int
     name: str
+    offset: int
 
 
 class _At(NamedTuple):
-    """Data for a later place in the file (positioned write; the file position stays)."""
+    """Data for ``offset`` in the shard."""
 
     offset: int
     data: bytes | memoryview
 
 
-class _Skip(NamedTuple):
-    """A range already written by an ``_At``: the file position moves past it."""
-
-    length: int
-
-
 class ShardWriter:
     """Bounded by ``depth`` tensors queued for writing (a queued range copy holds no memory).
 
-    ``written(n)`` is called on the writer thread as each piece reaches the file (progress).
-    Errors on the writer thread surface on the caller's next call, or in ``close``.
+    ``written(n)`` is called on the writer threads as each piece reaches the file (progress).
+    Errors on the writer threads surface on the caller's next call, or in ``close``.
     """
 
     def __init__(self, final: Path, header: Header, depth: int = 1,
@@ -64,18 +63,22 @@ class ShardWriter:
         self._file = PartialFile(final)
         self._fd = self._file.fd
         self.size = 0
-        self._queue: queue.SimpleQueue[bytes | memoryview | _Copy | _At | _Skip | None] = queue.SimpleQueue()
+        self._position = 0  # where the next sequential piece goes
         self._buffers = threading.Semaphore(depth)
         self._error: BaseException | None = None
         self._kernel_copy = hasattr(os, "copy_file_range")
         self._held: list[BinaryIO] = []
         self._depth = depth
-        self._thread = threading.Thread(target=self._drain, name=f"write {final.name}", daemon=True)
-        self._thread.start()
+        self._writes: queue.SimpleQueue[_At | None] = queue.SimpleQueue()
+        self._copies: queue.SimpleQueue[_Copy | None] = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._drain, args=(q, name), name=f"{name} {final.name}", daemon=True)
+                         for q, name in ((self._writes, "write"), (self._copies, "copy"))]
+        for thread in self._threads:
+            thread.start()
         self.write(header.raw)
 
-    def _drain(self) -> None:
-        while (item := self._queue.get()) is not None:
+    def _drain(self, items: queue.SimpleQueue[_At | None] | queue.SimpleQueue[_Copy | None], kind: str) -> None:
+        while (item := items.get()) is not None:
             try:
                 if self._error is None:
                     self._written(self._do(item))
@@ -84,22 +87,16 @@ class ShardWriter:
                     exc.filename = str(self._file.partial)
                 self._error = exc
             finally:
-                if not isinstance(item, (_Copy, _Skip)):
+                if kind == "write":
                     self._buffers.release()
 
-    def _do(self, item: bytes | memoryview | _Copy | _At | _Skip) -> int:
+    def _do(self, item: _At | _Copy) -> int:
         """Carry out one queued item; returns the bytes it added to the file."""
         if isinstance(item, _Copy):
             self._copy(item)
             return item.length
-        if isinstance(item, _Skip):
-            os.lseek(self._fd, item.length, os.SEEK_CUR)
-            return 0
-        if isinstance(item, _At):
-            _write_all(self._fd, item.data, item.offset)
-            return memoryview(item.data).nbytes
-        _write_all(self._fd, item)
-        return memoryview(item).nbytes
+        _write_all(self._fd, item.data, item.offset)
+        return memoryview(item.data).nbytes
 
     def _check(self) -> None:
         if self._error is not None:
@@ -107,10 +104,15 @@ class ShardWriter:
 
     def write(self, data: bytes | memoryview) -> None:
         """Queue ``data`` (waits while ``depth`` buffers are pending); the caller must not modify it afterwards."""
+        n = memoryview(data).nbytes
+        self._put_buffer(_At(self._position, data))
+        self._position += n
+        self.size += n
+
+    def _put_buffer(self, item: _At) -> None:
         self._buffers.acquire()
         self._check()
-        self._queue.put(data)
-        self.size += memoryview(data).nbytes
+        self._writes.put(item)
 
     def write_tensor(self, tensor: torch.Tensor) -> None:
         self.write(tensor_bytes(tensor))
@@ -119,15 +121,13 @@ class ShardWriter:
         """Queue ``tensor``'s bytes for absolute ``offset``, ahead of the sequential stream, which
         must then ``skip`` that range when it gets there (parts of a quantized weight written
         together, wherever they lie in the shard)."""
-        self._buffers.acquire()
-        self._check()
-        self._queue.put(_At(offset, tensor_bytes(tensor)))
+        self._put_buffer(_At(offset, tensor_bytes(tensor)))
         self.size += tensor.nbytes
 
     def skip(self, length: int) -> None:
         """Move the sequential stream past ``length`` bytes queued earlier with ``write_at``."""
         self._check()
-        self._queue.put(_Skip(length))
+        self._position += length
 
     def hold(self, source: BinaryIO) -> BinaryIO:
         """Keep ``source`` (which queued copies read from) open until ``close`` or ``abort``; returns it."""
@@ -147,24 +147,25 @@ class ShardWriter:
         """Queue bytes [start, end) of the open file ``fd`` (named ``name`` in errors); it must stay open until ``close``."""
         self._check()
         if end > start:
-            self._queue.put(_Copy(fd, start, end - start, name))
+            self._copies.put(_Copy(fd, start, end - start, name, self._position))
+            self._position += end - start
             self.size += end - start
 
     def _copy(self, item: _Copy) -> None:
-        start, left = item.start, item.length
+        start, left, offset = item.start, item.length, item.offset
         while left:
-            n = self._kernel(item.fd, start, min(left, _MAX_IO)) if self._kernel_copy else 0
+            n = self._kernel(item.fd, start, min(left, _MAX_IO), offset) if self._kernel_copy else 0
             if n == 0:  # refused, or nothing copied (some file systems answer so): through memory
                 self._kernel_copy = False
-                n = _copy_through_memory(item.fd, start, min(left, _CHUNK), self._fd)
+                n = _copy_through_memory(item.fd, start, min(left, _CHUNK), self._fd, offset)
             if n == 0:
                 raise AbliterateError(f"{item.name}: unexpected end of file")
-            start, left = start + n, left - n
+            start, left, offset = start + n, left - n, offset + n
 
-    def _kernel(self, src: int, start: int, count: int) -> int:
+    def _kernel(self, src: int, start: int, count: int, offset: int) -> int:
         """Bytes copied in the kernel; 0 where this pair of files does not allow it."""
         try:
-            return os.copy_file_range(src, self._fd, count, start)
+            return os.copy_file_range(src, self._fd, count, start, offset)
         except OSError as exc:
             if exc.errno not in _NO_KERNEL_COPY:
                 raise
@@ -173,12 +174,16 @@ class ShardWriter:
     def close(self) -> None:
         """Wait until everything queued is written; closes the held source files."""
         try:
-            if self._thread.is_alive():
-                self._queue.put(None)
-                self._thread.join()
+            self._stop()
         finally:
             self._release_sources()
         self._check()
+
+    def _stop(self) -> None:
+        for items in (self._writes, self._copies):
+            items.put(None)
+        for thread in self._threads:
+            thread.join()
 
     def _release_sources(self) -> None:
         while self._held:
@@ -192,9 +197,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Stop and remove the partial file (the caller is raising)."""
         self._error = self._error or AbliterateError("aborted")
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        self._stop()
         self._release_sources()
         self._file.abort()
 
@@ -204,17 +207,15 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
-    """Write everything, at the file position, or at ``offset`` when given."""
+def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write everything at ``offset``."""
     view = memoryview(data).cast("B")
     while view:
-        chunk = view[:_MAX_IO]
-        n = os.write(fd, chunk) if offset is None else os.pwrite(fd, chunk, offset)
-        view = view[n:]
-        offset = None if offset is None else offset + n
+        n = os.pwrite(fd, view[:_MAX_IO], offset)
+        view, offset = view[n:], offset + n
 
 
-def _copy_through_memory(src: int, start: int, count: int, dst: int) -> int:
+def _copy_through_memory(src: int, start: int, count: int, dst: int, offset: int) -> int:
     data = os.pread(src, count, start)
-    _write_all(dst, data)
+    _write_all(dst, data, offset)
     return len(data)
