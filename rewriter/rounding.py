@@ -18,6 +18,8 @@ from concurrent.futures import Executor
 
 import torch
 
+from .engine.threads import run_each
+
 ROWS = 4  # a switch is looked for among the 1/ROWS of the rows where |r| is largest: they move r . w most
 COLUMNS = 256  # columns handled at once: temporaries stay [d / ROWS, COLUMNS]
 
@@ -54,13 +56,7 @@ class Rounding:
             xt, qt, ot = (t.t().contiguous() for t in (x[self.rows, cols], chosen[:, cols], o[:, cols]))
             chosen[:, cols] = _balance(xt, qt, ot, r_rows, residual).t()
 
-        starts = range(0, x.shape[1], COLUMNS)
-        if self._pool is None:
-            for start in starts:
-                group(start)
-        else:
-            for future in [self._pool.submit(group, s) for s in starts]:
-                future.result()
+        run_each(self._pool, group, range(0, x.shape[1], COLUMNS))
         return chosen.reshape(other.movedim(self.axis, 0).shape).movedim(0, self.axis)
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from concurrent.futures import Executor, wait
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
 import torch
 
 from ..errors import AbliterateError
+from .threads import run_each
 
 # (matrix [d_model, columns] in the compute dtype, unit direction, scale) -> (new matrix, zeroed columns);
 # it may work in place. Each column is edited on its own: the engine hands an update chunks of
@@ -86,14 +87,7 @@ class TensorEdit:
             target[..., columns].copy_(edited.reshape(src.shape))
             return zeroed
 
-        chunks = column_chunks(moved.shape[-1])
-        if pool is None or len(chunks) == 1:
-            zeroed = sum(edit_chunk(c) for c in chunks)
-        else:
-            futures = [pool.submit(edit_chunk, c) for c in chunks]
-            wait(futures)  # all chunks done before a failed one raises: none writes into a buffer reused after
-            zeroed = sum(f.result() for f in futures)
-        return out, zeroed
+        return out, sum(run_each(pool, edit_chunk, column_chunks(moved.shape[-1])))
 
     def _apply_stacked(self, tensor: torch.Tensor, compute: torch.dtype, in_place: bool,
                        workspace: torch.Tensor | None, pool: Executor | None) -> tuple[torch.Tensor, int]:

@@ -13,6 +13,12 @@ about 30 times as long as writing it), so its writers idle and it gets one worke
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, wait
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def usable_cores() -> int:
@@ -45,3 +51,13 @@ def auto_edit_threads(workers: int, compute_bound: bool = False) -> int:
     """Threads per worker for the edit math: the cores that ``workers`` workers and their writers
     leave over (compute-bound: whose writers idle)."""
     return max(1, (usable_cores() - (0 if compute_bound else workers)) // workers)
+
+
+def run_each(pool: Executor | None, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``work`` of every item, in order: on ``pool``'s threads when given, else inline. Every
+    item finishes before a failed one raises, so none writes into a buffer the caller reuses."""
+    if pool is None or len(items) <= 1:
+        return [work(item) for item in items]
+    futures = [pool.submit(work, item) for item in items]
+    wait(futures)
+    return [f.result() for f in futures]
