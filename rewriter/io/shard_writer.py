@@ -71,13 +71,13 @@ class ShardWriter:
         self._depth = depth
         self._writes: queue.SimpleQueue[_At | None] = queue.SimpleQueue()
         self._copies: queue.SimpleQueue[_Copy | None] = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._drain, args=(q, name), name=f"{name} {final.name}", daemon=True)
+        self._threads = [threading.Thread(target=self._drain, args=(q,), name=f"{name} {final.name}", daemon=True)
                          for q, name in ((self._writes, "write"), (self._copies, "copy"))]
         for thread in self._threads:
             thread.start()
         self.write(header.raw)
 
-    def _drain(self, items: queue.SimpleQueue[_At | None] | queue.SimpleQueue[_Copy | None], kind: str) -> None:
+    def _drain(self, items: queue.SimpleQueue[_At | None] | queue.SimpleQueue[_Copy | None]) -> None:
         while (item := items.get()) is not None:
             try:
                 if self._error is None:
@@ -87,7 +87,7 @@ class ShardWriter:
                     exc.filename = str(self._file.partial)
                 self._error = exc
             finally:
-                if kind == "write":
+                if isinstance(item, _At):  # a buffer; a copy holds none
                     self._buffers.release()
 
     def _do(self, item: _At | _Copy) -> int:
