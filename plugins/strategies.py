@@ -1,4 +1,5 @@
-"""The four built-in strategies (docs/method.md): standard, projected, biprojected, norm-preserving.
+"""The built-in strategies (docs/method.md): standard, projected, biprojected, norm-preserving
+and householder.
 
 Directions are refined in float64 with two-pass Gram-Schmidt; weight updates run in the
 compute dtype (float32 or float64) in place, with rank-1 updates, so that an edit needs
@@ -27,11 +28,15 @@ def remove_component(r: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
 
 
 def standard_direction(m: Measurements, measurement: int, target: int) -> torch.Tensor:
-    return m.direction(measurement)
+    return m.measured_direction(measurement)
 
 
 def projected_direction(m: Measurements, measurement: int, target: int) -> torch.Tensor:
-    return remove_component(m.direction(measurement), _normalize(m.harmless_mean(measurement)))
+    """Without the measurement layer's harmless component. A reference file's direction is used
+    as its measure.py wrote it: that tool projects at measurement time (``--projected``) or not,
+    and its ablation never projects at the measurement layer."""
+    r = m.measured_direction(measurement)
+    return r if m.reference is not None else remove_component(r, _normalize(m.harmless_mean(measurement)))
 
 
 def biprojected_direction(m: Measurements, measurement: int, target: int) -> torch.Tensor:
@@ -64,18 +69,46 @@ def norm_preserving(w: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[tor
     return w, int(degenerate.sum())
 
 
+def householder(w: torch.Tensor, r: torch.Tensor, scale: float) -> tuple[torch.Tensor, int]:
+    """W' = W - 2 scale r (r^T W): at scale 1 the Householder reflection (I - 2 r r^T) W, which keeps
+    every column norm and turns the component along r around; at scale 1/2 the subtractive edit."""
+    return subtractive(w, r, 2 * scale)
+
+
 def removes_direction(edit: TensorEdit, before: torch.Tensor, after: torch.Tensor, tol: float) -> str | None:
     """At scale 1 nothing is written along the direction: |r^T w| / |w| <= tol for every column."""
     if edit.scale != 1.0 or not after.numel():
         return None
-    along = (edit.direction.to(after.dtype) @ after).abs()
-    worst = float((along / column_norms(after).clamp_min(1e-30)).max())
-    return f"still writes along the direction (|r^T w| / |w| up to {worst:.2e})" if worst > tol else None
+    return _along(edit, before, after, 0.0, tol)
+
+
+def _along(edit: TensorEdit, before: torch.Tensor, after: torch.Tensor, factor: float, tol: float) -> str | None:
+    """|r^T w' - factor r^T w| / |w'| <= tol for every column."""
+    r = edit.direction.to(after.dtype)
+    off = ((r @ after) - factor * (r @ before)).abs()
+    worst = float((off / column_norms(after).clamp_min(1e-30)).max())
+    if worst <= tol:
+        return None
+    if factor == 0:
+        return f"still writes along the direction (|r^T w| / |w| up to {worst:.2e})"
+    return f"its component along the direction is not {factor:g} times the source's (off by up to {worst:.2e} of |w|)"
+
+
+def subtracts_along(edit: TensorEdit, before: torch.Tensor, after: torch.Tensor, tol: float) -> str | None:
+    """A subtractive edit leaves (1 - scale) of each column's component along r, at any scale
+    (a negative one, --invert, adds)."""
+    return _along(edit, before, after, 1.0 - edit.scale, tol) if after.numel() else None
+
+
+def reflects_along(edit: TensorEdit, before: torch.Tensor, after: torch.Tensor, tol: float) -> str | None:
+    """A Householder edit leaves (1 - 2 scale) of each column's component along r."""
+    return _along(edit, before, after, 1.0 - 2.0 * edit.scale, tol) if after.numel() else None
 
 
 def keeps_column_norms(edit: TensorEdit, before: torch.Tensor, after: torch.Tensor, tol: float) -> str | None:
-    """Every weight column keeps its norm, except those zeroed for being parallel to r (counted by rewrite)."""
-    if edit.update is not norm_preserving or not after.numel():
+    """Every weight column keeps its norm, except those zeroed for being parallel to r (counted by
+    rewrite): always for norm-preserving, at scale 1 (a reflection) for householder."""
+    if not after.numel() or not (edit.update is norm_preserving or (edit.update is householder and edit.scale == 1)):
         return None
     old, new = column_norms(before), column_norms(after)
     kept = new > 0
@@ -85,14 +118,14 @@ def keeps_column_norms(edit: TensorEdit, before: torch.Tensor, after: torch.Tens
 
 BUILTIN = (
     Strategy("standard", "r = harmful - harmless mean; W -= r r^T W", standard_direction, subtractive, subtractive,
-             (removes_direction,)),
+             (subtracts_along,)),
     Strategy(
         "projected",
         "r without its harmless component at the measurement layer; subtractive",
         projected_direction,
         subtractive,
         subtractive,
-        (removes_direction,),
+        (subtracts_along,),
     ),
     Strategy(
         "biprojected",
@@ -100,7 +133,7 @@ BUILTIN = (
         biprojected_direction,
         subtractive,
         subtractive,
-        (removes_direction,),
+        (subtracts_along,),
     ),
     Strategy(
         "norm-preserving",
@@ -109,6 +142,14 @@ BUILTIN = (
         norm_preserving,
         subtractive,
         (removes_direction, keeps_column_norms),
+    ),
+    Strategy(
+        "householder",
+        "biprojected r; W -= 2 r r^T W, the reflection that keeps column norms (llm-abliteration --householder)",
+        biprojected_direction,
+        householder,
+        householder,
+        (reflects_along, keeps_column_norms),
     ),
 )
 

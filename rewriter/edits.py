@@ -5,7 +5,7 @@ knows nothing of plans, architectures or strategies.
 """
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +17,8 @@ from .errors import AbliterateError
 from .io.checkpoint import Checkpoint
 from .io.safetensors_io import FLOAT_DTYPES
 from .logical import LogicalTensors
-from .plan import Plan
-from .strategy import Strategy
+from .plan import Plan, PlanEntry
+from .strategy import Refine, Strategy
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,12 @@ class PlannedEdit(TensorEdit):
 
 
 def plan_edits(ckpt: Checkpoint, arch: Architecture, plan: Plan, meas: Measurements, strategy: Strategy,
-               view: LogicalTensors | None = None) -> dict[str, PlannedEdit]:
+               view: LogicalTensors | None = None, refines: Mapping[str, Refine] | None = None) -> dict[str, PlannedEdit]:
     """Every tensor edit the plan asks for, by logical tensor name, or the first problem as an AbliterateError.
 
     ``view`` folds a quantized checkpoint's parts (see ``rewriter.logical``); without one, the
-    checkpoint must be a float one.
+    checkpoint must be a float one. ``refines`` holds, by strategy name, the direction
+    refinements that plan entries name in ``direction``.
     """
     view = view or LogicalTensors.floats(ckpt)
     n_layers, width = arch.num_layers(ckpt.config), arch.hidden_size(ckpt.config)
@@ -44,7 +45,9 @@ def plan_edits(ckpt: Checkpoint, arch: Architecture, plan: Plan, meas: Measureme
     plan.check(n_layers, arch.components)
     edits: dict[str, PlannedEdit] = {}
     for entry in sorted(plan.entries, key=lambda e: e.layer):
-        base = strategy.refine(meas, entry.measurement, entry.layer)
+        base = keep_largest(_refine(strategy, refines or {}, entry)(meas.ensembled() if entry.ensemble else meas,
+                                                                    entry.measurement, entry.layer),
+                            entry.sparsity, entry.layer)
         for writer in _present_writers(ckpt, view.names, arch, entry.layer):
             shape = _check_tensor(ckpt, view, arch, writer, width)
             direction = _unit(_through_norm(ckpt, writer, base), entry.layer, entry.measurement)
@@ -55,6 +58,26 @@ def plan_edits(ckpt: Checkpoint, arch: Architecture, plan: Plan, meas: Measureme
                 layer=entry.layer, measurement=entry.measurement, component=writer.component,
             )
     return edits
+
+
+def _refine(strategy: Strategy, refines: Mapping[str, Refine], entry: PlanEntry) -> Refine:
+    if entry.direction is None:
+        return strategy.refine
+    if entry.direction not in refines:
+        raise AbliterateError(f"layer {entry.layer}: direction '{entry.direction}' names no registered strategy")
+    return refines[entry.direction]
+
+
+def keep_largest(r: torch.Tensor, fraction: float, layer: int) -> torch.Tensor:
+    """The plan's ``sparsity``: r with all but its ⌊fraction·d⌋ largest-magnitude components zeroed
+    (ties at the threshold kept), as the reference tool's ``magnitude_sparsify``; 0 keeps r whole."""
+    if fraction == 0:
+        return r
+    k = int(r.numel() * fraction)
+    if k == 0:
+        raise AbliterateError(f"layer {layer}: sparsity {fraction:g} keeps no component of a {r.numel()}-wide direction")
+    threshold = torch.topk(r.abs(), k, sorted=False).values.min()
+    return r * (r.abs() >= threshold)
 
 
 def _present_writers(ckpt: Checkpoint, names: frozenset[str], arch: Architecture, layer: int) -> Iterator[ResidualWriter]:

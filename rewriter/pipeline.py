@@ -43,6 +43,7 @@ class RewriteJob:
     record: dict[str, Any]
     view: LogicalTensors
     output_format: str = "same"
+    notes: tuple[str, ...] = ()  # what a user should know before the run (printed by rewrite)
 
     @property
     def compute(self) -> torch.dtype:
@@ -82,6 +83,7 @@ class RewriteJob:
     def describe(self) -> Iterable[str]:
         """What a dry run prints: per layer, per component, which measurement and scale."""
         yield f"architecture: {self.arch.name}; strategy: {self.strategy.name}; precision: {self.precision}"
+        yield from self.notes
         if self.view.codec is not None and self.output_format == "bf16":
             yield f"quantized: {self.view.codec.name}; every quantized weight is written out in bfloat16"
         elif self.view.codec is not None:
@@ -130,7 +132,8 @@ def prepare(
         raise AbliterateError(f"{ckpt.root} is not quantized; --output-format bf16 writes a quantized checkpoint "
                               "out dequantized")
     arch = registry.architecture_for(ckpt.config, view.names)
-    edits = plan_edits(ckpt, arch, plan, meas, strat, view)
+    refines = {e.direction: registry.strategy(e.direction).refine for e in plan.entries if e.direction}
+    edits = plan_edits(ckpt, arch, plan, meas, strat, view, refines)
     fingerprint = {
         "strategy": strat.name,
         "precision": precision,
@@ -149,7 +152,16 @@ def prepare(
         "torch_version": torch.__version__,
         "tool_version": __version__,
     }
-    return RewriteJob(ckpt, arch, strat, plan, edits, precision, fingerprint, record, view, output_format)
+    return RewriteJob(ckpt, arch, strat, plan, edits, precision, fingerprint, record, view, output_format,
+                      _notes(meas))
+
+
+def _notes(meas: Measurements) -> tuple[str, ...]:
+    if meas.reference is None:
+        return ()
+    return (f"direction file from llm-abliteration's measure.py (refusenorm_N {meas.metadata.get('refusenorm')}): "
+            "each measurement's direction is its refusenorm_N as stored, as that tool's sharded_ablate.py uses it; "
+            "standard and projected are the same on it (docs/method.md)",)
 
 
 def _header_digest(shards: Sequence[Shard]) -> dict[str, Any]:

@@ -14,20 +14,69 @@ from .errors import AbliterateError
 from .io.files import write_atomic
 
 MAX_LAYERS = 100_000  # more decoder layers than any model has: a bound before ranges are expanded
-TOP_LEVEL_KEYS = ("model", "measurements", "output", "scale", "ablate")
-ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity", "components")
+MAX_SCALE = 2.0  # the reference tool takes any scale; past 2 an edit writes more along r than it removed
+# Options an entry may carry, and that a plan's top level (or the command line) sets for every entry.
+OPTION_KEYS = ("ensemble", "invert", "direction")
+TOP_LEVEL_KEYS = ("model", "measurements", "output", "scale", *OPTION_KEYS, "ablate")
+ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity", "components", *OPTION_KEYS)
 
 
 @dataclass(frozen=True)
 class PlanEntry:
+    """One target layer: its measurement layer and scale, and the reference tool's options.
+
+    ``sparsity`` s > 0 keeps the ⌊s·d⌋ largest-magnitude components of the direction;
+    ``ensemble`` takes the mean of the normalized directions of measurements m-1, m, m+1;
+    ``invert`` negates the scale (induction instead of ablation); ``direction`` names the
+    strategy whose direction refinement replaces the chosen strategy's own.
+    """
+
     layer: int
     measurement: int
     scale: float = 1.0
     components: Mapping[str, float] = field(default_factory=dict)
+    sparsity: float = 0.0
+    ensemble: bool = False
+    invert: bool = False
+    direction: str | None = None
 
     def scale_for(self, component: str) -> float:
-        """Entry scale times the component's own scale (1.0 when not given)."""
-        return self.scale * self.components.get(component, 1.0)
+        """Entry scale times the component's own scale (1.0 when not given), negative when inverted."""
+        return (-1.0 if self.invert else 1.0) * self.scale * self.components.get(component, 1.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The canonical form (fingerprints, cards, saved plans); options only where set, so that
+        a plan without them has the fingerprint it always had."""
+        out: dict[str, Any] = {"layer": self.layer, "measurement": self.measurement, "scale": self.scale,
+                               "components": dict(self.components)}
+        defaults = PlanEntry(0, 0)
+        for key in ("sparsity", *OPTION_KEYS):
+            if getattr(self, key) != getattr(defaults, key):
+                out[key] = getattr(self, key)
+        return out
+
+    @classmethod
+    def from_dict(cls, item: Mapping[Any, Any], where: object, default_scale: float = 1.0,
+                  defaults: Mapping[str, Any] | None = None) -> PlanEntry:
+        """An entry from a plan's ``ablate`` item (or a recorded one); ``default_scale`` multiplies
+        the entry's scale, as the reference tool's global ``scale`` does."""
+        if not isinstance(item, Mapping) or "layer" not in item:
+            raise AbliterateError(f"{where} needs 'layer' (and 'measurement', which defaults to the layer)")
+        _known_keys(item, ENTRY_KEYS, where)
+        components = item.get("components") or {}
+        if not isinstance(components, Mapping):
+            raise AbliterateError(f"{where}: 'components' must map component names (attention, mlp, ...) to scales")
+        options = {**(defaults or {}), **{k: item[k] for k in OPTION_KEYS if k in item}}
+        return cls(
+            _integer(item["layer"], where, "layer"),
+            _integer(item.get("measurement", item["layer"]), where, "measurement"),
+            _number(item.get("scale", 1.0), where, "scale") * default_scale,
+            {str(k): _number(v, where, str(k)) for k, v in components.items()},
+            _number(item.get("sparsity", 0.0), where, "sparsity"),
+            _flag(options.get("ensemble", False), where, "ensemble"),
+            _flag(options.get("invert", False), where, "invert"),
+            _name(options.get("direction"), where),
+        )
 
 
 @dataclass(frozen=True)
@@ -46,8 +95,11 @@ class Plan:
                 raise AbliterateError(f"layer {e.layer} appears more than once in the plan")
             seen.add(e.layer)
             for what, value in (("scale", e.scale), *((f"{c} scale", v) for c, v in e.components.items())):
-                if not 0.0 <= value <= 1.0:
-                    raise AbliterateError(f"layer {e.layer}: {what} {value} is outside [0, 1]")
+                if not 0.0 <= value <= MAX_SCALE:
+                    raise AbliterateError(f"layer {e.layer}: {what} {value:g} is outside [0, {MAX_SCALE:g}]")
+            if not 0.0 <= e.sparsity <= 1.0:
+                raise AbliterateError(f"layer {e.layer}: sparsity {e.sparsity:g} is outside [0, 1] (the fraction "
+                                      "of the direction's components kept; 0 keeps all)")
 
     def check(self, num_layers: int, components: Collection[str]) -> None:
         """Every layer inside the model, every component one the architecture declares."""
@@ -61,10 +113,13 @@ class Plan:
 
     def as_dict(self) -> list[dict[str, Any]]:
         """A canonical form, for fingerprints and model cards."""
-        return [
-            {"layer": e.layer, "measurement": e.measurement, "scale": e.scale, "components": dict(e.components)}
-            for e in sorted(self.entries, key=lambda e: e.layer)
-        ]
+        return [e.as_dict() for e in sorted(self.entries, key=lambda e: e.layer)]
+
+    def with_options(self, **options: Any) -> Plan:
+        """Every entry with these options set (the command line's --layer-ensemble, --invert,
+        --direction, --sparsity over a plan's); options given as None or False are left alone."""
+        given = {k: v for k, v in options.items() if v is not None and v is not False}
+        return replace(self, entries=tuple(replace(e, **given) for e in self.entries)) if given else self
 
     def to_yaml(self) -> str:
         doc: dict[str, Any] = {k: v for k, v in (("model", self.model), ("measurements", self.measurements), ("output", self.output)) if v}
@@ -90,8 +145,10 @@ class Plan:
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Read the reference tool's YAML (``model``, ``measurements``, ``output``, ``ablate``),
-    plus a global ``scale`` (default for entries) and per-entry ``components`` scales."""
+    """Read the reference tool's YAML (``model``, ``measurements``, ``output``, a global ``scale``
+    that multiplies every entry's, ``ablate: [{layer, measurement, scale, sparsity}]``), plus
+    per-entry ``components`` scales and the options ``ensemble``, ``invert``, ``direction``
+    (top level for every entry, or per entry)."""
     p = Path(path)
     try:
         doc = yaml.safe_load(p.read_text())
@@ -102,26 +159,10 @@ def load_plan(path: str | Path) -> Plan:
     if not isinstance(doc, dict) or not isinstance(doc.get("ablate"), list):
         raise AbliterateError(f"{p}: a plan needs an 'ablate:' list of {{layer, measurement, scale}}")
     _known_keys(doc, TOP_LEVEL_KEYS, p)
-    default_scale = _number(doc.get("scale", 1.0), p, "scale")
-    entries = []
-    for i, item in enumerate(doc["ablate"]):
-        where = f"{p}: ablate[{i}]"
-        if not isinstance(item, dict) or "layer" not in item or "measurement" not in item:
-            raise AbliterateError(f"{where} needs 'layer' and 'measurement'")
-        _known_keys(item, ENTRY_KEYS, where)
-        if _number(item.get("sparsity", 0.0), p, "sparsity") != 0.0:
-            raise AbliterateError(f"{where}: sparsity {item['sparsity']} is not supported; use 0")
-        components = item.get("components") or {}
-        if not isinstance(components, dict):
-            raise AbliterateError(f"{where}: 'components' must map component names (attention, mlp, ...) to scales")
-        entries.append(
-            PlanEntry(
-                _integer(item["layer"], where, "layer"),
-                _integer(item["measurement"], where, "measurement"),
-                _number(item.get("scale", default_scale), where, "scale"),
-                {str(k): _number(v, where, str(k)) for k, v in components.items()},
-            )
-        )
+    global_scale = _number(doc.get("scale", 1.0), p, "scale")
+    defaults = {k: doc[k] for k in OPTION_KEYS if k in doc}
+    entries = [PlanEntry.from_dict(item, f"{p}: ablate[{i}]", global_scale, defaults)
+               for i, item in enumerate(doc["ablate"])]
     here = p.resolve().parent
     model = _opt_str(doc.get("model"))
     if model is not None and (here / model).exists():
@@ -170,6 +211,18 @@ def _number(value: Any, where: object, what: str) -> float:
 def _integer(value: Any, where: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_LAYERS:
         raise AbliterateError(f"{where}: {what} must be an integer from 0 to {MAX_LAYERS - 1:,}, got {value!r}")
+    return value
+
+
+def _flag(value: Any, where: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise AbliterateError(f"{where}: {what} must be true or false, got {value!r}")
+    return value
+
+
+def _name(value: Any, where: object) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > 100):
+        raise AbliterateError(f"{where}: direction must name a strategy (standard, projected, biprojected, ...)")
     return value
 
 

@@ -103,7 +103,7 @@ def test_planned_layer_with_missing_writer(llama: Path, directions_file: Path, t
 def test_unknown_strategy(llama: Path, directions_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "o"
     fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--layers", "1:1", "--strategy", "magic"],
-         "unknown strategy 'magic'; registered: biprojected, norm-preserving, projected, standard", out)
+         "unknown strategy 'magic'; registered: biprojected, householder, norm-preserving, projected, standard", out)
 
 
 def test_unknown_architecture(llama: Path, directions_file: Path, tmp_path: Path) -> None:
@@ -129,7 +129,10 @@ def test_non_empty_foreign_output(llama: Path, directions_file: Path, tmp_path: 
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--layers", "1:1", "--scale", "1.5"], "scale 1.5 is outside [0, 1]"),
+    (["--layers", "1:1", "--scale", "2.5"], "scale 2.5 is outside [0, 2]"),
+    (["--layers", "1:1", "--sparsity", "1.5"], "sparsity 1.5 is outside [0, 1]"),
+    (["--layers", "1:1", "--direction", "sideways"], "unknown strategy 'sideways'"),
+    (["--layers", "0:0", "--layer-ensemble"], "the layer ensemble of measurement 0 needs its neighbours -1 and 1"),
     (["--layers", "1-x:1"], "expected FIRST[-LAST]:MEASUREMENT"),
     (["--layers", "1:1", "--layers", "1:2"], "layer 1 appears more than once"),
     ([], "the plan edits no layer"),
@@ -142,10 +145,14 @@ def test_bad_layer_specs(llama: Path, directions_file: Path, tmp_path: Path, arg
 def test_bad_plan_files(llama: Path, directions_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "o"
     plan = tmp_path / "plan.yml"
-    plan.write_text("ablate:\n  - layer: 1\n    measurement: 1\n    sparsity: 0.2\n")
-    fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--plan", str(plan)], "sparsity 0.2 is not supported", out)
-    plan.write_text("ablate: [{layer: 1}]\n")
-    fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--plan", str(plan)], "needs 'layer' and 'measurement'", out)
+    plan.write_text("ablate:\n  - layer: 1\n    measurement: 1\n    sparsity: 2\n")
+    fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--plan", str(plan)], "sparsity 2 is outside [0, 1]", out)
+    plan.write_text("ablate:\n  - layer: 1\n    sparsity: 0.001\n")
+    fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--plan", str(plan)], "sparsity 0.001 keeps no component", out)
+    plan.write_text("invert: 'yes'\nablate: [{layer: 1}]\n")
+    fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--plan", str(plan)], "invert must be true or false", out)
+    plan.write_text("ablate: [{measurement: 1}]\n")
+    fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--plan", str(plan)], "needs 'layer'", out)
     fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--plan", str(tmp_path / "nope.yml")], "plan file not found", out)
     fail(["rewrite", str(llama), str(out), "-d", str(directions_file), "--plan", str(plan), "--layers", "1:1"], "either --plan or --layers", out)
 

@@ -69,6 +69,11 @@ def test_every_strategy_in_every_dtype(shape: tuple[int, int], dtype: torch.dtyp
     assert out.dtype == dtype and out.shape == w.shape and zeroed == 0
     w32, o32 = w.float(), out.float()
     tol = TOL[dtype]
+    if name == "householder":  # the reflection: r^T W' = -r^T W, column norms kept
+        expected = w32 - 2 * torch.outer(r.float(), r.float() @ w32)
+        torch.testing.assert_close(o32, expected.to(dtype).float(), rtol=tol, atol=tol * w32.abs().max())
+        torch.testing.assert_close(o32.norm(dim=0), w32.norm(dim=0), rtol=tol * 4, atol=tol * 1e-2)
+        return
     # r^T W' = 0 at alpha = 1, to the stored dtype's precision
     assert (r.float() @ o32).abs().max() <= tol * w32.norm(dim=0).max() * 4
     if name == "norm-preserving":
@@ -118,11 +123,14 @@ def test_axis_other_than_zero_edits_the_residual_axis() -> None:
 
 
 def test_bias_update_is_subtractive_for_every_strategy() -> None:
+    """Biases are updated subtractively, and reflected by householder (so that the whole output
+    of the layer, W x + b, is reflected)."""
     b = torch.randn(32, generator=torch.Generator().manual_seed(15))
     r = unit(32, 16)
     for s in BUILTIN:
         out, _ = edit(s.update_bias, r, 1.0).apply(b)
-        torch.testing.assert_close(out, b - r.float() * (r.float() @ b))
+        factor = 2.0 if s.name == "householder" else 1.0
+        torch.testing.assert_close(out, b - factor * r.float() * (r.float() @ b))
 
 
 def test_direction_refinements_follow_method_md() -> None:

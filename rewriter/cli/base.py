@@ -52,12 +52,13 @@ _PLAN_OPTIONS = [
     click.option("-d", "--directions", type=click.Path(path_type=Path),
                  help="Direction file from 'measure' (or the reference tool's measurement file)."),
     click.option("--plan", "plan_file", type=click.Path(path_type=Path),
-                 help="Plan YAML: model, measurements, output, scale, ablate: [{layer, measurement, scale, components}]. "
+                 help="Plan YAML (llm-abliteration's): model, measurements, output, scale (multiplies every entry's), "
+                      "ablate: [{layer, measurement, scale, sparsity, components}]; also ensemble, invert, direction. "
                       "Paths in it are relative to the plan file."),
     click.option("--layers", multiple=True, metavar="FIRST[-LAST]:MEASUREMENT",
                  help="Edit these decoder layers with that measurement layer's direction; repeatable "
                       "(e.g. --layers 11-23:23 --layers 24-41:29)."),
-    click.option("--scale", type=float, default=1.0, show_default=True, help="Strength alpha in [0, 1] for --layers."),
+    click.option("--scale", type=float, default=1.0, show_default=True, help="Strength alpha in [0, 2] for --layers (1 removes the direction)."),
     click.option("--component-scale", "component_scales", multiple=True, metavar="NAME=X",
                  help="Extra factor for one component's writers with --layers (repeatable); the names are the "
                       "architecture's (see 'abliterate inspect MODEL'), e.g. attention=0.8 mlp=1 experts=0.5."),
@@ -65,6 +66,18 @@ _PLAN_OPTIONS = [
     click.option("--mlp-scale", type=float, help="Same as --component-scale mlp=X."),
     click.option("--strategy", help="Edit strategy: a registered name (list them with 'abliterate plugins'); "
                                     "default norm-preserving, or for verify the one the output was written with."),
+    click.option("--direction", metavar="STRATEGY",
+                 help="Refine the direction as STRATEGY does (standard, projected, biprojected, ...) and update the "
+                      "weights as --strategy does: e.g. --strategy norm-preserving --direction standard is "
+                      "llm-abliteration's --normpreserve without --projected."),
+    click.option("--layer-ensemble", "--layerensemble", "ensemble", is_flag=True, default=None,
+                 help="Use the mean of the normalized directions of measurements m-1, m, m+1 (llm-abliteration's "
+                      "--layerensemble)."),
+    click.option("--invert", is_flag=True, default=None,
+                 help="Add the direction instead of removing it: every scale is negated (llm-abliteration's --invert)."),
+    click.option("--sparsity", type=float, metavar="S",
+                 help="Keep only the fraction S of the direction's components with the largest magnitude, in (0, 1] "
+                      "(a plan entry's 'sparsity'; 0 keeps all)."),
     click.option("--precision", type=click.Choice([*PRECISIONS, *(a for a, n in ALIASES.items() if n in PRECISIONS)]),
                  help="Dtype of the edit arithmetic: float32 (default) or float64 (fp32/fp64 are accepted too)."),
 ]
@@ -79,7 +92,19 @@ def plan_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def plan_from_options(ctx: click.Context, plan_file: Path | None, layers: tuple[str, ...], scale: float,
                       component_scales: tuple[str, ...], attn_scale: float | None, mlp_scale: float | None) -> Plan | None:
-    """The plan that --plan or --layers describe; None when neither is given."""
+    """The plan that --plan or --layers describe, with --direction, --layer-ensemble, --invert and
+    --sparsity over every entry; None when neither is given."""
+    plan = _plan(ctx, plan_file, layers, scale, component_scales, attn_scale, mlp_scale)
+    return plan if plan is None else with_option_flags(ctx, plan)
+
+
+def with_option_flags(ctx: click.Context, plan: Plan) -> Plan:
+    """``plan`` with the options the command line sets (the others as the plan has them)."""
+    return plan.with_options(**{k: ctx.params.get(k) for k in ("direction", "ensemble", "invert", "sparsity")})
+
+
+def _plan(ctx: click.Context, plan_file: Path | None, layers: tuple[str, ...], scale: float,
+          component_scales: tuple[str, ...], attn_scale: float | None, mlp_scale: float | None) -> Plan | None:
     if plan_file and layers:
         raise AbliterateError("give either --plan or --layers, not both")
     components = _component_scales(component_scales, attn_scale, mlp_scale)

@@ -119,7 +119,11 @@ def _inspect_directions(path: Path) -> None:
     click.echo(f"direction file: {path}")
     click.echo(f"model: {m.metadata.get('model', 'unknown')}")
     click.echo(f"layers: {len(m.layers)} ({m.layers[0]}-{m.layers[-1]}); width: {m.width}; means stored as float64")
-    click.echo(f"prompts: harmful {m.harmful_count}, harmless {m.harmless_count}")
+    if m.reference is not None:
+        click.echo(f"written by llm-abliteration's measure.py: harmful_N, harmless_N, refuse_N, refusenorm_N in "
+                   f"{m.reference.dtype}; refusenorm_N: {m.metadata.get('refusenorm')}")
+    else:
+        click.echo(f"prompts: harmful {m.harmful_count}, harmless {m.harmless_count}")
     labels = {"dtype": "model run dtype"}
     for k in sorted(set(m.metadata) - {"model"}):
         click.echo(f"  {labels.get(k, k)}: {m.metadata[k]}")

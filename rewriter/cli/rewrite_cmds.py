@@ -11,7 +11,8 @@ from ..io.files import DOWNLOAD_DIR
 from ..io.manifest import load_manifest
 from ..plan import Plan, PlanEntry
 from ..registry import Registry
-from .base import command, one_line, plan_from_options, plan_options, plugin_option, quiet_option, read_card_eval
+from .base import (command, one_line, plan_from_options, plan_options, plugin_option, quiet_option, read_card_eval,
+                   with_option_flags)
 
 DEFAULT_STRATEGY = "norm-preserving"
 
@@ -48,8 +49,8 @@ DEFAULT_STRATEGY = "norm-preserving"
 @click.pass_context
 def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, directions: Path | None,
                 plan_file: Path | None, layers: tuple[str, ...], scale: float, component_scales: tuple[str, ...],
-                attn_scale: float | None, mlp_scale: float | None, strategy: str | None, precision: str | None,
-                dry_run: bool, overwrite: bool, output_format: str, workers: int | None,
+                attn_scale: float | None, mlp_scale: float | None, strategy: str | None, direction: str | None,
+                ensemble: bool | None, invert: bool | None, sparsity: float | None, precision: str | None, dry_run: bool, overwrite: bool, output_format: str, workers: int | None,
                 edit_threads: int | None, low_disk: bool, push_to: str | None, private: bool,
                 card_eval: Path | None, quiet: bool, plugins: tuple[str, ...]) -> None:
     """Write an abliterated copy of the checkpoint SOURCE into OUTPUT.
@@ -97,6 +98,8 @@ def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, dir
             click.echo(f"would push to {push_to} ({'private' if private else 'public'})")
         return
     assert output is not None
+    for note in job.notes:
+        click.echo(f"note: {note}", err=True)
     publisher = Publisher(push_to, private=private, log=lambda s: click.echo(s, err=True)) if push_to else None
     if publisher:
         publisher.start()  # fails fast on bad credentials, before any work
@@ -155,7 +158,8 @@ def push_cmd(output: Path, repo: str, directions: Path | None, base_model: str |
 @click.pass_context
 def verify_cmd(ctx: click.Context, source: str, output: Path, directions: Path | None, plan_file: Path | None,
                layers: tuple[str, ...], scale: float, component_scales: tuple[str, ...], attn_scale: float | None,
-               mlp_scale: float | None, strategy: str | None, precision: str | None, ulps: int | None, quiet: bool,
+               mlp_scale: float | None, strategy: str | None, direction: str | None, ensemble: bool | None,
+               invert: bool | None, sparsity: float | None, precision: str | None, ulps: int | None, quiet: bool,
                plugins: tuple[str, ...]) -> None:
     """Check, streaming, that OUTPUT is SOURCE rewritten as recorded: untouched tensors
     byte-identical, edited ones equal bit for bit to a fresh edit of the source and true
@@ -171,7 +175,8 @@ def verify_cmd(ctx: click.Context, source: str, output: Path, directions: Path |
 
     record = load_manifest(output) or {}
     written = record.get("fingerprint") or {}
-    plan = plan_from_options(ctx, plan_file, layers, scale, component_scales, attn_scale, mlp_scale) or _recorded_plan(output, written)
+    plan = (plan_from_options(ctx, plan_file, layers, scale, component_scales, attn_scale, mlp_scale)
+            or with_option_flags(ctx, _recorded_plan(output, written)))
     directions = directions or (Path(plan.measurements) if plan.measurements else None) or _recorded(record, "directions")
     if directions is None:
         raise AbliterateError("no direction file given (--directions or the plan's 'measurements')")
@@ -193,10 +198,9 @@ def _recorded_plan(output: Path, fingerprint: dict[str, object]) -> Plan:
     if not isinstance(entries, list) or not entries:
         raise AbliterateError(f"{output} records no plan; give --plan or --layers")
     try:
-        return Plan(tuple(PlanEntry(int(e["layer"]), int(e["measurement"]), float(e["scale"]), dict(e.get("components") or {}))
-                          for e in entries))
-    except (KeyError, TypeError, ValueError):
-        raise AbliterateError(f"{output}: the recorded plan is malformed; give --plan or --layers") from None
+        return Plan(tuple(PlanEntry.from_dict(e, f"{output}: recorded plan") for e in entries))
+    except AbliterateError as exc:
+        raise AbliterateError(f"{output}: the recorded plan is malformed ({exc}); give --plan or --layers") from None
 
 
 def _recorded(record: dict[str, object], key: str) -> Path | None:

@@ -38,7 +38,7 @@ def layer_metrics(m: Measurements) -> list[LayerMetrics]:
     out = []
     for n in m.layers:
         bad, good = m.harmful_mean(n), m.harmless_mean(n)
-        r = bad - good
+        r = m.direction(n)
         denom = max(float(bad.norm()), float(good.norm()))
         snr = float(r.norm()) / denom if denom else 0.0
         dissim = 1.0 - _cos(bad, good)  # the means are never zero (checked when read)
