@@ -231,7 +231,8 @@ def _load_reference(p: Path, data: bytes) -> Measurements:
                 raise AbliterateError(f"{p}: 'layers' must be the model's number of layers, found {_short(repr(value))}")
             continue
         if m is None:
-            raise AbliterateError(f"{p}: unexpected key {_short(repr(key))} (expected {_REFERENCE_KEYS})")
+            raise AbliterateError(f"{p}: unexpected key {_short(key) if isinstance(key, str) else _short(repr(key))} "
+                                  f"(expected {_REFERENCE_KEYS})")
         if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() != 1:
             raise AbliterateError(f"{p}: {key} is not a 1-D float tensor")
         parts[m[1]][int(m[2])] = value

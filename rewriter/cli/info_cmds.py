@@ -118,12 +118,13 @@ def _inspect_directions(path: Path) -> None:
     m = Measurements.load(path)
     click.echo(f"direction file: {path}")
     click.echo(f"model: {m.metadata.get('model', 'unknown')}")
-    click.echo(f"layers: {len(m.layers)} ({m.layers[0]}-{m.layers[-1]}); width: {m.width}; means stored as float64")
+    stored = m.reference.dtype if m.reference is not None else "float64"
+    click.echo(f"layers: {len(m.layers)} ({m.layers[0]}-{m.layers[-1]}); width: {m.width}; means stored as {stored}")
     if m.reference is not None:
         click.echo(f"written by llm-abliteration's measure.py: harmful_N, harmless_N, refuse_N, refusenorm_N in "
                    f"{m.reference.dtype}; refusenorm_N: {m.metadata.get('refusenorm')}")
     else:
         click.echo(f"prompts: harmful {m.harmful_count}, harmless {m.harmless_count}")
     labels = {"dtype": "model run dtype"}
-    for k in sorted(set(m.metadata) - {"model"}):
+    for k in sorted(set(m.metadata) - {"model", "refusenorm"}):
         click.echo(f"  {labels.get(k, k)}: {m.metadata[k]}")
