@@ -89,9 +89,13 @@ def as_read_before_head(refuse: Path, tmp: Path) -> Path:
 
 
 def rewritten(case: dict[str, Any], tmp: Path) -> dict[str, torch.Tensor]:
+    """This tool's output for the case, checked by ``verify`` from its own record (plan options,
+    strategy and direction file as recorded; the strategy's invariants at the case's scales)."""
     out = tmp / case["name"]
     directions = None if case["reference_commit"] == HEAD else as_read_before_head(DATA / case["refuse"], tmp)
     rewrite(DATA / case["model"], case, out, directions)
+    result = CliRunner().invoke(main, ["verify", str(DATA / case["model"]), str(out), "-q"])
+    assert result.exit_code == 0 and "verified" in result.output, result.output
     return tensors(out)
 
 
