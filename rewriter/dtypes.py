@@ -2,16 +2,11 @@
 ``bfloat16``, ...). safetensors' codes (``F32``, ``BF16``) stay inside the file reader."""
 from __future__ import annotations
 
-import torch
+from typing import Any
 
 from .errors import AbliterateError
 
-DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
+NAMES = ("float16", "bfloat16", "float32", "float64")
 # Short names accepted on the command line, for compatibility with earlier versions.
 ALIASES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
 # safetensors dtype code -> name, for the float dtypes that can be edited
@@ -20,7 +15,18 @@ PRECISIONS = ("float32", "float64")  # dtypes of the edit arithmetic
 RUN_DTYPES = ("float32", "bfloat16", "float16")  # dtypes a model can run in for measure/evaluate
 
 
-def dtype_name(text: str, allowed: tuple[str, ...] = tuple(DTYPES)) -> str:
+def __getattr__(name: str) -> Any:
+    """``DTYPES`` (name -> torch dtype) is made on first use, so that the command line can list
+    its options without importing torch."""
+    if name == "DTYPES":
+        import torch
+
+        globals()["DTYPES"] = {n: getattr(torch, n) for n in NAMES}
+        return globals()["DTYPES"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def dtype_name(text: str, allowed: tuple[str, ...] = NAMES) -> str:
     """The canonical name of ``text`` (aliases resolved), if it is one of ``allowed``."""
     name = ALIASES.get(text, text)
     if name not in allowed:

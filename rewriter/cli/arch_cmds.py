@@ -9,7 +9,6 @@ from typing import Any
 import click
 
 from ..errors import AbliterateError
-from ..registry import Registry
 from .base import command, plugin_option
 
 
@@ -38,6 +37,7 @@ def check_architecture_cmd(model_type: str, layouts: tuple[str, ...], settings: 
     Exit 1 when any check fails.
     """
     from ..archcheck import LAYOUTS, prove
+    from ..registry import Registry
 
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)

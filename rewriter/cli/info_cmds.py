@@ -6,19 +6,24 @@ from pathlib import Path
 
 import click
 
-from ..directions import Measurements
+from typing import TYPE_CHECKING
+
 from ..errors import AbliterateError
-from ..io.checkpoint import Checkpoint
 from ..io.manifest import load_manifest
-from ..logical import LogicalTensors
-from ..registry import Registry, describe
 from .base import command, plugin_option
+
+if TYPE_CHECKING:  # the modules themselves load torch: imported where a command runs
+    from ..io.checkpoint import Checkpoint
+    from ..logical import LogicalTensors
+    from ..registry import Registry
 
 
 @command("plugins")
 @plugin_option
 def plugins_cmd(plugins: tuple[str, ...]) -> None:
     """List registered architectures and strategies, and which plugin provides each."""
+    from ..registry import Registry, describe
+
     for line in describe(Registry(plugins)):
         click.echo(line)
 
@@ -32,6 +37,7 @@ def inspect_cmd(path: str, layer: int, plugins: tuple[str, ...]) -> None:
     components, shards, writers; for a rewrite's output, its record too) or a direction
     file (layers, width, prompt counts, metadata)."""
     from ..lab.models import resolve_source
+    from ..registry import Registry
 
     target = Path(resolve_source(path))
     if not target.exists():
@@ -43,6 +49,9 @@ def inspect_cmd(path: str, layer: int, plugins: tuple[str, ...]) -> None:
 
 
 def _inspect_checkpoint(path: Path, layer: int, registry: Registry) -> None:
+    from ..io.checkpoint import Checkpoint
+    from ..logical import LogicalTensors
+
     ckpt = Checkpoint.open(path)
     view = LogicalTensors.of(ckpt, registry)
     arch = registry.architecture_for(ckpt.config, view.names)
@@ -115,6 +124,8 @@ def _compact(plan: list[dict[str, object]]) -> str:
 
 
 def _inspect_directions(path: Path) -> None:
+    from ..directions import Measurements
+
     m = Measurements.load(path)
     click.echo(f"direction file: {path}")
     click.echo(f"model: {m.metadata.get('model', 'unknown')}")

@@ -10,7 +10,6 @@ from ..errors import AbliterateError
 from ..io.files import DOWNLOAD_DIR
 from ..io.manifest import load_manifest
 from ..plan import Plan, PlanEntry
-from ..registry import Registry
 from .base import (command, one_line, plan_from_options, plan_options, plugin_option, quiet_option, read_card_eval,
                    with_option_flags)
 
@@ -86,6 +85,7 @@ def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, dir
     from ..io.publish import Publisher, publish
     from ..lab.models import resolve_source
     from ..pipeline import prepare
+    from ..registry import Registry
 
     download_dir = output / DOWNLOAD_DIR if low_disk and output is not None else None
     job = prepare(resolve_source(source), output, directions, plan, strategy or DEFAULT_STRATEGY,
@@ -171,6 +171,7 @@ def verify_cmd(ctx: click.Context, source: str, output: Path, directions: Path |
     """
     from ..lab.models import resolve_source
     from ..pipeline import prepare
+    from ..registry import Registry
     from ..verify import allowed_ulps, verify
 
     record = load_manifest(output) or {}
