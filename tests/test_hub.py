@@ -152,3 +152,15 @@ def test_unknown_hub_repo(hub: HubServer, directions_file: Path, tmp_path: Path)
     result = cli("rewrite", "org/missing", str(tmp_path / "o"), "-d", str(directions_file), *LAYERS)
     assert_one_line_error(result, "resolve org/missing")
     assert not (tmp_path / "o").exists()
+
+
+def test_unreachable_hub_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, directions_file: Path) -> None:
+    with HubServer(tmp_path / "gone", token=TOKEN) as server:
+        url = server.url  # closed once the block ends: nothing answers there
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    result = cli("rewrite", "org/model", str(tmp_path / "out"), "-d", str(directions_file), *LAYERS)
+    assert_one_line_error(result, "resolve org/model", "cannot be reached", "local checkpoint directory", "HF_ENDPOINT")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = cli("rewrite", "org/model", str(tmp_path / "out"), "-d", str(directions_file), *LAYERS)
+    assert_one_line_error(result, "HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE")
+    assert not (tmp_path / "out").exists()

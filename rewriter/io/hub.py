@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,9 +46,38 @@ def hub_error(exc: Exception, repo: str, action: str) -> AbliterateError:
     while cause is not None and getattr(getattr(cause, "response", None), "status_code", None) is None:
         cause = cause.__cause__ or cause.__context__
     status = getattr(getattr(cause, "response", None), "status_code", None)
+    if status is None and _unreachable(exc):
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            return AbliterateError(f"{action} {repo}: HF_HUB_OFFLINE is set and the Hugging Face cache does not "
+                                   "hold it; give a local checkpoint directory, or unset HF_HUB_OFFLINE")
+        where = endpoint() or "the Hub"
+        return AbliterateError(f"{action} {repo}: {where} cannot be reached ({_first_line(exc)}); give a local "
+                               "checkpoint directory, set HF_ENDPOINT to a server that can be reached, or set "
+                               "HF_HUB_OFFLINE=1 to use a model already in the Hugging Face cache")
     first = (str(cause or exc).splitlines() or [type(exc).__name__])[0]
     hint = {401: " (is HF_TOKEN set and valid?)", 403: " (does the token have write access?)"}.get(status or 0, "")
     return AbliterateError(f"{action} {repo}: {first}{hint}")
+
+
+# Exceptions that mean no answer came (no route, no name resolution, refused, timed out, offline
+# mode), by class name where they are the HTTP client's or huggingface_hub's own.
+_NO_ANSWER = {"ConnectError", "ConnectTimeout", "ReadTimeout", "PoolTimeout", "OfflineModeIsEnabled",
+              "LocalEntryNotFoundError"}
+
+
+def _unreachable(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (ConnectionError, TimeoutError, socket.gaierror)) or type(cause).__name__ in _NO_ANSWER:
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 class HubFiles:
