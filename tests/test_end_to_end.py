@@ -6,31 +6,38 @@ Measurement prompts (the built-in measure halves) are disjoint from evaluation p
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
-from click.testing import CliRunner
+import pytest
 
-from rewriter.cli import main
 from rewriter.lab.evaluate import evaluate
 from rewriter.pipeline import prepare
 from rewriter.plan import load_plan
 from rewriter.lab.prompts import default_prompts
 
 
-def test_demo_abliterates_qwen(qwen: Path, tmp_path: Path) -> None:
+def test_demo_abliterates_qwen(qwen: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    # fewer trials and shorter answers than the demo's defaults keep the suite short
-    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--trials", "8", "--max-new-tokens", "48", "-q"])
-    assert result.exit_code == 0, result.output
+    # the installed console script, as a user runs it; its step headings and estimate (stderr) go
+    # straight to the terminal, so that the longest test of the suite says what it is doing.
+    # Fewer trials and shorter answers than the demo's defaults keep the suite short.
+    with capfd.disabled():
+        print("\n[end-to-end] abliterate demo on the Qwen example: its steps follow", file=sys.stderr, flush=True)
+        done = subprocess.run([str(Path(sys.executable).with_name("abliterate")), "demo", "--out", str(out),
+                               "--trials", "8", "--max-new-tokens", "48", "-q"], stdout=subprocess.PIPE, text=True)
+    assert done.returncode == 0, done.stdout
     report = json.loads((out / "report.json").read_text())
-    print("\n" + result.stdout)
+    print("\n" + done.stdout)
     before, after, n = report["refusals_before"], report["refusals_after"], report["prompts"]
     assert before >= n / 3, f"the original refuses only {before}/{n}: the test would mean nothing"
     # the plan is searched under a KL cap of 0.05 (on the search prompts): fewer refusals, held-out KL small
     assert after <= 0.5 * before, f"refusals fell only from {before} to {after}"
     assert report["kl_after"] < 0.1
     assert report["verified"] and report["trials"] == 8
-    for name in ("directions.safetensors", "plan.yml", "plan-heuristic.yml", "report.json", "model/config.json",
+    for name in ("directions.safetensors", "plan.yml", "plan-heuristic.yml", "plan.png", "layers.png", "report.json",
+                 "model/config.json",
                  "model/abliteration.json", "answers-original.jsonl", "answers-abliterated.jsonl"):
         assert (out / name).is_file(), name
 

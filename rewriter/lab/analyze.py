@@ -93,9 +93,11 @@ def _fixed(value: float, width: int, places: int) -> str:
     return f"{'-':>{width}}" if math.isnan(value) else f"{value:>{width}.{places}f}"
 
 
-def chart(metrics: list[LayerMetrics], path: Path, title: str = "", plan: Plan | None = None) -> None:
+def chart(metrics: list[LayerMetrics], path: Path, title: str = "", plan: Plan | None = None,
+          plan_label: str = "plan") -> None:
     """Four curves per layer (quality, snr, dissimilarity, adjacent-layer cosine), the candidate
-    measurement layers dashed, and a plan's measurement layer and edited range marked."""
+    measurement layers dashed, and a plan's measurement layer and edited range marked, named
+    ``plan_label`` in the legend (say which plan: the one applied, or a suggestion)."""
     try:
         import matplotlib
 
@@ -111,12 +113,15 @@ def chart(metrics: list[LayerMetrics], path: Path, title: str = "", plan: Plan |
     marks = candidates(metrics)
     for ax, (name, ys) in zip(axes.flat, series):
         ax.plot(layers, ys, marker="o", markersize=3, label=name.split(" ")[0])
-        for i, c in enumerate(marks):
-            ax.axvline(c, color="tab:red", alpha=0.4, linestyle="--", label="candidate measurement layer" if i == 0 else None)
-        if plan is not None:
+        if plan is not None:  # under the candidates: a wide pale line, so that a dashed candidate on it shows
             edited = [e.layer for e in plan.entries]
-            ax.axvspan(min(edited) - 0.5, max(edited) + 0.5, color="tab:green", alpha=0.1, label="edited layers (plan)")
-            ax.axvline(plan.entries[0].measurement, color="tab:green", linewidth=2, label="measurement layer (plan)")
+            ax.axvspan(min(edited) - 0.5, max(edited) + 0.5, color="tab:green", alpha=0.1,
+                       label=f"edited layers ({plan_label})")
+            ax.axvline(plan.entries[0].measurement, color="tab:green", linewidth=4, alpha=0.45, zorder=1,
+                       label=f"measurement layer ({plan_label})")
+        for i, c in enumerate(marks):
+            ax.axvline(c, color="tab:red", alpha=0.7, linestyle="--", zorder=3,
+                       label="candidate measurement layer" if i == 0 else None)
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8, loc="best")

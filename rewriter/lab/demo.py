@@ -14,23 +14,30 @@ from ..io.files import write_atomic
 from ..pipeline import prepare
 from ..plan import Plan
 from ..verify import verify
-from .analyze import chart, layer_metrics, suggest_plan, table
+from .analyze import LayerMetrics, chart, layer_metrics, suggest_plan, table
 from .evaluate import Evaluation, evaluate
 from .example_models import example_model
 from .measure import measure
-from .optimize import optimize
+from .optimize import optimize, pareto_chart
 from .prompts import default_prompts
 from .refusals import MARKER_SETS
 
 DEMO_MODEL = "qwen2.5-coder-0.5b-instruct"
+MAX_KL = 0.05
+# Seconds each step took on 2 idle cores (README, 2026-11-29; the search at 24 trials, answers of
+# up to 128 tokens): the estimate printed before the run scales them by the cores and the settings.
+MEASURED = {"measure": 64, "optimize": 815, "rewrite and verify": 2, "evaluate original": 138,
+            "evaluate abliterated": 153}
 
 
 def run_demo(out: Path, *, strategy: str = "norm-preserving", trials: int = 24, max_new_tokens: int = 128,
              batch_size: int = 16, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every step into ``out``; returns (and writes to out/report.json) the report."""
+    for line in estimate(trials, max_new_tokens):
+        log(line)
     demo = _Demo(out, strategy, batch_size, progress, log)
-    directions, heuristic = demo.measure_and_analyze()
-    plan, search = demo.search(directions, heuristic, trials)
+    directions, heuristic, metrics = demo.measure_and_analyze()
+    plan, search = demo.search(directions, heuristic, trials, metrics)
     verified = demo.rewrite_and_verify(directions, plan)
     before, after = demo.evaluate(max_new_tokens)
     first, last = plan.entries[0].layer, plan.entries[-1].layer
@@ -63,8 +70,8 @@ class _Demo:
         self.times[name] = round(time.monotonic() - start, 1)
         return result
 
-    def measure_and_analyze(self) -> tuple[Path, Plan]:
-        """Directions from the measurement halves; the table, the chart and the heuristic plan."""
+    def measure_and_analyze(self) -> tuple[Path, Plan, list[LayerMetrics]]:
+        """Directions from the measurement halves; the table and the heuristic plan."""
         directions = self.out / "directions.safetensors"
         m: Measurements = self.step("measure", lambda: measure(
             self.source, default_prompts("harmful-measure"), default_prompts("harmless-measure"),
@@ -75,20 +82,25 @@ class _Demo:
         for line in table(metrics):
             self.log(line)
         heuristic = Plan(suggest_plan(metrics, len(m.layers)).entries, model=str(self.source), measurements=str(directions))
-        try:
-            chart(metrics, self.out / "layers.png", title=DEMO_MODEL, plan=heuristic)
-            self.log(f"chart: {self.out / 'layers.png'}")
-        except Exception as exc:  # the chart is a nicety: say why there is none
-            self.log(f"(no chart: {exc})")
         heuristic.save(self.out / "plan-heuristic.yml")
         self.log(f"heuristic plan (analyze --suggest-plan): {_layers(heuristic)} -> {self.out / 'plan-heuristic.yml'}")
-        return directions, heuristic
+        return directions, heuristic, metrics
 
-    def search(self, directions: Path, heuristic: Plan, trials: int) -> tuple[Plan, dict[str, Any]]:
-        """optimize's plan, and both plans' search scores side by side."""
+    def chart(self, draw: Callable[[Path], None], name: str) -> None:
+        """A chart is a nicety: say where it is, or why there is none."""
+        try:
+            draw(self.out / name)
+            self.log(f"chart: {self.out / name}")
+        except Exception as exc:
+            self.log(f"(no chart {name}: {exc})")
+
+    def search(self, directions: Path, heuristic: Plan, trials: int,
+               metrics: list[LayerMetrics]) -> tuple[Plan, dict[str, Any]]:
+        """optimize's plan, both plans' search scores side by side, the search chart, and the
+        layer chart with the plan that is applied."""
         outcome, scorer = self.step("optimize", lambda: optimize(
             self.source, directions, default_prompts("harmful-measure")[:32], default_prompts("harmless-measure")[:32],
-            trials=trials, timeout=None, max_kl=0.05, strategies=(self.strategy,), batch_size=self.batch_size,
+            trials=trials, timeout=None, max_kl=MAX_KL, strategies=(self.strategy,), batch_size=self.batch_size,
             progress=self.progress))
         score, kl = scorer.score(heuristic, self.strategy)
         del scorer  # the model it holds is not needed any more
@@ -97,6 +109,9 @@ class _Demo:
         self.log(f"{'plan':<10} {'refusal score':>13} {'KL':>8}  (search prompts: measurement halves)")
         self.log(f"{'heuristic':<10} {score:>+13.3f} {kl:>8.4f}  {_layers(heuristic)}")
         self.log(f"{'optimized':<10} {outcome.refusal_score:>+13.3f} {outcome.kl:>8.4f}  {_layers(plan)}  -> {self.out / 'plan.yml'}")
+        self.chart(lambda path: pareto_chart(outcome, path, MAX_KL), "plan.png")
+        self.chart(lambda path: chart(metrics, path, title=DEMO_MODEL, plan=plan, plan_label="optimized plan, applied"),
+                   "layers.png")
         return plan, {"heuristic": {"plan": _layers(heuristic), "refusal_score": score, "kl": kl},
                       "optimized": {"plan": _layers(plan), "refusal_score": outcome.refusal_score, "kl": outcome.kl}}
 
@@ -119,6 +134,26 @@ class _Demo:
         for name, result in (("original", before), ("abliterated", after)):
             result.save_answers(self.out / f"answers-{name}.jsonl", dict(MARKER_SETS))
         return before, after
+
+
+def estimate(trials: int, max_new_tokens: int) -> list[str]:
+    """What the run should take here, step by step, from the times measured on 2 idle cores, scaled
+    by the cores this process may use and by the settings; load from other jobs comes on top."""
+    from ..engine.threads import usable_cores
+
+    cores = usable_cores()
+    speed = min(cores, 16) / 2  # the steps use every core, with diminishing returns past a few
+    scale = {"optimize": trials / 24, "evaluate original": max_new_tokens / 128,
+             "evaluate abliterated": max_new_tokens / 128}
+    seconds = {step: t * scale.get(step, 1.0) / speed for step, t in MEASURED.items()}
+    total = sum(seconds.values())
+    parts = ", ".join(f"{step} {_minutes(t)}" for step, t in seconds.items())
+    return [f"expected on {cores} core{'s' if cores > 1 else ''} with nothing else running: about {_minutes(total)} "
+            f"({parts}); other jobs on the machine can make it 2-3 times longer"]
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def _layers(plan: Plan) -> str:
