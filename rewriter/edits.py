@@ -168,4 +168,20 @@ def _check_tensor(ckpt: Checkpoint, view: LogicalTensors, arch: Architecture, wr
         raise AbliterateError(
             f"{writer.name} has shape {list(shape)}; expected the model width {width} on axis {writer.axis}"
         )
+    if len(shape) == 3 and writer.axis != 0:
+        _check_expert_width(ckpt.config, writer.name, shape, 3 - writer.axis)
     return shape
+
+
+def _check_expert_width(config: Config, name: str, shape: tuple[int, ...], axis: int) -> None:
+    """A fused-expert tensor's d_ff (``axis``: neither the expert nor the residual axis) must be an
+    expert width the config declares (``moe_intermediate_size``, else ``intermediate_size``, at
+    the top or in a sub-config): otherwise the config describes other weights, which transformers
+    would refuse to load, and an edit along the right axis would hide the mismatch."""
+    declared = {c.get("moe_intermediate_size") or c.get("intermediate_size")
+                for c in (config, *(v for v in config.values() if isinstance(v, dict)))}
+    widths = sorted(w for w in declared if isinstance(w, int) and not isinstance(w, bool))
+    if widths and shape[axis] not in widths:
+        raise AbliterateError(f"{name} has shape {list(shape)}: d_ff {shape[axis]} on axis {axis}, but config.json "
+                              f"declares an expert width of {' or '.join(map(str, widths))}; the config does not "
+                              "describe these weights")

@@ -41,6 +41,10 @@ class LogicalTensors:
                 raise AbliterateError(f"codec {codec.name}: {p.name} is both stored as such and packed in "
                                       f"{', '.join(p.parts)}")
             packed[p.name] = p
+        if not packed:
+            raise AbliterateError(f"{ckpt.root}: config.json declares quant_method '{quant_method(quant)}' but no "
+                                  f"tensor is stored in that format ({codec.name}): the weights do not match the "
+                                  "declared format; remove quantization_config if the weights are plain floats")
         return cls(frozenset((ckpt.names - owner.keys()) | packed.keys()), packed, codec)
 
     @classmethod

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,8 @@ from rewriter.cli import main
 from rewriter.directions import Measurements
 from rewriter.io import shard_writer
 from rewriter.io.files import exclusive_lock
-from tests.helpers import copy_checkpoint, edit_tensor_file, fail, random_measurements, snapshot
+from tests.helpers import (build_model, copy_checkpoint, edit_tensor_file, fail, random_measurements, snapshot,
+                           tiny_tokenizer, write_checkpoint)
 
 O_PROJ = "model.layers.1.self_attn.o_proj.weight"
 INDEX = "model.safetensors.index.json"
@@ -228,7 +230,7 @@ def test_unknown_plan_keys_are_named(src: Path, directions_file: Path, tmp_path:
     plan = tmp_path / "plan.yml"
     plan.write_text("scael: 0.1\nablate:\n  - {layer: 1, measurement: 1}\n")
     fail(["rewrite", str(src), str(tmp_path / "out"), "-d", str(directions_file), "--plan", str(plan)],
-         "unknown key scael (known: model, measurements, output, scale, ablate)", tmp_path / "out")
+         "unknown key scael (known: model, measurements, output, scale, ", tmp_path / "out")
 
 
 def _native(path: Path, layers: torch.Tensor, meta: dict[str, str] | None = None, zero: bool = False) -> Path:
@@ -279,3 +281,258 @@ def test_measurements_roundtrip_stays_valid(tmp_path: Path) -> None:
     back = Measurements.load(tmp_path / "d.safetensors")
     assert back.layers == [0, 1, 2, 3] and back.harmful_count == 10 and len(back.sha256) == 64
     assert load_file(tmp_path / "d.safetensors")["layers"].dtype == torch.int64
+
+
+# -- a tampered record (OUTPUT/abliteration.json) ---------------------------------------------
+
+def _tamper(out: Path, change: Callable[[dict], None]) -> None:
+    """Change the record of a finished output, and its fingerprint, so that a rerun replaces it."""
+    record = json.loads((out / "abliteration.json").read_text())
+    change(record)
+    if isinstance(record.get("fingerprint"), dict):
+        record["fingerprint"]["tampered"] = True
+    (out / "abliteration.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("field", ["files", "shards"])
+@pytest.mark.parametrize("where", ["relative", "absolute", "through a link"])
+def test_tampered_record_never_deletes_outside_output(src: Path, directions_file: Path, tmp_path: Path, field: str,
+                                                      where: str) -> None:
+    out = tmp_path / "out"
+    assert run(*rewrite_args(src, out, directions_file)).exit_code == 0
+    (tmp_path / "elsewhere").mkdir()
+    victim = tmp_path / "elsewhere" / "victim.safetensors"
+    victim.write_text("not yours")
+    if where == "through a link":
+        (out / "sub").symlink_to(tmp_path / "elsewhere")
+    name = {"relative": "../elsewhere/victim.safetensors", "absolute": str(victim),
+            "through a link": "sub/victim.safetensors"}[where]
+
+    def add(record: dict) -> None:
+        if field == "files":
+            record["files"].append(name)
+        else:
+            record["shards"][name] = {"size": 9, "mtime_ns": 0}
+
+    _tamper(out, add)
+    before = snapshot(tmp_path / "elsewhere")
+    expected = "is a symbolic link" if where == "through a link" else "is not a plain relative name inside the folder"
+    fail(rewrite_args(src, out, directions_file, "--overwrite"), expected)
+    ends_in_error(["push", str(out), "org/m", "--dry-run"], expected)
+    assert snapshot(tmp_path / "elsewhere") == before and victim.read_text() == "not yours"
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda r: r["shards"].update({next(iter(r["shards"])): "not-a-dict"}), "is recorded as a string, not an object"),
+    (lambda r: r.update(files="config.json"), "'files' is a string, not a list"),
+    (lambda r: r.update(fingerprint=[]), "'fingerprint' is a list, not an object"),
+    (lambda r: r["files"].append(".abliterate.lock"), "it lists .abliterate.lock among the files"),
+])
+def test_malformed_record_is_one_line_for_every_command(src: Path, directions_file: Path, tmp_path: Path, change,
+                                                         expected: str) -> None:
+    out = tmp_path / "out"
+    assert run(*rewrite_args(src, out, directions_file)).exit_code == 0
+    _tamper(out, change)
+    for args in (rewrite_args(src, out, directions_file), rewrite_args(src, out, directions_file, "--overwrite"),
+                 ["verify", str(src), str(out)]):
+        fail(args, expected)
+    for args in (["push", str(out), "org/m", "--dry-run"], ["inspect", str(out)]):
+        ends_in_error(args, expected)
+
+
+def ends_in_error(args: list[str], expected: str) -> None:
+    """For commands that print as they go (push --dry-run, inspect, measure): the failure is their one last line."""
+    result = run(*args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and expected in last, result.output
+
+
+# -- hostile checkpoints ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("file", ["config.json", INDEX])
+def test_json_nested_too_deep_is_one_line(src: Path, directions_file: Path, tmp_path: Path, file: str) -> None:
+    (src / file).write_text("[" * 200_000 + "]" * 200_000)
+    fail(rewrite_args(src, tmp_path / "out", directions_file), f"unreadable {file} (maximum recursion depth",
+         tmp_path / "out")
+
+
+def test_prompt_file_nested_too_deep_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "p.json").write_text("[" * 200_000 + "]" * 200_000)
+    fail(["measure", str(tmp_path), "-o", str(tmp_path / "d.safetensors"), "--harmful", str(tmp_path / "p.json")],
+         "unreadable prompt file (maximum recursion depth", tmp_path / "d.safetensors")
+
+
+def test_link_out_of_the_source_is_never_copied(src: Path, directions_file: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    (src / "tokenizer.json").symlink_to(secret)
+    fail(rewrite_args(src, tmp_path / "out", directions_file), "tokenizer.json is a link to", tmp_path / "out")
+
+
+def test_links_of_a_hugging_face_cache_snapshot_stay_inside(src: Path, directions_file: Path, tmp_path: Path) -> None:
+    """The cache keeps every file of a snapshot as a link to its repo's blobs: not outside."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot_dir = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot_dir.mkdir(parents=True)
+    for p in sorted(src.iterdir()):
+        p.rename(repo / "blobs" / p.name)
+        (snapshot_dir / p.name).symlink_to(Path("../../blobs") / p.name)
+    result = run(*rewrite_args(snapshot_dir, tmp_path / "out", directions_file))
+    assert result.exit_code == 0, result.output
+    assert not any(p.is_symlink() for p in (tmp_path / "out").iterdir())
+
+
+def test_declared_fp8_on_plain_weights_is_refused(src: Path, directions_file: Path, tmp_path: Path) -> None:
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [32, 32]}
+    (src / "config.json").write_text(json.dumps(config))
+    fail(rewrite_args(src, tmp_path / "out", directions_file), "the weights do not match the declared format",
+         tmp_path / "out")
+
+
+def test_fused_expert_width_that_the_config_does_not_declare_is_refused(tmp_path: Path) -> None:
+    from rewriter.archcheck import random_model, save, tiny_config
+
+    model = random_model(tiny_config("gpt_oss", {"intermediate_size": 32}))  # experts [E, d_ff 32, d_model 64]
+    ckpt = save(model, tmp_path / "gpt-oss", "hub")
+    directions = tmp_path / "d.safetensors"
+    random_measurements(model.config.hidden_size, model.config.num_hidden_layers).save(directions)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["intermediate_size"] = 48
+    (ckpt / "config.json").write_text(json.dumps(config))
+    fail(["rewrite", str(ckpt), str(tmp_path / "out"), "-d", str(directions), "--layers", "1:1"],
+         "model.layers.1.mlp.experts.down_proj has shape [4, 32, 64]: d_ff 32 on axis 1, but config.json declares an "
+         "expert width of 48", tmp_path / "out")
+
+
+# -- measure, evaluate, optimize: chat templates, prompt lengths, study files --------------------
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny qwen2 with a word-level tokenizer and a chat template, and directions for it."""
+    path = write_checkpoint(build_model("qwen2"), tmp_path_factory.mktemp("chat") / "m", "qwen2")
+    tiny_tokenizer(path)
+    directions = path.parent / "d.safetensors"
+    random_measurements(64, 4).save(directions)
+    return path, directions
+
+
+@pytest.mark.parametrize("template, expected", [
+    ("{{ raise_exception('boom') }}", "TemplateError: boom"),
+    ("{{ messages[0]['content'].nope() }}", "UndefinedError: 'str object' has no attribute 'nope'"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took more than 1 s"),
+    ("{{ 'w1 ' * 400000000 }}", "it needs more than 512 MiB"),
+    ("{% for i in range(100000) %}w1 {% endfor %}", "it rendered 300,000 characters around 2 of messages"),
+])
+def test_hostile_chat_templates_are_one_line(chat_model: tuple[Path, Path], tmp_path: Path, template: str,
+                                             expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rewriter.lab import chat
+
+    monkeypatch.setattr(chat, "SECONDS_PER_PROMPT", 1.0)
+    model = copy_checkpoint(chat_model[0], tmp_path / "m")
+    (model / "chat_template.jinja").write_text(template)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w1\nw2\n")
+    ends_in_error(["measure", str(model), "-o", str(tmp_path / "d.safetensors"), "--harmful", str(prompts),
+                   "--harmless", str(prompts), "-q"],
+                  f"the model's chat template (code from the checkpoint), on prompt 1: {expected}")
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_long_prompts_are_cut_and_counted(chat_model: tuple[Path, Path], tmp_path: Path) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w1 w2\n" + "w3 " * 600 + "\n")
+    out = tmp_path / "d.safetensors"
+    result = run("measure", str(chat_model[0]), "-o", str(out), "--harmful", str(prompts), "--harmless", str(prompts),
+                 "--max-prompt-tokens", "8", "-q")
+    assert result.exit_code == 0, result.output
+    for kind in ("harmful", "harmless"):
+        assert f"1 of 2 {kind} prompts are longer than 8 tokens and were cut to their first 8" in result.output
+    assert Measurements.load(out).metadata["max_prompt_tokens"] == "8"
+
+
+@pytest.fixture(scope="module")
+def study(chat_model: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A study file of two trials of optimize on ``chat_model``."""
+    path = tmp_path_factory.mktemp("study") / "study.db"
+    result = run(*optimize_args(chat_model, path.parent / "plan.yml", path, "--trials", "2"))
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def optimize_args(chat_model: tuple[Path, Path], plan: Path, study_file: Path, *extra: str) -> list[str]:
+    model, directions = chat_model
+    return ["optimize", str(model), "-d", str(directions), "-o", str(plan), "--study", str(study_file), "--trials", "3",
+            "--search-prompts", "4", "--no-final-eval", "-q", *extra]
+
+
+def _sql(path: Path, statement: str) -> None:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute(statement)
+
+
+def _foreign_study(path: Path, directions: list[str], params: dict[str, float]) -> None:
+    """A study of the same name made by another search: other objectives or parameters, no record."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    s = optuna.create_study(directions=directions, study_name="abliterate-optimize", storage=f"sqlite:///{path}")
+    s.enqueue_trial(params)
+    s.optimize(lambda t: tuple(t.suggest_float(k, 0, 1) for k in params)[: len(directions)], n_trials=1)
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda p: p.write_bytes(b"not a database, " * 512), "cannot be used as a study (DatabaseError: file is not a"),
+    (lambda p: _sql(p, "CREATE TABLE notes (text)"), "an SQLite file, but not an Optuna study"),
+    (lambda p: _foreign_study(p, ["minimize"], {"x": 0.5}), "has 1 objective(s), not the two this search minimizes"),
+    (lambda p: _foreign_study(p, ["minimize", "minimize"], {"x": 0.5, "y": 0.5}), "records no model"),
+])
+def test_study_file_of_another_kind_is_refused(chat_model: tuple[Path, Path], tmp_path: Path, make,
+                                               expected: str) -> None:
+    path = tmp_path / "study.db"
+    make(path)
+    before = path.read_bytes()
+    fail(optimize_args(chat_model, tmp_path / "plan.yml", path), expected, tmp_path / "plan.yml")
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("UPDATE trial_params SET param_name = 'x' WHERE param_name = 'center'",
+     "trial 0 has parameters other than this search's (missing ['center'], unknown ['x'])"),
+    ("UPDATE trial_params SET param_value = 1e300 WHERE param_name = 'half_width'",
+     "trial 0 has half_width 1e+300, outside this search's range"),
+    ("DELETE FROM trial_values WHERE objective = 1", "trial 0 has objective values ["),
+    ("UPDATE trial_values SET value = 'low' WHERE objective = 0", "trial 0 has objective values ['low', "),
+    ("UPDATE study_user_attributes SET value_json = '\"x\"' WHERE key = 'directions_sha256'",
+     "made for another direction file (x)"),
+])
+def test_tampered_study_is_refused_before_any_trial(chat_model: tuple[Path, Path], study: Path, tmp_path: Path,
+                                                     change: str, expected: str) -> None:
+    path = Path(shutil.copy(study, tmp_path / "study.db"))
+    _sql(path, change)
+    before = path.read_bytes()
+    fail(optimize_args(chat_model, tmp_path / "plan.yml", path), expected, tmp_path / "plan.yml")
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("other, expected", [("model", "made for another model"),
+                                             ("strategies", "made for another search space")])
+def test_study_of_another_model_or_space_is_refused(chat_model: tuple[Path, Path], study: Path, tmp_path: Path,
+                                                     other: str, expected: str) -> None:
+    path = Path(shutil.copy(study, tmp_path / "study.db"))
+    model = copy_checkpoint(chat_model[0], tmp_path / "model") if other == "model" else chat_model[0]
+    extra = ("--strategy", "standard") if other == "strategies" else ()
+    before = path.read_bytes()
+    fail(optimize_args((model, chat_model[1]), tmp_path / "plan.yml", path, *extra), expected, tmp_path / "plan.yml")
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("where, expected", [("missing/study.db", "does not exist"),
+                                             ("/proc/abliterate-study.db", "unable to open database file")])
+def test_study_path_that_cannot_be_written(chat_model: tuple[Path, Path], tmp_path: Path, where: str,
+                                           expected: str) -> None:
+    fail(optimize_args(chat_model, tmp_path / "plan.yml", tmp_path / where), expected, tmp_path / "plan.yml")

@@ -11,6 +11,7 @@ from ..dtypes import RUN_DTYPES
 from ..lab.refusals import MARKER_SETS, markers_named
 from ..plan import Plan
 from .base import command, quiet_option
+from .options import max_prompt_tokens_option
 
 
 @command("example-model")
@@ -75,10 +76,12 @@ _STREAMING = ("Memory the model may take: 512MB, 1GB, 1GiB (GB = 10^9 bytes). Th
               help="Average only the harmful prompts MODEL refuses (first-token refusal log-odds > 0, from the same "
                    "forward pass): prompts it answers anyway dilute the direction. On Qwen2.5-Coder-0.5B-Instruct "
                    "it took held-out refusals from 8/64 to 1/64 at KL 0.042 (README). Not with a streamed measurement.")
+@max_prompt_tokens_option
 @quiet_option
 def measure_cmd(model: str, harmful: str | None, harmless: str | None, column: str, output: Path, batch_size: int,
                 winsorize: float, dtype: str, device: str, max_prompts: int | None, system_prompt: str | None,
-                no_chat_template: bool, max_memory: int | None, refused_only: bool, quiet: bool) -> None:
+                no_chat_template: bool, max_memory: int | None, refused_only: bool, max_prompt_tokens: int,
+                quiet: bool) -> None:
     """Measure refusal directions of MODEL (a checkpoint directory or an example name).
 
     For every prompt, the chat template with generation prompt is applied and the
@@ -94,7 +97,8 @@ def measure_cmd(model: str, harmful: str | None, harmless: str | None, column: s
     good = _prompt_set(harmless, "harmless-measure", column)[:max_prompts]
     m = measure(model, bad, good, batch_size=batch_size, winsorize_q=winsorize, dtype=dtype, device=device,
                 system_prompt=system_prompt, chat_template=not no_chat_template, progress=not quiet,
-                max_memory=max_memory, refused_only=refused_only, log=lambda s: click.echo(s, err=True))
+                max_memory=max_memory, refused_only=refused_only, max_prompt_tokens=max_prompt_tokens,
+                log=lambda s: click.echo(s, err=True))
     m.save(output)
     click.echo(f"wrote {output}: {len(m.layers)} layers, width {m.width}, {m.harmful_count} harmful and "
                f"{m.harmless_count} harmless prompts")
@@ -164,11 +168,12 @@ def analyze_cmd(directions: Path, chart: Path | None, plan_out: Path | None, min
               help=_STREAMING + " Generation is out of scope for a streamed model: its refusals are not counted "
                                 "(no answers for --show or --save); the refusal score and the KL are computed "
                                 "instead, from one forward pass each. The original may be streamed too.")
+@max_prompt_tokens_option
 @quiet_option
 def evaluate_cmd(model: str, original: str | None, harmful: str | None, harmless: str | None, column: str,
                  max_new_tokens: int, batch_size: int, dtype: str, marker_set: str, markers: tuple[str, ...],
                  system_prompt: str | None, no_chat_template: bool, save: Path | None, show: bool, as_json: bool,
-                 max_memory: int | None, quiet: bool) -> None:
+                 max_memory: int | None, max_prompt_tokens: int, quiet: bool) -> None:
     """Count refusals of MODEL on harmful prompts (greedy answers judged whole, after any
     think block), its cheap refusal score (mean log-odds of a refusal-opening first
     token, from one forward pass), and with --original the mean KL(original || MODEL) of
@@ -181,7 +186,8 @@ def evaluate_cmd(model: str, original: str | None, harmful: str | None, harmless
                       original=original, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
                       markers=chosen, marker_set="custom" if markers else marker_set,
                       chat_template=not no_chat_template, system_prompt=system_prompt, progress=not quiet,
-                      max_memory=max_memory, log=lambda s: click.echo(s, err=True))
+                      max_memory=max_memory, max_prompt_tokens=max_prompt_tokens,
+                      log=lambda s: click.echo(s, err=True))
     if save:
         result.save_answers(save, {**MARKER_SETS, **({"custom": chosen} if markers else {})})
     if as_json:

@@ -10,6 +10,7 @@ from ..io.files import write_atomic
 from ..plan import Plan
 from ..registry import Registry
 from .base import command, plugin_option, quiet_option
+from .options import max_prompt_tokens_option
 
 
 @command("optimize")
@@ -30,12 +31,13 @@ from .base import command, plugin_option, quiet_option
 @click.option("--chart", type=click.Path(dir_okay=False, path_type=Path), help="PNG of the trials and the Pareto front (default: beside the plan).")
 @click.option("--save", type=click.Path(dir_okay=False, path_type=Path), help="JSONL of the final evaluation's answers with their verdicts.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@max_prompt_tokens_option
 @quiet_option
 @plugin_option
 def optimize_cmd(model: str, directions: Path, output: Path, trials: int, timeout: float | None, max_kl: float,
                  study: Path | None, strategies: tuple[str, ...], search_prompts: int, max_new_tokens: int,
-                 no_final_eval: bool, chart: Path | None, save: Path | None, seed: int, quiet: bool,
-                 plugins: tuple[str, ...]) -> None:
+                 no_final_eval: bool, chart: Path | None, save: Path | None, seed: int, max_prompt_tokens: int,
+                 quiet: bool, plugins: tuple[str, ...]) -> None:
     """Choose a plan for MODEL by measurement: a multi-objective search (Optuna TPE) over the
     measurement layer, the edited range, a weight profile per component (peak, position,
     floor, width) and the strategy. Each trial edits the loaded model in memory and is
@@ -46,10 +48,14 @@ def optimize_cmd(model: str, directions: Path, output: Path, trials: int, timeou
     from ..lab.optimize import STRATEGIES, evaluate_plan, optimize, pareto_chart
     from ..lab.prompts import default_prompts
 
+    def log(line: str) -> None:
+        click.echo(line, err=True)
+
     harmful, harmless = default_prompts("harmful-measure")[:search_prompts], default_prompts("harmless-measure")[:search_prompts]
     outcome, scorer = optimize(model, directions, harmful, harmless, trials=trials, timeout=timeout, max_kl=max_kl,
                                study_path=study, seed=seed, strategies=strategies or STRATEGIES,
-                               registry=Registry(plugins), progress=not quiet)
+                               registry=Registry(plugins), progress=not quiet, max_prompt_tokens=max_prompt_tokens,
+                               log=log)
     click.echo(f"{len(outcome.values)} trials in {outcome.seconds:.0f} s; Pareto front (refusal score vs KL):")
     click.echo(f"  {'trial':>5} {'score':>8} {'KL':>8}  strategy         measurement  layers")
     for f in outcome.front:
@@ -69,7 +75,8 @@ def optimize_cmd(model: str, directions: Path, output: Path, trials: int, timeou
     if no_final_eval:
         return
     final = evaluate_plan(scorer, outcome.plan, outcome.strategy, default_prompts("harmful-eval"),
-                          default_prompts("harmless-eval"), max_new_tokens=max_new_tokens, progress=not quiet)
+                          default_prompts("harmless-eval"), max_new_tokens=max_new_tokens, progress=not quiet,
+                          max_prompt_tokens=max_prompt_tokens, log=log)
     counts = ", ".join(f"{n} {name} markers" for name, n in final.refusals.items())
     click.echo(f"held-out evaluation: refusals {counts} of {final.prompts} (answers up to {max_new_tokens} tokens); "
                f"KL {final.kl:.4f}")

@@ -72,6 +72,7 @@ class Checkpoint:
         def header(name: str) -> Header:
             if not (root / name).is_file():
                 raise AbliterateError(f"{root}: shard {name} listed in the index is missing or not a file")
+            _check_inside(root, name)
             return read_header(root / name)
 
         return cls.assemble(root, names, header, any(root.glob("*.bin")))
@@ -158,8 +159,21 @@ class Checkpoint:
             rel = p.relative_to(self.root).as_posix()
             if not p.is_file() or rel in skip or any(part.startswith(".") for part in rel.split("/")):
                 continue
+            _check_inside(self.root, rel)
             (foreign if p.name.endswith(FOREIGN_WEIGHTS) else keep).append(rel)
         return keep, foreign
+
+
+def _check_inside(root: Path, rel: str) -> None:
+    """Refuse a file of the checkpoint that is a link to somewhere outside it: its bytes would be
+    written to OUTPUT and published with it. A link into the Hugging Face cache's blobs of the
+    repo whose snapshot ``root`` is (how the cache stores every file) stays inside."""
+    real = root.resolve()
+    target = (root / rel).resolve()
+    homes = [real, *([real.parents[1] / "blobs"] if real.parent.name == "snapshots" else [])]
+    if not any(target.is_relative_to(home) for home in homes):
+        raise AbliterateError(f"{root}: {rel} is a link to {target}, outside the checkpoint; copy the file itself "
+                              "into the checkpoint, or remove the link")
 
 
 def quant_method(quantization: dict[str, Any]) -> str:
@@ -184,7 +198,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise AbliterateError(f"{path.parent}: no {what}") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep to parse
         raise AbliterateError(f"{path}: unreadable {what} ({exc})") from None
     if not isinstance(data, dict):
         raise AbliterateError(f"{path}: {what} is not a JSON object")

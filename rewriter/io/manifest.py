@@ -10,11 +10,11 @@ import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import AbliterateError
-from .files import DOWNLOAD_DIR, LOCK_NAME, PARTIAL, safe_name, write_atomic
+from .files import DOWNLOAD_DIR, LOCK_NAME, PARTIAL, inside, safe_name, write_atomic
 
 MANIFEST_NAME = "abliteration.json"
 
@@ -43,7 +43,7 @@ class Manifest:
         present = files_in(output)
         old = load_manifest(output) if MANIFEST_NAME in present else None
         mine = {*expected, MANIFEST_NAME, LOCK_NAME}
-        recorded = set(old.get("shards") or {}) | set(old.get("files") or ()) if old else set()
+        recorded = set(old["shards"]) | set(old["files"]) if old else set()
         stale = {n for n in present if n.endswith(PARTIAL) and n[: -len(PARTIAL)] in mine | recorded}
         downloads = {n for n in present if n.startswith(DOWNLOAD_DIR + "/")}  # this run's --low-disk source
         foreign = sorted(set(present) - mine - recorded - stale - downloads)
@@ -52,7 +52,7 @@ class Manifest:
             raise AbliterateError(f"output {output} holds files this tool did not write ({shown}); "
                                   "remove them or choose another directory")
         if old is not None and old.get("fingerprint") == fingerprint:
-            return cls(path, fingerprint, record, dict(old.get("shards") or {}), list(old.get("files") or []))
+            return cls(path, fingerprint, record, dict(old["shards"]), list(old["files"]))
         if (old is not None or set(present) - {LOCK_NAME} - stale - downloads) and not overwrite:
             what = "a rewrite of a different plan or inputs" if old is not None else f"files but no {MANIFEST_NAME}"
             raise AbliterateError(f"output {output} holds {what}; pass --overwrite to replace it")
@@ -99,33 +99,87 @@ class Manifest:
 
 
 def load_manifest(output: Path) -> dict[str, Any] | None:
-    """The manifest of ``output`` as a dict, or None when there is none or it is unreadable."""
+    """The manifest of ``output`` as a dict, or None when there is none or it is not a JSON object.
+
+    This is the one place the record is read, and every name in it is acted on (removed by
+    ``--overwrite``, uploaded by ``push``): a record that parses but has the wrong shape, or
+    names a file outside ``output`` or behind a link, is refused here with a one-line error.
+    The record itself is read without following a link.
+    """
+    path = output / MANIFEST_NAME
     try:
-        doc = json.loads((output / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            doc = json.loads(f.read())
+    except (OSError, ValueError, RecursionError):
         return None
-    return doc if isinstance(doc, dict) else None
+    if not isinstance(doc, dict):
+        return None
+    _check_record(doc, output)
+    return doc
+
+
+_FIELDS: dict[str, type] = {"tool": str, "tool_version": str, "complete": bool, "fingerprint": dict, "record": dict,
+                           "files": list, "shards": dict}
+
+
+def _check_record(doc: dict[str, Any], output: Path) -> None:
+    """Every field of the record has the type ``save`` writes; every name is one ``prepare`` may act on."""
+    where = output / MANIFEST_NAME
+    for key, kind in _FIELDS.items():
+        if not isinstance(doc.get(key), kind):
+            _malformed(where, f"'{key}' is {_json_kind(doc.get(key))}, not {_json_kind(kind())}")
+    for name in [*doc["files"], *doc["shards"]]:
+        _check_name(output, name, where)
+    for name, rec in doc["shards"].items():
+        if not isinstance(rec, dict) or not all(_is_int(rec.get(k)) for k in ("size", "mtime_ns")):
+            _malformed(where, f"shard {name!r} is recorded as {_json_kind(rec)}, not an object of integer size "
+                              "and mtime_ns")
+
+
+def _check_name(output: Path, name: object, where: Path) -> None:
+    """A recorded name is a plain relative name below ``output``, reached through no link, and
+    neither the record itself nor the lock."""
+    try:
+        inside(output, safe_name(name, where), where)
+    except AbliterateError as exc:
+        _malformed(where, str(exc).removeprefix(f"{where}: "))
+    if name in (MANIFEST_NAME, LOCK_NAME):
+        _malformed(where, f"it lists {name} among the files the rewrite wrote")
+
+
+def _malformed(where: Path, problem: str) -> NoReturn:
+    raise AbliterateError(f"{where}: {problem}; the record was edited or damaged: remove it (and the files it lists) "
+                          "or choose another output")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json_kind(value: object) -> str:
+    """What a JSON value is, in words (never the value itself, which may be huge or nested deep)."""
+    kinds = ((bool, "true or false"), (int, "a number"), (float, "a number"), (str, "a string"), (list, "a list"),
+             (dict, "an object"))
+    return next((word for kind, word in kinds if isinstance(value, kind)), "null")
 
 
 def published_files(output: Path) -> list[str]:
-    """What a finished rewrite consists of, per its manifest: shards and other files, checked names."""
+    """What a finished rewrite consists of, per its manifest: shards and other files."""
     doc = load_manifest(output)
     if doc is None:
         raise AbliterateError(f"{output}: no readable {MANIFEST_NAME}; expected the output of rewrite")
-    if not doc.get("complete"):
+    if not doc["complete"]:
         raise AbliterateError(f"{output}: the rewrite is not finished; run it again to complete it")
-    shards, files = doc.get("shards"), doc.get("files")
-    if not isinstance(shards, dict) or not isinstance(files, list):
-        raise AbliterateError(f"{output}/{MANIFEST_NAME}: no list of the files the rewrite wrote")
-    for name, rec in shards.items():
-        path = output / safe_name(name, MANIFEST_NAME)
-        if path.is_symlink() or not path.is_file() or not isinstance(rec, dict) or path.stat().st_size != rec.get("size"):
+    for name, rec in doc["shards"].items():
+        path = output / name
+        if path.is_symlink() or not path.is_file() or path.stat().st_size != rec["size"]:
             raise AbliterateError(f"{output}: shard {name} is missing or changed since the rewrite")
-    for name in files:
-        path = output / safe_name(name, MANIFEST_NAME)
+    for name in doc["files"]:
+        path = output / name
         if path.is_symlink() or not path.is_file():
             raise AbliterateError(f"{output}: {name} is missing or not a regular file")
-    return sorted([*shards, *files])
+    return sorted([*doc["shards"], *doc["files"]])
 
 
 def files_in(folder: Path) -> list[str]:

@@ -23,7 +23,8 @@ from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from ..io.files import cache_root, write_atomic
-from .models import LoadedModel, batches, format_prompts, load_model, resolve_model
+from .chat import MAX_PROMPT_TOKENS, cap_prompts
+from .models import LoadedModel, batches, format_prompts, load_model, load_tokenizer, resolve_model
 from .prompts import prompts_sha256
 from .refusals import PROJECT_MARKERS, markers_in, opener_ids, refusal_log_odds
 from .streamed import streamed_first_token_logits, streamed_if_needed
@@ -123,14 +124,19 @@ def evaluate(model: str | Path, harmful: Sequence[str], harmless: Sequence[str],
              max_new_tokens: int = 128, batch_size: int = 16, dtype: str = "float32",
              markers: Sequence[str] = PROJECT_MARKERS, marker_set: str = "project", chat_template: bool = True,
              system_prompt: str | None = None, cache_as_original: bool = False, progress: bool = True,
-             max_memory: int | None = None, log: Callable[[str], None] = lambda s: None) -> Evaluation:
+             max_memory: int | None = None, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+             log: Callable[[str], None] = lambda s: None) -> Evaluation:
     """Refusals of ``model`` on ``harmful`` and its cheap refusal score; with ``original``, the
     mean KL on ``harmless`` too. ``cache_as_original`` also caches this model's logits on
     ``harmless`` while it is loaded, so that a later evaluation against it loads it no more.
 
     A model that does not fit (``max_memory``, else the memory available) is streamed layer by
     layer: one pass over its weights gives the refusal score and the KL; nothing is generated,
-    so refusals are not counted (None)."""
+    so refusals are not counted (None). Prompts longer than ``max_prompt_tokens`` are cut
+    (``cap_prompts``, with this model's tokenizer: the original sees the same text)."""
+    tok = load_tokenizer(resolve_model(model))
+    harmful = cap_prompts(tok, harmful, max_prompt_tokens, "harmful", log)
+    harmless = cap_prompts(tok, harmless, max_prompt_tokens, "harmless", log)
     kw = dict(batch_size=batch_size, chat_template=chat_template, system_prompt=system_prompt, progress=progress)
     mem = dict(max_memory=max_memory, log=log)
     reference = original_logits(original, harmless, dtype=dtype, **mem, **kw) if original is not None else None

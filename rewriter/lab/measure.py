@@ -16,6 +16,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..directions import Measurements
 from ..errors import AbliterateError
+from .chat import MAX_PROMPT_TOKENS, cap_prompts
 from .models import LoadedModel, batches, format_prompts, load_model
 from .prompts import prompts_sha256
 from .refusals import opener_ids, refusal_log_odds
@@ -88,30 +89,35 @@ def _summed_states(lm: LoadedModel, prompts: Sequence[str], openers: Sequence[in
 def measure(model: str | Path, harmful: Sequence[str], harmless: Sequence[str], *, batch_size: int = 16,
             winsorize_q: float = 0.995, dtype: str = "float32", device: str = "cpu", system_prompt: str | None = None,
             chat_template: bool = True, progress: bool = True, lm: LoadedModel | None = None,
-            max_memory: int | None = None, refused_only: bool = False,
+            max_memory: int | None = None, refused_only: bool = False, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
             log: Callable[[str], None] = lambda s: None) -> Measurements:
     """Harmful and harmless means for every layer, with the metadata method.md asks for.
 
     A model whose weights do not fit (in ``max_memory`` bytes, else in the memory available) is
     streamed layer by layer (streamed.py), with the same numbers. ``refused_only`` averages
     only the harmful prompts the model refuses: those it answers anyway carry little of the
-    refusal and dilute the direction (docs/method.md).
+    refusal and dilute the direction (docs/method.md). Prompts longer than ``max_prompt_tokens``
+    are cut (``cap_prompts``).
     """
     if not harmful or not harmless:
         raise AbliterateError("both prompt sets must hold at least one prompt")
     if not 0.0 < winsorize_q <= 1.0:
         raise AbliterateError(f"--winsorize {winsorize_q} must be in (0, 1]")
     start = time.monotonic()
-    kw = dict(batch_size=batch_size, q=winsorize_q, chat_template=chat_template, system_prompt=system_prompt, progress=progress)
     streamed = None if lm is not None else streamed_if_needed(model, dtype, max_memory, device, log)
+    if streamed is not None and refused_only:
+        raise AbliterateError("--refused-only needs the model's first-token logits, which a streamed measurement "
+                              "does not compute: give --max-memory room for the whole model, or measure without it")
+    if streamed is None:
+        lm = lm or load_model(model, dtype, device)
+    source = streamed or lm
+    harmful = cap_prompts(source.tokenizer, harmful, max_prompt_tokens, "harmful", log)
+    harmless = cap_prompts(source.tokenizer, harmless, max_prompt_tokens, "harmless", log)
+    kw = dict(batch_size=batch_size, q=winsorize_q, chat_template=chat_template, system_prompt=system_prompt, progress=progress)
     harmful_count = len(harmful)
     if streamed is not None:
-        if refused_only:
-            raise AbliterateError("--refused-only needs the model's first-token logits, which a streamed measurement "
-                                  "does not compute: give --max-memory room for the whole model, or measure without it")
         bad, good = streamed_means(streamed, [harmful, harmless], log=log, **kw)
     else:
-        lm = lm or load_model(model, dtype, device)
         if refused_only:
             bad, harmful_count = refused_mean_states(lm, harmful, desc="harmful", **kw)
             log(f"--refused-only: the model refuses {harmful_count} of the {len(harmful)} harmful prompts; "
@@ -119,7 +125,6 @@ def measure(model: str | Path, harmful: Sequence[str], harmless: Sequence[str], 
         else:
             bad = mean_states(lm, harmful, desc="harmful", **kw)
         good = mean_states(lm, harmless, desc="harmless", **kw)
-    source = streamed or lm
     seconds = time.monotonic() - start
     log(f"measured {len(harmful) + len(harmless)} prompts in {seconds:.1f} s")
     meta = {
@@ -133,6 +138,7 @@ def measure(model: str | Path, harmful: Sequence[str], harmless: Sequence[str], 
         "position": "last prompt token (after the generation prompt)",
         "chat_template": str(chat_template).lower(),
         "system_prompt": system_prompt or "",
+        "max_prompt_tokens": str(max_prompt_tokens),
         "dtype": dtype,
         "tool_version": __version__,
     }

@@ -52,8 +52,18 @@ def available_bytes() -> int | None:
 
 def rss_bytes() -> int:
     """Resident memory of this process now (0 where /proc is missing)."""
+    return _statm(1)
+
+
+def address_space_bytes() -> int:
+    """Virtual memory (address space) of this process now (0 where /proc is missing)."""
+    return _statm(0)
+
+
+def _statm(field: int) -> int:
+    """Field ``field`` of /proc/self/statm, in bytes (0 where /proc is missing)."""
     try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        pages = int(Path("/proc/self/statm").read_text().split()[field])
     except (OSError, IndexError, ValueError):
         return 0
     return pages * resource.getpagesize()

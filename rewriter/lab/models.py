@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from ..dtypes import DTYPES, RUN_DTYPES, dtype_name
-from ..errors import AbliterateError
+from ..errors import AbliterateError, cause
+from .chat import render_chats
 
 
 @dataclass
@@ -92,7 +93,10 @@ def load_tokenizer(path: Path) -> Any:
     """The model's tokenizer, padding on the left (the last prompt token is the last position)."""
     import transformers as tf
 
-    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # what transformers raises for missing or broken tokenizer files varies
+        raise AbliterateError(f"{path}: no usable tokenizer ({cause(exc)})") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -100,14 +104,14 @@ def load_tokenizer(path: Path) -> Any:
 
 
 def format_prompts(tok: Any, prompts: Sequence[str], chat_template: bool, system_prompt: str | None) -> list[str]:
-    """Each prompt as the model sees it before its first response token."""
+    """Each prompt as the model sees it before its first response token (the chat template,
+    which is the checkpoint's code, rendered under bounds: see chat.py)."""
     if not chat_template:
         return list(prompts)
     if not getattr(tok, "chat_template", None):
         raise AbliterateError("the model has no chat template; pass --no-chat-template to use raw prompts")
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [tok.apply_chat_template([*system, {"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-            for p in prompts]
+    return render_chats(tok, [[*system, {"role": "user", "content": p}] for p in prompts])
 
 
 def batches(lm: LoadedModel, texts: Sequence[str], batch_size: int, chat_template: bool) -> Iterator[tuple[list[int], Any]]:

@@ -11,16 +11,18 @@ evaluated by generation on the held-out evaluation halves.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from ..architecture import Architecture
 from ..directions import Measurements
 from ..edits import plan_edits
 from ..errors import AbliterateError
@@ -30,8 +32,10 @@ from ..registry import Registry
 from .analyze import layer_metrics, suggest_plan
 from .evaluate import first_token_logits, generate, kl_divergence
 from .inmemory import InMemoryEditor
+from .chat import MAX_PROMPT_TOKENS, cap_prompts
 from .models import LoadedModel, load_model, resolve_model
 from .refusals import MARKER_SETS, markers_in, opener_ids, refusal_log_odds
+from .study import open_study
 
 STRATEGIES = ("norm-preserving", "biprojected", "projected", "standard")
 
@@ -44,6 +48,18 @@ class Space:
     measured: list[int]
     components: tuple[str, ...]
     strategies: tuple[str, ...]
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint, arch: Architecture, meas: Measurements, strategies: Sequence[str]) -> Space:
+        """The space of a model (its layers, its map's components) and a direction file (the
+        measurement layers, those with a direction, besides the embedding output)."""
+        num_layers = arch.num_layers(ckpt.config)
+        measured = [n for n in meas.layers if 0 < n < num_layers and meas.direction(n).any()]
+        return cls(num_layers, measured, tuple(arch.components), tuple(strategies))
+
+    def record(self, model: Path, meas: Measurements) -> dict[str, str]:
+        """What a study file keeps of this search, to refuse resuming another (study.py)."""
+        return {"model": str(model.resolve()), "directions_sha256": meas.sha256, "space": json.dumps(asdict(self))}
 
 
 def plan_from_params(p: dict[str, Any], space: Space) -> tuple[Plan, str]:
@@ -100,6 +116,41 @@ def suggest(trial: Any, space: Space) -> dict[str, Any]:
     return p
 
 
+class _Bounds:
+    """Stands in for an Optuna trial to read the search space off ``suggest``: the range of each
+    float parameter and the choices of each categorical one."""
+
+    def __init__(self) -> None:
+        self.floats: dict[str, tuple[float, float]] = {}
+        self.choices: dict[str, list[Any]] = {}
+
+    def suggest_float(self, name: str, low: float, high: float) -> float:
+        self.floats[name] = (low, high)
+        return low
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        self.choices[name] = list(choices)
+        return choices[0] if choices else None
+
+
+def param_problem(params: Mapping[str, Any], space: Space) -> str | None:
+    """What makes ``params`` (a stored trial's, read from a study file) not a point of ``space``, or None."""
+    bounds = _Bounds()
+    suggest(bounds, space)
+    expected = {*bounds.floats, *bounds.choices}
+    if set(params) != expected:
+        missing, extra = sorted(expected - set(params)), sorted(set(params) - expected)
+        return f"has parameters other than this search's (missing {missing[:4]}, unknown {extra[:4]})"
+    for name, choices in bounds.choices.items():
+        if params[name] not in choices:
+            return f"has {name} {params[name]!r}, not one of this search's {choices}"
+    for name, (low, high) in bounds.floats.items():
+        value = params[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            return f"has {name} {value!r}, outside this search's range [{low:g}, {high:g}]"
+    return None
+
+
 @dataclass
 class Scorer:
     """A loaded model, its edits undone between trials, and the prompts a trial is scored on."""
@@ -151,29 +202,31 @@ class Outcome:
 def optimize(model: str | Path, directions: Path, harmful: Sequence[str], harmless: Sequence[str], *, trials: int,
              timeout: float | None, max_kl: float, study_path: Path | None = None, seed: int = 0,
              strategies: Sequence[str] = STRATEGIES, batch_size: int = 16, dtype: str = "float32",
-             registry: Registry | None = None, lm: LoadedModel | None = None, progress: bool = True) -> tuple[Outcome, Scorer]:
+             registry: Registry | None = None, lm: LoadedModel | None = None, progress: bool = True,
+             max_prompt_tokens: int = MAX_PROMPT_TOKENS, log: Callable[[str], None] = lambda s: None,
+             ) -> tuple[Outcome, Scorer]:
     """Search plans for ``model``; returns the chosen plan with the Pareto front, and the scorer
-    (model still loaded) for a final evaluation."""
+    (model still loaded) for a final evaluation. A study file is checked before the model is
+    loaded (study.py); prompts longer than ``max_prompt_tokens`` are cut (``cap_prompts``)."""
     optuna = _optuna()
     start = time.monotonic()
     path = resolve_model(model)
     registry = registry or Registry()
     meas = Measurements.load(directions)
-    scorer = Scorer(lm or load_model(path, dtype), Checkpoint.open(path), meas, registry, harmful, harmless, batch_size)
+    ckpt = Checkpoint.open(path)
     known = registry.strategies()
     unknown = [s for s in strategies if s not in known]
     if unknown:
         raise AbliterateError(f"unknown strategy {', '.join(unknown)}; registered: {', '.join(sorted(known))}")
-    num_layers = scorer.arch.num_layers(scorer.ckpt.config)
-    measured = [n for n in meas.layers if 0 < n < num_layers and meas.direction(n).any()]
-    space = Space(num_layers, measured, tuple(scorer.arch.components), tuple(strategies))
-    study = optuna.create_study(
-        directions=["minimize", "minimize"], study_name="abliterate-optimize",
-        storage=f"sqlite:///{study_path}" if study_path else None, load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(10, max(trials // 4, 1))),
-    )
+    space = Space.of(ckpt, registry.architecture_for(ckpt.config, ckpt.names), meas, strategies)
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(10, max(trials // 4, 1)))
+    study = open_study(optuna, study_path, sampler, space.record(path, meas), lambda p: param_problem(p, space))
+    lm = lm or load_model(path, dtype)
+    harmful = cap_prompts(lm.tokenizer, harmful, max_prompt_tokens, "harmful", log)
+    harmless = cap_prompts(lm.tokenizer, harmless, max_prompt_tokens, "harmless", log)
+    scorer = Scorer(lm, ckpt, meas, registry, harmful, harmless, batch_size)
     if not study.trials and space.measured:
-        heuristic = suggest_plan(layer_metrics(meas), num_layers)
+        heuristic = suggest_plan(layer_metrics(meas), space.num_layers)
         if heuristic.entries[0].measurement in space.measured:
             for peak in SEED_PEAKS:
                 for strategy in space.strategies:
@@ -190,7 +243,6 @@ def optimize(model: str | Path, directions: Path, harmful: Sequence[str], harmle
             if best is not None:
                 bar.set_postfix_str(f"best: score {best.values[0]:+.2f}, KL {best.values[1]:.3f} (trial {best.number})")
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
         if trials > done:
             study.optimize(objective, n_trials=trials - done, timeout=timeout, callbacks=[report])
     best = choose(study, max_kl) or min(_complete(study), key=lambda t: t.values[1])
@@ -231,10 +283,14 @@ class FinalEvaluation:
 
 
 def evaluate_plan(scorer: Scorer, plan: Plan, strategy: str, harmful: Sequence[str], harmless: Sequence[str], *,
-                  max_new_tokens: int = 128, reference: torch.Tensor | None = None,
-                  progress: bool = True) -> FinalEvaluation:
+                  max_new_tokens: int = 128, reference: torch.Tensor | None = None, progress: bool = True,
+                  max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+                  log: Callable[[str], None] = lambda s: None) -> FinalEvaluation:
     """Generation-based evaluation of ``plan`` on held-out prompts (both marker sets), and KL
-    (``reference``: the original's logits on ``harmless``, when already computed)."""
+    (``reference``: the original's logits on ``harmless``, when already computed, on the
+    prompts as cut to ``max_prompt_tokens``)."""
+    harmful = cap_prompts(scorer.lm.tokenizer, harmful, max_prompt_tokens, "harmful", log)
+    harmless = cap_prompts(scorer.lm.tokenizer, harmless, max_prompt_tokens, "harmless", log)
     if reference is None:
         reference = first_token_logits(scorer.lm, harmless, batch_size=scorer.batch_size, progress=False)
     scorer.apply(plan, strategy)
@@ -281,4 +337,5 @@ def _optuna() -> Any:
         import optuna
     except ImportError:
         raise AbliterateError("optimize needs optuna: pip install -e '.[optimize]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna

@@ -33,7 +33,7 @@ def load_prompts(source: str | Path, column: str = "text") -> list[str]:
         prompts = _read(path, column)
     except AbliterateError:
         raise
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise AbliterateError(f"{path}: unreadable prompt file ({str(exc).splitlines()[0]})") from None
     prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
     if not prompts:
