@@ -42,7 +42,8 @@ from rewriter.lab.example_models import example_model
 from rewriter.lab.measure import winsorize
 from rewriter.lab.models import LoadedModel, batches, format_prompts, load_model
 from rewriter.lab.prompts import default_prompts
-from rewriter.lab.refusals import MARKER_SETS, markers_in, opener_ids, refusal_log_odds
+from rewriter.lab.markers import MARKER_SETS, markers_in
+from rewriter.lab.refusals import opener_ids, refusal_log_odds
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 K = 5  # template tokens after the user's text

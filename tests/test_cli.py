@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from rewriter.cli import COMMANDS, main
@@ -18,11 +19,22 @@ def test_every_listed_command_loads_under_its_name() -> None:
     assert main.get_command(ctx, "nonsense") is None
 
 
-def test_help_lists_the_pipeline_in_order_without_loading_torch() -> None:
+def help_output(*args: str) -> str:
+    """``abliterate ARGS --help`` in a fresh interpreter; fails if that imported torch."""
     code = ("import sys; from click.testing import CliRunner; from rewriter.cli import main; "
-            "r = CliRunner().invoke(main, ['--help']); print(r.output); print('torch' in sys.modules)")
+            f"r = CliRunner().invoke(main, {[*args, '--help']!r}); print(r.output); print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip().endswith("False"), "the command list imported torch"
+    assert done.stdout.strip().endswith("False"), f"'{' '.join(args)} --help' imported torch"
+    return done.stdout
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_explains_itself_without_loading_torch(name: str) -> None:
+    assert f" {name} [OPTIONS]" in help_output(name)
+
+
+def test_help_lists_the_pipeline_in_order_without_loading_torch() -> None:
+    done = subprocess.CompletedProcess([], 0, help_output())
     listed = [line.split()[0] for line in done.stdout.split("Commands:")[1].splitlines()[1:] if line.startswith("  ")]
     assert listed == list(COMMANDS)
     assert listed.index("optimize") < listed.index("rewrite") < listed.index("verify") < listed.index("push")

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from rewriter.cli import main
 from rewriter.lab.evaluate import kl_divergence
-from rewriter.lab.refusals import BROAD_MARKERS, is_refusal, markers_in
+from rewriter.lab.markers import BROAD_MARKERS, is_refusal, markers_in
 from tests.helpers import build_model, tiny_tokenizer, write_checkpoint
 
 

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..directions import Measurements
 from ..dtypes import RUN_DTYPES
-from ..lab.refusals import MARKER_SETS, markers_named
+from ..lab.markers import MARKER_SETS, markers_named
 from ..plan import Plan
 from .base import command, quiet_option
 from .options import max_prompt_tokens_option
@@ -123,6 +122,7 @@ def analyze_cmd(directions: Path, chart: Path | None, plan_out: Path | None, min
          directions stay aligned (cos(r_N, r_N+1) >= --min-cos);
       3. every layer in the range uses m's direction at --scale.
     """
+    from ..directions import Measurements
     from ..lab.analyze import chart as draw
     from ..lab.analyze import layer_metrics, suggest_plan, table
 

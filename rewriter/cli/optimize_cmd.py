@@ -8,7 +8,6 @@ import click
 
 from ..io.files import write_atomic
 from ..plan import Plan
-from ..registry import Registry
 from .base import command, plugin_option, quiet_option
 from .options import max_prompt_tokens_option
 
@@ -47,6 +46,7 @@ def optimize_cmd(model: str, directions: Path, output: Path, trials: int, timeou
     evaluated by generation on the held-out evaluation halves, with both marker sets."""
     from ..lab.optimize import STRATEGIES, evaluate_plan, optimize, pareto_chart
     from ..lab.prompts import default_prompts
+    from ..registry import Registry
 
     def log(line: str) -> None:
         click.echo(line, err=True)

@@ -20,7 +20,7 @@ from .example_models import example_model
 from .measure import measure
 from .optimize import optimize, pareto_chart
 from .prompts import default_prompts
-from .refusals import MARKER_SETS
+from .markers import MARKER_SETS
 
 DEMO_MODEL = "qwen2.5-coder-0.5b-instruct"
 MAX_KL = 0.05

@@ -26,7 +26,8 @@ from ..io.files import cache_root, write_atomic
 from .chat import MAX_PROMPT_TOKENS, cap_prompts
 from .models import LoadedModel, batches, format_prompts, load_model, load_tokenizer, resolve_model
 from .prompts import prompts_sha256
-from .refusals import PROJECT_MARKERS, markers_in, opener_ids, refusal_log_odds
+from .markers import PROJECT_MARKERS, markers_in
+from .refusals import opener_ids, refusal_log_odds
 from .streamed import streamed_first_token_logits, streamed_if_needed
 
 

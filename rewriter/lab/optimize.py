@@ -34,7 +34,8 @@ from .evaluate import first_token_logits, generate, kl_divergence
 from .inmemory import InMemoryEditor
 from .chat import MAX_PROMPT_TOKENS, cap_prompts
 from .models import LoadedModel, load_model, resolve_model
-from .refusals import MARKER_SETS, markers_in, opener_ids, refusal_log_odds
+from .markers import MARKER_SETS, markers_in
+from .refusals import opener_ids, refusal_log_odds
 from .study import open_study
 
 STRATEGIES = ("norm-preserving", "biprojected", "projected", "standard")
