@@ -84,11 +84,20 @@ def test_planted_final_link_is_replaced_not_written_through(src: Path, direction
     name = shard_of(src, O_PROJ)
     (out / name).symlink_to(src / name)
     before = snapshot(src)
-    fail(rewrite_args(src, out, directions_file), "holds files but no abliteration.json; pass --overwrite")
-    result = run(*rewrite_args(src, out, directions_file, "--overwrite"))
-    assert result.exit_code == 0, result.output
+    for extra in ((), ("--overwrite",)):  # without a record nothing in OUTPUT is this tool's: never replaced
+        fail(rewrite_args(src, out, directions_file, *extra), f"holds files this tool did not write ({name})")
     assert snapshot(src) == before
-    assert not (out / name).is_symlink()
+    assert (out / name).is_symlink()
+
+
+def test_a_users_own_file_in_output_is_never_replaced(src: Path, directions_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    for extra in ((), ("--overwrite",)):
+        fail(rewrite_args(src, out, directions_file, *extra), "holds files this tool did not write (config.json)")
+    assert (out / "config.json").read_text() == '{"mine": true}'
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
 def test_second_run_on_the_same_output_fails_at_once_naming_the_holder(src: Path, directions_file: Path,

@@ -46,16 +46,18 @@ class Manifest:
         recorded = set(old["shards"]) | set(old["files"]) if old else set()
         stale = {n for n in present if n.endswith(PARTIAL) and n[: -len(PARTIAL)] in mine | recorded}
         downloads = {n for n in present if n.startswith(DOWNLOAD_DIR + "/")}  # this run's --low-disk source
-        foreign = sorted(set(present) - mine - recorded - stale - downloads)
+        # the record is written before anything else: without one, no file there is this tool's
+        owned = mine if old is not None else {LOCK_NAME}
+        foreign = sorted(set(present) - owned - recorded - stale - downloads)
         if foreign:
             shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
             raise AbliterateError(f"output {output} holds files this tool did not write ({shown}); "
                                   "remove them or choose another directory")
         if old is not None and old.get("fingerprint") == fingerprint:
             return cls(path, fingerprint, record, dict(old["shards"]), list(old["files"]))
-        if (old is not None or set(present) - {LOCK_NAME} - stale - downloads) and not overwrite:
-            what = "a rewrite of a different plan or inputs" if old is not None else f"files but no {MANIFEST_NAME}"
-            raise AbliterateError(f"output {output} holds {what}; pass --overwrite to replace it")
+        if old is not None and not overwrite:
+            raise AbliterateError(f"output {output} holds a rewrite of a different plan or inputs; "
+                                  "pass --overwrite to replace it")
         for name in sorted((recorded | stale) - {MANIFEST_NAME}):
             target = output / name
             if target.is_file() or target.is_symlink():
