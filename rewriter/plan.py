@@ -128,9 +128,9 @@ class Plan:
         ]
         return yaml.safe_dump(doc, sort_keys=False)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, comment: str = "") -> None:
         """Write the plan with paths inside its folder relative to it (the folder can move) and
-        others absolute, so that it works from any directory."""
+        others absolute, so that it works from any directory; ``comment`` heads the file."""
         folder = path.resolve().parent
 
         def rel(p: str | None, local: bool = True) -> str | None:
@@ -141,7 +141,7 @@ class Plan:
 
         model_is_path = self.model is not None and Path(self.model).exists()
         plan = replace(self, model=rel(self.model, model_is_path), measurements=rel(self.measurements), output=rel(self.output))
-        write_atomic(path, plan.to_yaml().encode())
+        write_atomic(path, (f"# {comment}\n" * bool(comment) + plan.to_yaml()).encode())
 
 
 def load_plan(path: str | Path) -> Plan:

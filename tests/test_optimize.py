@@ -123,3 +123,14 @@ def test_optimize_command_searches_resumes_and_writes_a_plan_rewrite_takes(tiny:
                                        "--strategy", strategy, "-q"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "abliteration.json").read_text())["fingerprint"]["strategy"] == strategy
+
+
+def test_optimize_keeps_a_plan_it_did_not_write(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """analyze's plan (or a user's) at --output is refused before the search, unless --overwrite."""
+    path, directions = tiny
+    mine = tmp_path / "plan.yml"
+    assert CliRunner().invoke(main, ["analyze", str(directions), "--suggest-plan", str(mine)]).exit_code == 0
+    before = mine.read_bytes()
+    result = CliRunner().invoke(main, ["optimize", str(path), "-d", str(directions), "-o", str(mine), "-q"])
+    assert result.exit_code == 1 and "was not written by optimize" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and mine.read_bytes() == before

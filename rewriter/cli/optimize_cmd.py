@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import AbliterateError
 from ..io.files import write_atomic
 from ..plan import Plan
 from .base import command, plugin_option, quiet_option
@@ -30,13 +31,15 @@ from .options import max_prompt_tokens_option
 @click.option("--chart", type=click.Path(dir_okay=False, path_type=Path), help="PNG of the trials and the Pareto front (default: beside the plan).")
 @click.option("--save", type=click.Path(dir_okay=False, path_type=Path), help="JSONL of the final evaluation's answers with their verdicts.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a plan file at --output that optimize did not write "
+                                               "(one it wrote is replaced anyway).")
 @max_prompt_tokens_option
 @quiet_option
 @plugin_option
 def optimize_cmd(model: str, directions: Path, output: Path, trials: int, timeout: float | None, max_kl: float,
                  study: Path | None, strategies: tuple[str, ...], search_prompts: int, max_new_tokens: int,
-                 no_final_eval: bool, chart: Path | None, save: Path | None, seed: int, max_prompt_tokens: int,
-                 quiet: bool, plugins: tuple[str, ...]) -> None:
+                 no_final_eval: bool, chart: Path | None, save: Path | None, seed: int, overwrite: bool,
+                 max_prompt_tokens: int, quiet: bool, plugins: tuple[str, ...]) -> None:
     """Choose a plan for MODEL by measurement: a multi-objective search (Optuna TPE) over the
     measurement layer, the edited range, a weight profile per component (peak, position,
     floor, width) and the strategy. Each trial edits the loaded model in memory and is
@@ -51,6 +54,8 @@ def optimize_cmd(model: str, directions: Path, output: Path, trials: int, timeou
     def log(line: str) -> None:
         click.echo(line, err=True)
 
+    _check_replaceable(output, overwrite)
+
     harmful, harmless = default_prompts("harmful-measure")[:search_prompts], default_prompts("harmless-measure")[:search_prompts]
     outcome, scorer = optimize(model, directions, harmful, harmless, trials=trials, timeout=timeout, max_kl=max_kl,
                                study_path=study, seed=seed, strategies=strategies or STRATEGIES,
@@ -64,7 +69,7 @@ def optimize_cmd(model: str, directions: Path, output: Path, trials: int, timeou
     if not outcome.feasible:
         click.echo(f"no trial reached KL <= {max_kl:g}; the plan with the lowest KL was chosen")
     plan = Plan(outcome.plan.entries, model=str(scorer.lm.path), measurements=str(directions))
-    plan.save(output)
+    plan.save(output, WRITTEN_BY)
     layers = [e.layer for e in plan.entries]
     click.echo(f"chosen: trial {outcome.trial}, {outcome.strategy}, measurement {plan.entries[0].measurement}, "
                f"layers {min(layers)}-{max(layers)}; score {outcome.refusal_score:+.3f}, KL {outcome.kl:.4f} -> {output}")
@@ -83,3 +88,20 @@ def optimize_cmd(model: str, directions: Path, output: Path, trials: int, timeou
     if save:
         write_atomic(save, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in final.answers).encode())
         click.echo(f"answers: {save}")
+
+
+WRITTEN_BY = "written by abliterate optimize"
+
+
+def _check_replaceable(output: Path, overwrite: bool) -> None:
+    """Before the search: a plan file optimize did not write (analyze's, a user's) is kept unless
+    --overwrite says otherwise."""
+    if overwrite or not output.exists():
+        return
+    try:
+        ours = output.is_file() and not output.is_symlink() and output.read_bytes()[:64].startswith(f"# {WRITTEN_BY}".encode())
+    except OSError:
+        ours = False
+    if not ours:
+        raise AbliterateError(f"{output} exists and was not written by optimize; choose another --output "
+                              "(e.g. beside analyze's heuristic.yml) or pass --overwrite")

@@ -324,6 +324,9 @@ def pareto_chart(outcome: Outcome, path: Path, max_kl: float) -> None:
     ax.scatter([outcome.kl], [outcome.refusal_score], s=120, marker="*", color="tab:green", zorder=3,
                label=f"chosen (trial {outcome.trial})")
     ax.set_xscale("symlog", linthresh=1e-3)
+    low, high = ax.get_xlim()  # symlog leaves most of this range unlabelled: label it in steps of ~3x
+    ticks = [t for t in (0, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100) if low <= t <= high]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.set_xlabel("first-token KL from the original (harmless prompts)")
     ax.set_ylabel("refusal score (log-odds of a refusal opener)")
     ax.grid(alpha=0.3)
