@@ -59,20 +59,37 @@ class Evaluation:
 
 def generate(lm: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
              chat_template: bool = True, system_prompt: str | None = None, progress: bool = True) -> list[str]:
-    """Greedy continuations of each prompt, in the order given."""
+    """Greedy continuations of each prompt, in the order given. The progress bar counts tokens as
+    they are generated (a batch of long answers takes minutes on a CPU), and the answers done."""
     texts = format_prompts(lm.tokenizer, prompts, chat_template, system_prompt)
     out: list[str] = [""] * len(texts)
     tok = lm.tokenizer
-    with tqdm(total=len(texts), unit="prompt", desc="generate", disable=not progress) as bar:
-        for idx, enc in batches(lm, texts, batch_size, chat_template):
+    with tqdm(total=len(texts) * max_new_tokens, unit="token", desc="generate", disable=not progress) as bar:
+        for done, (idx, enc) in enumerate(batches(lm, texts, batch_size, chat_template)):
+            ticks = _TokenTicks(bar, len(idx))
             with torch.inference_mode():
                 ids = lm.model.generate(**enc.to(lm.model.device), max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
+                                        pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None,
+                                        stopping_criteria=[ticks])
             new = ids[:, enc["input_ids"].shape[1]:]
             for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
                 out[i] = text
-            bar.update(len(idx))
+            bar.update(len(idx) * max_new_tokens - ticks.counted)  # answers that ended early: their rest
+            bar.set_postfix_str(f"{min((done + 1) * batch_size, len(texts))}/{len(texts)} answers")
     return out
+
+
+class _TokenTicks:
+    """A stopping criterion (any callable is one to transformers) that never stops generation:
+    it advances the bar by the batch's rows at every generated token."""
+
+    def __init__(self, bar: tqdm, rows: int) -> None:
+        self.bar, self.rows, self.counted = bar, rows, 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        self.bar.update(self.rows)
+        self.counted += self.rows
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def first_token_logits(lm: LoadedModel, prompts: Sequence[str], *, batch_size: int, chat_template: bool = True,
