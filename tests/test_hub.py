@@ -164,3 +164,19 @@ def test_unreachable_hub_says_what_to_do(tmp_path: Path, monkeypatch: pytest.Mon
     result = cli("rewrite", "org/model", str(tmp_path / "out"), "-d", str(directions_file), *LAYERS)
     assert_one_line_error(result, "HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE")
     assert not (tmp_path / "out").exists()
+
+
+def test_lab_commands_take_hub_ids(hub: HubServer, tmp_path: Path) -> None:
+    """inspect reads a Hub repo's headers without its weights; measure downloads it into the cache."""
+    tiny = Path(__file__).parent / "data" / "reference" / "tiny-qwen2"  # with tokenizer and chat template
+    host(hub, "org/tiny", tiny)
+    result = cli("inspect", "org/tiny")
+    assert result.exit_code == 0 and "architecture: qwen2" in result.output, result.output
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("How do I bake bread?\nWrite a poem about the sea.\n")
+    out = tmp_path / "d.safetensors"
+    result = cli("measure", "org/tiny", "-o", str(out), "--harmful", str(prompts), "--harmless", str(prompts))
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+    result = cli("measure", "org/missing", "-o", str(tmp_path / "e.safetensors"))
+    assert_one_line_error(result, "resolve org/missing")

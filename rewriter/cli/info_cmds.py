@@ -33,26 +33,31 @@ def plugins_cmd(plugins: tuple[str, ...]) -> None:
 @click.option("--layer", type=int, default=0, show_default=True, help="Layer whose residual writers are listed.")
 @plugin_option
 def inspect_cmd(path: str, layer: int, plugins: tuple[str, ...]) -> None:
-    """Describe a checkpoint directory or example model name (architecture, width, layers,
-    components, shards, writers; for a rewrite's output, its record too) or a direction
-    file (layers, width, prompt counts, metadata)."""
+    """Describe a checkpoint directory, example model name or Hub repo ORG/NAME[@REVISION]
+    (architecture, width, layers, components, shards, writers; for a rewrite's output, its
+    record too; a Hub repo's shard headers are read by range requests, no weights
+    downloaded) or a direction file (layers, width, prompt counts, metadata)."""
+    from ..io.checkpoint import Checkpoint
+    from ..io.hub import open_hub_checkpoint, parse_spec
     from ..lab.models import resolve_source
     from ..registry import Registry
 
     target = Path(resolve_source(path))
-    if not target.exists():
-        raise AbliterateError(f"not found: {path} (a checkpoint directory, an example model name, or a direction file)")
-    if target.is_dir():
-        _inspect_checkpoint(target, layer, Registry(plugins))
+    spec = None if target.exists() else parse_spec(path)
+    if spec is not None:
+        _inspect_checkpoint(open_hub_checkpoint(*spec), layer, Registry(plugins))
+    elif not target.exists():
+        raise AbliterateError(f"not found: {path} (a checkpoint directory, an example model name, a Hub repo "
+                              "ORG/NAME, or a direction file)")
+    elif target.is_dir():
+        _inspect_checkpoint(Checkpoint.open(target), layer, Registry(plugins))
     else:
         _inspect_directions(target)
 
 
-def _inspect_checkpoint(path: Path, layer: int, registry: Registry) -> None:
-    from ..io.checkpoint import Checkpoint
+def _inspect_checkpoint(ckpt: Checkpoint, layer: int, registry: Registry) -> None:
     from ..logical import LogicalTensors
 
-    ckpt = Checkpoint.open(path)
     view = LogicalTensors.of(ckpt, registry)
     arch = registry.architecture_for(ckpt.config, view.names)
     n_layers = arch.num_layers(ckpt.config)
@@ -80,7 +85,7 @@ def _inspect_checkpoint(path: Path, layer: int, registry: Registry) -> None:
         click.echo(f"  {w.component:<9} {w.name}  {state}")
     if absent:
         click.echo(f"  ({absent} optional writer{'s' if absent > 1 else ''}, e.g. biases, not in this checkpoint)")
-    manifest = load_manifest(path)
+    manifest = load_manifest(ckpt.root)
     if manifest is not None:
         _echo_record(manifest)
 

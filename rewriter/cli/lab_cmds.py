@@ -81,7 +81,8 @@ def measure_cmd(model: str, harmful: str | None, harmless: str | None, column: s
                 winsorize: float, dtype: str, device: str, max_prompts: int | None, system_prompt: str | None,
                 no_chat_template: bool, max_memory: int | None, refused_only: bool, max_prompt_tokens: int,
                 quiet: bool) -> None:
-    """Measure refusal directions of MODEL (a checkpoint directory or an example name).
+    """Measure refusal directions of MODEL (a checkpoint directory, an example name, or a Hub
+    repo ORG/NAME[@REVISION], downloaded into the Hugging Face cache).
 
     For every prompt, the chat template with generation prompt is applied and the
     residual stream at the last prompt token is taken at every layer,
@@ -178,7 +179,8 @@ def evaluate_cmd(model: str, original: str | None, harmful: str | None, harmless
     think block), its cheap refusal score (mean log-odds of a refusal-opening first
     token, from one forward pass), and with --original the mean KL(original || MODEL) of
     next-token distributions at the first response position on harmless prompts (float64;
-    the original's logits are cached, so the two models are never in memory together)."""
+    the original's logits are cached, so the two models are never in memory together).
+    MODEL and ORIGINAL: checkpoint directories, example names or Hub repos ORG/NAME[@REVISION]."""
     from ..lab.evaluate import evaluate
 
     chosen = markers or markers_named(marker_set)

@@ -46,7 +46,8 @@ def optimize_cmd(model: str, directions: Path, output: Path, trials: int, timeou
     scored, without generation, by the refusal score on the measurement half of the
     built-in harmful prompts and the first-token KL on the measurement half of the
     harmless ones. The chosen plan (lowest refusal score with KL <= --max-kl) is then
-    evaluated by generation on the held-out evaluation halves, with both marker sets."""
+    evaluated by generation on the held-out evaluation halves, with both marker sets.
+    MODEL: a checkpoint directory, an example name or a Hub repo ORG/NAME[@REVISION]."""
     from ..lab.optimize import STRATEGIES, evaluate_plan, optimize, pareto_chart
     from ..lab.prompts import default_prompts
     from ..registry import Registry

@@ -162,3 +162,12 @@ def open_hub_checkpoint(repo: str, revision: str | None, local_dir: Path | None 
                                any(n.endswith(".bin") for n in sizes), files=files,
                                origin={"repo": repo, "revision": str(info.sha)})
 
+
+def download_checkpoint(repo: str, revision: str | None) -> Path:
+    """The whole checkpoint in the Hugging Face cache (for the commands that load a model into
+    memory), checked as ``open_hub_checkpoint`` checks it; its local snapshot folder."""
+    ckpt = open_hub_checkpoint(repo, revision)
+    for shard in ckpt.shards:
+        with ckpt.files.local(shard):  # without --low-disk the shard stays in the cache, beside the config
+            pass
+    return ckpt.root

@@ -2,7 +2,8 @@
 and evaluate share."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import difflib
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,13 +51,31 @@ def resolve_source(name: str) -> str:
 
 
 def resolve_model(name: str | Path) -> Path:
-    """A checkpoint directory, or an example model's name."""
+    """A checkpoint directory, an example model's name, or a Hub repo ``ORG/NAME[@REVISION]``
+    (downloaded into the Hugging Face cache, shard by shard, when no such directory exists)."""
+    from ..io.hub import download_checkpoint, parse_spec
     from .example_models import EXAMPLES
 
     path = Path(resolve_source(str(name)))
+    # ORG/NAME where ORG is a local folder is a mistyped path, not a repo
+    spec = None if path.exists() or path.parent.is_dir() else parse_spec(str(name))
+    if spec is not None:
+        return download_checkpoint(*spec)
     if not (path / "config.json").is_file():
-        raise AbliterateError(f"model not found: {name} (a directory with config.json, or an example: {', '.join(EXAMPLES)})")
+        raise AbliterateError(f"model not found: {name} (a directory with config.json, an example: "
+                              f"{', '.join(EXAMPLES)}, or a Hub repo ORG/NAME){_did_you_mean(str(name), EXAMPLES)}")
     return path
+
+
+def _did_you_mean(name: str, examples: Collection[str]) -> str:
+    """A close example name or a nearby directory with a config.json, for a mistyped model."""
+    parent = Path(name).expanduser().parent
+    try:
+        nearby = [str(parent / p.name) for p in parent.iterdir() if (p / "config.json").is_file()] if parent.is_dir() else []
+    except OSError:
+        nearby = []
+    close = difflib.get_close_matches(name, [*examples, *nearby[:1000]], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
