@@ -1,7 +1,7 @@
 """The whole pipeline on the real Qwen example: refusals fall, the model keeps its mind.
 
 Measurement prompts (the built-in measure halves) are disjoint from evaluation prompts
-(the eval halves). The comparison with the standard strategy is recorded, not asserted.
+(the eval halves). Strategies are compared outside the suite (benchmarks/strategy_table.py).
 """
 from __future__ import annotations
 
@@ -12,10 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from rewriter.lab.evaluate import evaluate
-from rewriter.pipeline import prepare
-from rewriter.plan import load_plan
-from rewriter.lab.prompts import default_prompts
 
 
 def test_demo_abliterates_qwen(qwen: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -40,15 +36,3 @@ def test_demo_abliterates_qwen(qwen: Path, tmp_path: Path, capfd: pytest.Capture
                  "model/config.json",
                  "model/abliteration.json", "answers-original.jsonl", "answers-abliterated.jsonl"):
         assert (out / name).is_file(), name
-
-    # the same plan with the standard strategy, recorded beside it
-    plan = load_plan(out / "plan.yml")
-    std = tmp_path / "standard"
-    prepare(qwen, std, out / "directions.safetensors", plan, "standard").run(std, progress=False)
-    ev = evaluate(std, default_prompts("harmful-eval"), default_prompts("harmless-eval"), original=qwen,
-                  max_new_tokens=48, progress=False)
-    print(f"strategy comparison on layers {report['layers']} (measurement {report['measurement']}), "
-          f"{n} held-out harmful prompts:\n"
-          f"  original         refusals {before:>3}/{n}  KL 0\n"
-          f"  norm-preserving  refusals {after:>3}/{n}  KL {report['kl_after']:.4f}\n"
-          f"  standard         refusals {ev.refusals:>3}/{n}  KL {ev.kl:.4f}")
