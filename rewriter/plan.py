@@ -156,6 +156,8 @@ def load_plan(path: str | Path) -> Plan:
         raise AbliterateError(f"plan file not found: {p}") from None
     except (OSError, yaml.YAMLError) as exc:
         raise AbliterateError(f"{p}: unreadable plan ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise AbliterateError(f"{p}: unreadable plan (nested too deep)") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("ablate"), list):
         raise AbliterateError(f"{p}: a plan needs an 'ablate:' list of {{layer, measurement, scale}}")
     _known_keys(doc, TOP_LEVEL_KEYS, p)

@@ -372,6 +372,16 @@ def test_prompt_file_nested_too_deep_is_one_line(tmp_path: Path) -> None:
          "unreadable prompt file (maximum recursion depth", tmp_path / "d.safetensors")
 
 
+def test_plan_and_card_eval_nested_too_deep_are_one_line(src: Path, directions_file: Path, tmp_path: Path) -> None:
+    plan = tmp_path / "plan.yml"
+    plan.write_text("ablate: " + "[" * 200_000 + "]" * 200_000)
+    fail(["rewrite", str(src), str(tmp_path / "out"), "-d", str(directions_file), "--plan", str(plan)],
+         "unreadable plan (nested too deep)", tmp_path / "out")
+    card = tmp_path / "eval.json"
+    card.write_text("[" * 200_000 + "]" * 200_000)
+    fail(["push", str(src), "org/x", "--card-eval", str(card), "--dry-run"], "not the JSON that 'evaluate --json' writes")
+
+
 def test_link_out_of_the_source_is_never_copied(src: Path, directions_file: Path, tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("private")

@@ -143,7 +143,7 @@ def read_card_eval(path: Path | None) -> dict[str, Any] | None:
         return None
     try:
         doc = json.loads(path.read_text())
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
         doc = None
     if not isinstance(doc, dict):
         raise AbliterateError(f"{path}: not the JSON that 'evaluate --json' writes")

@@ -100,6 +100,7 @@ def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, dir
     assert output is not None
     for note in job.notes:
         click.echo(f"note: {note}", err=True)
+    evaluation = read_card_eval(card_eval)  # checked before the rewrite, not after it
     publisher = Publisher(push_to, private=private, log=lambda s: click.echo(s, err=True)) if push_to else None
     if publisher:
         publisher.start()  # fails fast on bad credentials, before any work
@@ -112,7 +113,7 @@ def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, dir
     click.echo(f"output: {output}")
     if publisher and push_to:
         commit = publish(output, publisher=publisher, base_model=job.ckpt.origin and job.ckpt.origin["repo"],
-                         directions=directions, evaluation=read_card_eval(card_eval))
+                         directions=directions, evaluation=evaluation)
         click.echo(f"pushed to {push_to} (commit {commit})")
 
 
@@ -138,10 +139,10 @@ def push_cmd(output: Path, repo: str, directions: Path | None, base_model: str |
     """
     from ..io.publish import Publisher, publish
 
+    evaluation = read_card_eval(card_eval)  # every input checked before anything is said or sent
     publisher = Publisher(repo, private=private, dry_run=dry_run, log=lambda s: click.echo(s, err=not dry_run))
     publisher.start()
-    commit = publish(output, publisher=publisher, base_model=base_model, directions=directions,
-                     evaluation=read_card_eval(card_eval))
+    commit = publish(output, publisher=publisher, base_model=base_model, directions=directions, evaluation=evaluation)
     if commit:
         click.echo(f"pushed {output} to {repo} (commit {commit})")
 
