@@ -18,7 +18,7 @@ os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="abliterate-test-hf-cache-"
 atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tests.helpers import TEXT, build_model, random_measurements, write_checkpoint  # noqa: E402
+from tests.helpers import TEXT, build_model, random_measurements, tiny_tokenizer, write_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +60,14 @@ def qwen_directions(qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     path = tmp_path_factory.mktemp("qwen") / "directions.safetensors"
     measure(qwen, default_prompts("harmful-measure"), default_prompts("harmless-measure"), progress=False).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny qwen2 with a word-level tokenizer and a chat template, and directions for it
+    (tests that change it work on a copy)."""
+    path = write_checkpoint(build_model("qwen2"), tmp_path_factory.mktemp("chat") / "m", "qwen2")
+    tiny_tokenizer(path)
+    directions = path.parent / "d.safetensors"
+    random_measurements(TEXT["hidden_size"], TEXT["num_hidden_layers"]).save(directions)
+    return path, directions

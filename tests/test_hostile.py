@@ -20,8 +20,7 @@ from rewriter.cli import main
 from rewriter.directions import Measurements
 from rewriter.io import shard_writer
 from rewriter.io.files import exclusive_lock
-from tests.helpers import (build_model, copy_checkpoint, edit_tensor_file, fail, random_measurements, snapshot,
-                           tiny_tokenizer, write_checkpoint)
+from tests.helpers import copy_checkpoint, edit_tensor_file, fail, random_measurements, snapshot
 
 O_PROJ = "model.layers.1.self_attn.o_proj.weight"
 INDEX = "model.safetensors.index.json"
@@ -427,16 +426,6 @@ def test_fused_expert_width_that_the_config_does_not_declare_is_refused(tmp_path
 
 
 # -- measure, evaluate, optimize: chat templates, prompt lengths, study files --------------------
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny qwen2 with a word-level tokenizer and a chat template, and directions for it."""
-    path = write_checkpoint(build_model("qwen2"), tmp_path_factory.mktemp("chat") / "m", "qwen2")
-    tiny_tokenizer(path)
-    directions = path.parent / "d.safetensors"
-    random_measurements(64, 4).save(directions)
-    return path, directions
-
 
 @pytest.mark.parametrize("template, expected", [
     ("{{ raise_exception('boom') }}", "TemplateError: boom"),

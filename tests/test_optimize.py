@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
@@ -22,7 +21,6 @@ from rewriter.lab.refusals import first_token_scores, opener_ids, refusal_log_od
 from rewriter.plan import load_plan
 from rewriter.edits import plan_edits
 from rewriter.registry import Registry
-from tests.helpers import build_model, random_measurements, tiny_tokenizer, write_checkpoint
 
 SPACE = Space(num_layers=8, measured=list(range(1, 8)), components=("attention", "mlp"), strategies=("standard",))
 
@@ -55,17 +53,8 @@ def test_the_heuristic_plan_is_a_point_of_the_search_space(tmp_path: Path) -> No
         {"layer": n, "measurement": 6, "scale": 1.0, "components": {"attention": 1.0, "mlp": 1.0}} for n in range(2, 8)]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    path = write_checkpoint(build_model("qwen2"), tmp_path_factory.mktemp("opt") / "m", "qwen2")
-    tiny_tokenizer(path)
-    directions = path.parent / "d.safetensors"
-    random_measurements(64, 4).save(directions)
-    return path, directions
-
-
-def test_in_memory_edit_equals_the_rewritten_checkpoint(tiny: tuple[Path, Path], tmp_path: Path) -> None:
-    path, directions = tiny
+def test_in_memory_edit_equals_the_rewritten_checkpoint(chat_model: tuple[Path, Path], tmp_path: Path) -> None:
+    path, directions = chat_model
     plan = load_plan_text(tmp_path, "ablate:\n  - {layer: 1, measurement: 2, components: {mlp: 0.5}}\n"
                                     "  - {layer: 2, measurement: 2}\n")
     out = tmp_path / "out"
@@ -84,8 +73,8 @@ def test_in_memory_edit_equals_the_rewritten_checkpoint(tiny: tuple[Path, Path],
     assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
 
 
-def test_first_token_scores_are_the_log_odds_and_the_projection_of_one_pass(tiny: tuple[Path, Path]) -> None:
-    path, directions = tiny
+def test_first_token_scores_are_the_log_odds_and_the_projection_of_one_pass(chat_model: tuple[Path, Path]) -> None:
+    path, directions = chat_model
     lm, meas = load_model(path), Measurements.load(directions)
     prompts = ["a", "bb b", "ccc cc c"]
     openers = opener_ids(lm.tokenizer)
@@ -103,9 +92,9 @@ def load_plan_text(folder: Path, text: str) -> Path:
     return folder / "plan.yml"
 
 
-def test_optimize_command_searches_resumes_and_writes_a_plan_rewrite_takes(tiny: tuple[Path, Path],
+def test_optimize_command_searches_resumes_and_writes_a_plan_rewrite_takes(chat_model: tuple[Path, Path],
                                                                            tmp_path: Path) -> None:
-    path, directions = tiny
+    path, directions = chat_model
     args = ["optimize", str(path), "-d", str(directions), "-o", str(tmp_path / "plan.yml"), "--study",
             str(tmp_path / "study.db"), "--search-prompts", "4", "--max-new-tokens", "3", "--max-kl", "10",
             "--save", str(tmp_path / "answers.jsonl"), "-q"]
@@ -125,9 +114,9 @@ def test_optimize_command_searches_resumes_and_writes_a_plan_rewrite_takes(tiny:
     assert json.loads((out / "abliteration.json").read_text())["fingerprint"]["strategy"] == strategy
 
 
-def test_optimize_keeps_a_plan_it_did_not_write(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+def test_optimize_keeps_a_plan_it_did_not_write(chat_model: tuple[Path, Path], tmp_path: Path) -> None:
     """analyze's plan (or a user's) at --output is refused before the search, unless --overwrite."""
-    path, directions = tiny
+    path, directions = chat_model
     mine = tmp_path / "plan.yml"
     assert CliRunner().invoke(main, ["analyze", str(directions), "--suggest-plan", str(mine)]).exit_code == 0
     before = mine.read_bytes()
