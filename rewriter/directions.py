@@ -106,17 +106,20 @@ class Measurements:
         mean there when measured with ``--projected``), as the reference tool's ablation uses it;
         with ``ensemble``, normalize(n(d_{N-1}) + n(d_N) + n(d_{N+1})) of those."""
         if not self.ensemble:
-            if self.reference is None:
-                return self.direction(layer)
-            self._get("harmful", self.harmful, layer)
-            return _normalized(self.reference.units[layer], f"refusenorm_{layer}")
+            return self._measured(layer)
         missing = [n for n in (layer - 1, layer + 1) if n not in self.harmful]
         if missing:
             raise AbliterateError(f"the layer ensemble of measurement {layer} needs its neighbours {layer - 1} and "
                                   f"{layer + 1}; the direction file has measurements {_ranges(self.layers)}")
-        single = replace(self, ensemble=False)
-        total = sum(_normalized(single.measured_direction(n), f"measurement {n}") for n in (layer - 1, layer, layer + 1))
+        total = sum(_normalized(self._measured(n), f"measurement {n}") for n in (layer - 1, layer, layer + 1))
         return _normalized(total, f"the ensemble of measurement {layer}")
+
+    def _measured(self, layer: int) -> torch.Tensor:
+        """One layer's measured direction, without the ensemble."""
+        if self.reference is None:
+            return self.direction(layer)
+        self._get("harmful", self.harmful, layer)
+        return _normalized(self.reference.units[layer], f"refusenorm_{layer}")
 
     def ensembled(self) -> Measurements:
         """These measurements with every measured direction replaced by its three-layer ensemble

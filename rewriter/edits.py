@@ -45,9 +45,9 @@ def plan_edits(ckpt: Checkpoint, arch: Architecture, plan: Plan, meas: Measureme
     plan.check(n_layers, arch.components)
     edits: dict[str, PlannedEdit] = {}
     for entry in sorted(plan.entries, key=lambda e: e.layer):
-        base = keep_largest(_refine(strategy, refines or {}, entry)(meas.ensembled() if entry.ensemble else meas,
-                                                                    entry.measurement, entry.layer),
-                            entry.sparsity, entry.layer)
+        refine = _refine(strategy, refines or {}, entry)
+        refined = refine(meas.ensembled() if entry.ensemble else meas, entry.measurement, entry.layer)
+        base = keep_largest(refined, entry.sparsity, entry.layer)
         for writer in _present_writers(ckpt, view.names, arch, entry.layer):
             shape = _check_tensor(ckpt, view, arch, writer, width)
             direction = _unit(_through_norm(ckpt, writer, base), entry.layer, entry.measurement)

@@ -56,10 +56,11 @@ class PlanEntry:
         return out
 
     @classmethod
-    def from_dict(cls, item: Mapping[Any, Any], where: object, default_scale: float = 1.0,
+    def from_dict(cls, item: Mapping[Any, Any], where: object, global_scale: float = 1.0,
                   defaults: Mapping[str, Any] | None = None) -> PlanEntry:
-        """An entry from a plan's ``ablate`` item (or a recorded one); ``default_scale`` multiplies
-        the entry's scale, as the reference tool's global ``scale`` does."""
+        """An entry from a plan's ``ablate`` item (or a recorded one); ``global_scale`` multiplies
+        the entry's scale, as the reference tool's global ``scale`` does, and ``defaults`` holds the
+        plan's top-level options."""
         if not isinstance(item, Mapping) or "layer" not in item:
             raise AbliterateError(f"{where} needs 'layer' (and 'measurement', which defaults to the layer)")
         _known_keys(item, ENTRY_KEYS, where)
@@ -70,7 +71,7 @@ class PlanEntry:
         return cls(
             _integer(item["layer"], where, "layer"),
             _integer(item.get("measurement", item["layer"]), where, "measurement"),
-            _number(item.get("scale", 1.0), where, "scale") * default_scale,
+            _number(item.get("scale", 1.0), where, "scale") * global_scale,
             {str(k): _number(v, where, str(k)) for k, v in components.items()},
             _number(item.get("sparsity", 0.0), where, "sparsity"),
             _flag(options.get("ensemble", False), where, "ensemble"),

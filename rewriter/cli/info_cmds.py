@@ -43,7 +43,7 @@ def inspect_cmd(path: str, layer: int, plugins: tuple[str, ...]) -> None:
     from ..registry import Registry
 
     target = Path(resolve_source(path))
-    spec = None if target.exists() else parse_spec(path)
+    spec = parse_spec(path)
     if spec is not None:
         _inspect_checkpoint(open_hub_checkpoint(*spec), layer, Registry(plugins))
     elif not target.exists():

@@ -29,9 +29,10 @@ def is_repo_id(text: str) -> bool:
 
 
 def parse_spec(spec: str) -> tuple[str, str | None] | None:
-    """(repo id, revision) for ``ORG/NAME[@REVISION]`` that is not a local path, else None."""
+    """(repo id, revision) for ``ORG/NAME[@REVISION]`` that is not a local path, else None. ORG/NAME
+    where ORG is a local folder is taken for a mistyped path, not a repo."""
     m = _SPEC.match(spec)
-    if not m or Path(spec).exists():
+    if not m or Path(spec).exists() or Path(spec).parent.is_dir():
         return None
     return m[1], m[2]
 

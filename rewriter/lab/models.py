@@ -57,8 +57,7 @@ def resolve_model(name: str | Path) -> Path:
     from .example_models import EXAMPLES
 
     path = Path(resolve_source(str(name)))
-    # ORG/NAME where ORG is a local folder is a mistyped path, not a repo
-    spec = None if path.exists() or path.parent.is_dir() else parse_spec(str(name))
+    spec = parse_spec(str(name))
     if spec is not None:
         return download_checkpoint(*spec)
     if not (path / "config.json").is_file():
