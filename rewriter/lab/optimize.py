@@ -8,13 +8,24 @@ log-odds of a refusal-opening first token) on the measurement half of the harmfu
 prompts, and the first-token KL from the original on harmless prompts (the original's
 logits computed once). The chosen plan (lowest refusal score with KL <= max_kl) is then
 evaluated by generation on the held-out evaluation halves.
+
+Several processes (``--jobs``, or ``optimize`` on several machines with one ``--study``)
+share one study: each starts trials until the study has ``trials`` of them finished or
+running, then waits for the others' to finish, so that whichever reports chooses from the
+whole study. A trial resumes the forward pass at its first edited layer from the original
+model's hidden states, computed once (``PrefixCache``): the layers before it are unedited.
 """
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import math
+import os
+import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,14 +38,17 @@ from ..directions import Measurements
 from ..edits import plan_edits
 from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint
+from ..io.hub import parse_spec
 from ..plan import Plan, PlanEntry
 from ..registry import Registry
 from .analyze import layer_metrics, suggest_plan
 from .evaluate import first_token_logits, generate, kl_divergence
+from .example_models import EXAMPLES
 from .inmemory import InMemoryEditor
 from .chat import MAX_PROMPT_TOKENS, cap_prompts
-from .models import LoadedModel, load_model, resolve_model
+from .models import LoadedModel, batches, format_prompts, load_model, resolve_model
 from .markers import MARKER_SETS, markers_in
+from .prompts import prompts_sha256
 from .refusals import opener_ids, refusal_log_odds
 from .study import open_study
 
@@ -58,9 +72,33 @@ class Space:
         measured = [n for n in meas.layers if 0 < n < num_layers and meas.direction(n).any()]
         return cls(num_layers, measured, tuple(arch.components), tuple(strategies))
 
-    def record(self, model: Path, meas: Measurements) -> dict[str, str]:
-        """What a study file keeps of this search, to refuse resuming another (study.py)."""
-        return {"model": str(model.resolve()), "directions_sha256": meas.sha256, "space": json.dumps(asdict(self))}
+    def record(self, model: str | Path, meas: Measurements) -> dict[str, str]:
+        """What a study keeps of this search, to refuse resuming another (study.py): ``model``
+        as ``model_name`` says, a local checkpoint by its resolved path."""
+        name = model if isinstance(model, str) else str(model.resolve())
+        return {"model": name, "directions_sha256": meas.sha256, "space": json.dumps(asdict(self))}
+
+
+def model_name(given: str | Path, path: Path) -> str | Path:
+    """How a study names the model, alike on every machine that shares it: an example by its
+    name, a Hub repo as ORG/NAME@COMMIT (the snapshot folder is the commit), else the path."""
+    if str(given) in EXAMPLES and not Path(given).exists():
+        return str(given)
+    spec = parse_spec(str(given))
+    return f"{spec[0]}@{path.name}" if spec is not None else path
+
+
+def header_sha256(ckpt: Checkpoint) -> str:
+    """The config and every tensor's name, dtype, shape and place: a cheap identity of the
+    model files (another model at the same path, or another copy of a Hub repo, differs)."""
+    layout = sorted((n, e.dtype, list(e.shape), e.end - e.start) for n in ckpt.names for e in [ckpt.entry(n)])
+    return hashlib.sha256(json.dumps([ckpt.config, layout], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def prompts_record(harmful: Sequence[str], harmless: Sequence[str], max_prompt_tokens: int) -> str:
+    """The prompt sets a trial is scored on, as a study records them (readable in a refusal)."""
+    return (f"harmful {len(harmful)} sha256 {prompts_sha256(list(harmful))[:16]}, harmless {len(harmless)} sha256 "
+            f"{prompts_sha256(list(harmless))[:16]}, cut to {max_prompt_tokens} tokens")
 
 
 def plan_from_params(p: dict[str, Any], space: Space) -> tuple[Plan, str]:
@@ -152,9 +190,111 @@ def param_problem(params: Mapping[str, Any], space: Space) -> str | None:
     return None
 
 
+PREFIX_CACHE_BYTES = 2 << 30  # hidden states kept for resuming; beyond this, only every k-th layer's
+
+
+class PrefixCache:
+    """The scoring prompts as fixed batches, the original model's logits on them, and the hidden
+    states entering each decoder layer: a trial whose edits all lie in layers >= n gets the
+    same logits from the states entering layer n, running only layers n.. (the layers
+    before are the original's, their input the same tokens). Which layers can be resumed is
+    proven once, on the first batch: the resumed original's logits must equal the full
+    pass's bit for bit, else that layer is not used (a model whose layers are not a plain
+    sequence falls back to full passes)."""
+
+    def __init__(self, lm: LoadedModel, texts: Sequence[str], batch_size: int, enabled: bool = True) -> None:
+        self.lm = lm
+        self.batches = list(batches(lm, texts, batch_size, True))
+        self.order = [i for idx, _ in self.batches for i in idx]
+        self.layers = _decoder_layers(lm.model) if enabled else None
+        self.states: list[dict[int, torch.Tensor]] = []
+        outputs = [lm.forward(enc, output_hidden_states=self.layers is not None) for _, enc in self.batches]
+        self.original = self._gather([out.logits[:, -1, :].float() for out in outputs])
+        if self.layers is None:
+            self.resumable: list[int] = []
+            return
+        kept = self._kept(outputs)
+        self.states = [{n: out.hidden_states[n] for n in kept} for out in outputs]
+        del outputs
+        first = self.original[self.batches[0][0]] if self.batches else None
+        self.resumable = [n for n in kept if first is not None and torch.equal(self._batch(0, n), first)]
+
+    def _kept(self, outputs: list[Any]) -> list[int]:
+        """Layers 1.. whose states fit in ``PREFIX_CACHE_BYTES`` (evenly spaced if not all do)."""
+        _, _, layers = self.layers  # type: ignore[misc]
+        per_layer = sum(out.hidden_states[0].numel() * out.hidden_states[0].element_size() for out in outputs)
+        stride = max(1, math.ceil(per_layer * (len(layers) - 1) / PREFIX_CACHE_BYTES))
+        return list(range(1, len(layers), stride))
+
+    def logits(self, edited: Sequence[str]) -> torch.Tensor:
+        """[prompts, vocab] first-response logits of the model as it is now, whose parameters
+        ``edited`` differ from the original's."""
+        start = self.first_layer(edited)
+        n = max((n for n in self.resumable if n <= start), default=0)
+        return self._gather([self._batch(b, n) for b in range(len(self.batches))])
+
+    def first_layer(self, edited: Sequence[str]) -> int:
+        """The first decoder layer holding an edited parameter (0 if one lies outside them)."""
+        if self.layers is None:
+            return 0
+        prefix = self.layers[0]
+        found = [name[len(prefix):].split(".")[0] for name in edited]
+        if not all(name.startswith(prefix) and f.isdigit() for name, f in zip(edited, found)):
+            return 0
+        return min((int(f) for f in found), default=len(self.layers[2]))
+
+    def _batch(self, b: int, n: int) -> torch.Tensor:
+        """Batch ``b``'s last-position logits, resumed at layer ``n`` (0: a full pass)."""
+        enc = self.batches[b][1]
+        if n == 0:
+            return self.lm.forward(enc).logits[:, -1, :].float()
+        with self._resumed_at(n, self.states[b][n]):
+            return self.lm.forward(enc).logits[:, -1, :].float()
+
+    @contextmanager
+    def _resumed_at(self, n: int, states: torch.Tensor) -> Iterator[None]:
+        """The decoder runs layers n.. only, layer n taking ``states`` for its input."""
+        _, (parent, attr), layers = self.layers  # type: ignore[misc]
+
+        def replace(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+            if args:
+                return (states, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": states}
+
+        hook = layers[n].register_forward_pre_hook(replace, with_kwargs=True)
+        setattr(parent, attr, torch.nn.ModuleList(list(layers)[n:]))
+        try:
+            yield
+        finally:
+            setattr(parent, attr, layers)
+            hook.remove()
+
+    def _gather(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """Batch rows back in prompt order."""
+        out = torch.cat(rows)
+        return out[torch.argsort(torch.tensor(self.order))]
+
+
+def _decoder_layers(model: Any) -> tuple[str, tuple[Any, str], torch.nn.ModuleList] | None:
+    """(parameter name prefix of layer i without i, (module holding them, attribute), the
+    layers) of the text decoder, or None where the model does not expose them as a list."""
+    try:
+        layers = model.get_decoder().layers
+    except AttributeError:
+        return None
+    if not isinstance(layers, torch.nn.ModuleList):
+        return None
+    for name, module in model.named_modules():
+        for attr, child in module.named_children():
+            if child is layers:
+                return f"{name}.{attr}." if name else f"{attr}.", (module, attr), layers
+    return None
+
+
 @dataclass
 class Scorer:
-    """A loaded model, its edits undone between trials, and the prompts a trial is scored on."""
+    """A loaded model, its edits undone between trials, and the prompts a trial is scored on
+    (harmful and harmless in shared batches, resumed after the unedited layers: PrefixCache)."""
 
     lm: LoadedModel
     ckpt: Checkpoint
@@ -163,15 +303,22 @@ class Scorer:
     harmful: Sequence[str]
     harmless: Sequence[str]
     batch_size: int = 16
+    prefix_cache: bool = True
     editor: InMemoryEditor = field(init=False)
-    reference: torch.Tensor = field(init=False)
+    cache: PrefixCache = field(init=False)
     openers: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.editor = InMemoryEditor(self.lm, self.ckpt)
-        self.reference = first_token_logits(self.lm, self.harmless, batch_size=self.batch_size, progress=False)
+        texts = format_prompts(self.lm.tokenizer, [*self.harmful, *self.harmless], True, None)
+        self.cache = PrefixCache(self.lm, texts, self.batch_size, self.prefix_cache)
         self.openers = opener_ids(self.lm.tokenizer)
         self.arch = self.registry.architecture_for(self.ckpt.config, self.ckpt.names)
+
+    @property
+    def reference(self) -> torch.Tensor:
+        """The original's first-response logits on the harmless prompts."""
+        return self.cache.original[len(self.harmful):]
 
     def apply(self, plan: Plan, strategy: str) -> None:
         self.editor.apply(plan_edits(self.ckpt, self.arch, plan, self.meas, self.registry.strategy(strategy)))
@@ -180,11 +327,11 @@ class Scorer:
         """(refusal score, KL) of ``plan``; the model is restored afterwards."""
         self.apply(plan, strategy)
         try:
-            logits = first_token_logits(self.lm, self.harmful, batch_size=self.batch_size, progress=False)
-            edited = first_token_logits(self.lm, self.harmless, batch_size=self.batch_size, progress=False)
+            logits = self.cache.logits(self.editor.edited)
         finally:
             self.editor.restore()
-        return float(refusal_log_odds(logits, self.openers).mean()), float(kl_divergence(self.reference, edited).mean())
+        harmful, harmless = logits[: len(self.harmful)], logits[len(self.harmful):]
+        return float(refusal_log_odds(harmful, self.openers).mean()), float(kl_divergence(self.reference, harmless).mean())
 
 
 @dataclass
@@ -200,59 +347,155 @@ class Outcome:
     seconds: float
 
 
+@dataclass
+class Search:
+    """A search's inputs, checked, and its study (opened and seeded, nothing loaded yet)."""
+
+    path: Path
+    ckpt: Checkpoint
+    meas: Measurements
+    registry: Registry
+    space: Space
+    study: Any
+
+    @classmethod
+    def open(cls, model: str | Path, directions: Path, harmful: Sequence[str], harmless: Sequence[str], *,
+             trials: int, study: str | Path | None = None, seed: int = 0, strategies: Sequence[str] = STRATEGIES,
+             registry: Registry | None = None, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+             create: bool = True) -> Search:
+        """Check the inputs and open the study (study.py) before any model loads; the process
+        that creates the study seeds it with the heuristic plans."""
+        optuna = _optuna()
+        path = resolve_model(model)
+        registry = registry or Registry()
+        meas = Measurements.load(directions)
+        ckpt = Checkpoint.open(path)
+        known = registry.strategies()
+        unknown = [s for s in strategies if s not in known]
+        if unknown:
+            raise AbliterateError(f"unknown strategy {', '.join(unknown)}; registered: {', '.join(sorted(known))}")
+        space = Space.of(ckpt, registry.architecture_for(ckpt.config, ckpt.names), meas, strategies)
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(10, max(trials // 4, 1)))
+        record = {**space.record(model_name(model, path), meas), "model_sha256": header_sha256(ckpt),
+                  "prompts_sha256": prompts_record(harmful, harmless, max_prompt_tokens)}
+        opened = open_study(optuna, study, sampler, record, lambda p: param_problem(p, space),
+                            lambda s: seed_study(s, space, meas), create)
+        return cls(path, ckpt, meas, registry, space, opened)
+
+    def scorer(self, harmful: Sequence[str], harmless: Sequence[str], *, batch_size: int = 16, dtype: str = "float32",
+               lm: LoadedModel | None = None, prefix_cache: bool = True, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+               log: Callable[[str], None] = lambda s: None) -> Scorer:
+        """The model loaded (unless ``lm``) and ready to score plans on the prompts, cut to
+        ``max_prompt_tokens`` (``cap_prompts``)."""
+        lm = lm or load_model(self.path, dtype)
+        harmful = cap_prompts(lm.tokenizer, harmful, max_prompt_tokens, "harmful", log)
+        harmless = cap_prompts(lm.tokenizer, harmless, max_prompt_tokens, "harmless", log)
+        return Scorer(lm, self.ckpt, self.meas, self.registry, harmful, harmless, batch_size, prefix_cache)
+
+    def run(self, scorer: Scorer, trials: int, timeout: float | None, progress: bool, max_kl: float) -> None:
+        """This worker's share of the trials (``run_trials``), scored by ``scorer``; each trial
+        records which worker (host:process) ran it."""
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+
+        def objective(trial: Any) -> tuple[float, float]:
+            trial.set_user_attr("worker", worker)
+            return scorer.score(*plan_from_params(suggest(trial, self.space), self.space))
+
+        run_trials(self.study, objective, trials, timeout, progress, max_kl)
+
+    def outcome(self, max_kl: float, seconds: float) -> Outcome:
+        """The chosen plan and the Pareto front of the whole study (every worker's trials)."""
+        study, space = self.study, self.space
+        best = choose(study, max_kl) or min(_complete(study), key=lambda t: t.values[1])
+        plan, strategy = plan_from_params(dict(best.params), space)
+        front = [{"trial": t.number, "refusal_score": t.values[0], "kl": t.values[1], **_describe(t.params, space)}
+                 for t in sorted(study.best_trials, key=lambda t: t.values[1])]
+        values = [(t.values[0], t.values[1]) for t in _complete(study)]
+        return Outcome(plan, strategy, best.values[0], best.values[1], best.number, best.values[1] <= max_kl, front,
+                       values, seconds)
+
+
+def seed_study(study: Any, space: Space, meas: Measurements) -> None:
+    """The heuristic plan (``analyze --suggest-plan``) and softer copies, with each strategy,
+    as the first trials: the search ends at least as good, by its own measure."""
+    if not space.measured:
+        return
+    heuristic = suggest_plan(layer_metrics(meas), space.num_layers)
+    if heuristic.entries[0].measurement in space.measured:
+        for peak in SEED_PEAKS:
+            for strategy in space.strategies:
+                study.enqueue_trial(heuristic_params(heuristic, strategy, space, peak))
+
+
 def optimize(model: str | Path, directions: Path, harmful: Sequence[str], harmless: Sequence[str], *, trials: int,
-             timeout: float | None, max_kl: float, study_path: Path | None = None, seed: int = 0,
+             timeout: float | None, max_kl: float, study: str | Path | None = None, seed: int = 0,
              strategies: Sequence[str] = STRATEGIES, batch_size: int = 16, dtype: str = "float32",
              registry: Registry | None = None, lm: LoadedModel | None = None, progress: bool = True,
-             max_prompt_tokens: int = MAX_PROMPT_TOKENS, log: Callable[[str], None] = lambda s: None,
-             ) -> tuple[Outcome, Scorer]:
-    """Search plans for ``model``; returns the chosen plan with the Pareto front, and the scorer
-    (model still loaded) for a final evaluation. A study file is checked before the model is
-    loaded (study.py); prompts longer than ``max_prompt_tokens`` are cut (``cap_prompts``)."""
-    optuna = _optuna()
+             max_prompt_tokens: int = MAX_PROMPT_TOKENS, prefix_cache: bool = True,
+             log: Callable[[str], None] = lambda s: None) -> tuple[Outcome, Scorer]:
+    """Search plans for ``model`` until the study has ``trials`` finished trials (a shared
+    study counts every worker's); returns the chosen plan with the Pareto front of the whole
+    study, and the scorer (model still loaded) for a final evaluation. The study is checked
+    before the model loads (study.py)."""
     start = time.monotonic()
-    path = resolve_model(model)
-    registry = registry or Registry()
-    meas = Measurements.load(directions)
-    ckpt = Checkpoint.open(path)
-    known = registry.strategies()
-    unknown = [s for s in strategies if s not in known]
-    if unknown:
-        raise AbliterateError(f"unknown strategy {', '.join(unknown)}; registered: {', '.join(sorted(known))}")
-    space = Space.of(ckpt, registry.architecture_for(ckpt.config, ckpt.names), meas, strategies)
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(10, max(trials // 4, 1)))
-    study = open_study(optuna, study_path, sampler, space.record(path, meas), lambda p: param_problem(p, space))
-    lm = lm or load_model(path, dtype)
-    harmful = cap_prompts(lm.tokenizer, harmful, max_prompt_tokens, "harmful", log)
-    harmless = cap_prompts(lm.tokenizer, harmless, max_prompt_tokens, "harmless", log)
-    scorer = Scorer(lm, ckpt, meas, registry, harmful, harmless, batch_size)
-    if not study.trials and space.measured:
-        heuristic = suggest_plan(layer_metrics(meas), space.num_layers)
-        if heuristic.entries[0].measurement in space.measured:
-            for peak in SEED_PEAKS:
-                for strategy in space.strategies:
-                    study.enqueue_trial(heuristic_params(heuristic, strategy, space, peak))
-    done = len([t for t in study.trials if t.state.name == "COMPLETE"])
-    with tqdm(total=trials, initial=min(done, trials), unit="trial", desc="optimize", disable=not progress) as bar:
-        def objective(trial: Any) -> tuple[float, float]:
-            plan, strategy = plan_from_params(suggest(trial, space), space)
-            return scorer.score(plan, strategy)
+    search = Search.open(model, directions, harmful, harmless, trials=trials, study=study, seed=seed,
+                         strategies=strategies, registry=registry, max_prompt_tokens=max_prompt_tokens)
+    scorer = search.scorer(harmful, harmless, batch_size=batch_size, dtype=dtype, lm=lm, prefix_cache=prefix_cache,
+                           max_prompt_tokens=max_prompt_tokens, log=log)
+    search.run(scorer, trials, timeout, progress, max_kl)
+    return search.outcome(max_kl, time.monotonic() - start), scorer
 
+
+POLL_S = 2.0  # how often a worker with nothing left to start looks at the others' trials
+STALE_S = 600.0  # a trial running this long (or 10x the slowest finished one) is taken for a dead worker's
+
+
+def run_trials(study: Any, objective: Callable[[Any], tuple[float, float]], trials: int, timeout: float | None,
+               progress: bool, max_kl: float) -> None:
+    """Run trials until the study has ``trials`` finished, counting every worker's: a trial
+    starts only while finished and running ones are fewer; of trials started at once past
+    that count, those of higher number stand down (pruned, not scored). Then wait for the
+    others' running trials, so the study is whole when this worker reports; a trial that
+    fails elsewhere is run again here. ``timeout``: no trial starts, and no waiting, after it."""
+    optuna = _optuna()
+    deadline = math.inf if timeout is None else time.monotonic() + timeout
+    running, complete = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE
+
+    def counts(upto: float = math.inf) -> tuple[int, int]:
+        """(finished, live running of number <= upto) trials of the study."""
+        found = study.get_trials(deepcopy=False, states=(complete, running))
+        done = [t for t in found if t.state == complete]
+        stale = max([STALE_S, *(10 * (t.datetime_complete - t.datetime_start).total_seconds() for t in done)])
+        now = datetime.datetime.now()
+        live = [t for t in found if t.state == running and t.number <= upto
+                and (now - t.datetime_start).total_seconds() < stale]
+        return len(done), len(live)
+
+    def claimed(trial: Any) -> tuple[float, float]:
+        if sum(counts(trial.number)) > trials:
+            study.stop()
+            raise optuna.TrialPruned("the study has its trials")
+        return objective(trial)
+
+    with tqdm(total=trials, unit="trial", desc="optimize", disable=not progress) as bar:
         def report(study: Any, trial: Any) -> None:
-            bar.update(1)
+            done, live = counts()
+            bar.update(min(done, trials) - bar.n)
             best = choose(study, max_kl)
             if best is not None:
                 bar.set_postfix_str(f"best: score {best.values[0]:+.2f}, KL {best.values[1]:.3f} (trial {best.number})")
+            if done + live >= trials:
+                study.stop()
 
-        if trials > done:
-            study.optimize(objective, n_trials=trials - done, timeout=timeout, callbacks=[report])
-    best = choose(study, max_kl) or min(_complete(study), key=lambda t: t.values[1])
-    plan, strategy = plan_from_params(dict(best.params), space)
-    front = [{"trial": t.number, "refusal_score": t.values[0], "kl": t.values[1], **_describe(t.params, space)}
-             for t in sorted(study.best_trials, key=lambda t: t.values[1])]
-    values = [(t.values[0], t.values[1]) for t in _complete(study)]
-    return Outcome(plan, strategy, best.values[0], best.values[1], best.number, best.values[1] <= max_kl, front,
-                   values, time.monotonic() - start), scorer
+        while (left := deadline - time.monotonic()) > 0:
+            done, live = counts()
+            bar.update(min(done, trials) - bar.n)
+            if done + live < trials:
+                study.optimize(claimed, timeout=None if math.isinf(left) else left, callbacks=[report])
+            elif live:
+                time.sleep(min(POLL_S, left))
+            else:
+                break
 
 
 def _complete(study: Any) -> list[Any]:
