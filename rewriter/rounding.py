@@ -22,13 +22,17 @@ from .engine.threads import run_each
 
 ROWS = 4  # a switch is looked for among the 1/ROWS of the rows where |r| is largest: they move r . w most
 COLUMNS = 256  # columns handled at once: temporaries stay [d / ROWS, COLUMNS]
+FIRST = 1 / 3  # the share of candidates selected first: enough for nearly every column (measured: under 0.3)
 
 
 class Rounding:
     """Keeps ``direction . w`` (over ``axis``) of every column at its wanted value.
 
     A codec's ``encode`` rounds to nearest, then asks for the other neighbour of the elements
-    at indices ``rows`` along ``axis`` only, and stores what ``choose`` returns there.
+    at indices ``rows`` along ``axis`` only, and stores what ``choose`` returns there. A codec
+    that rounds band by band may instead sum what rounding added along ``r`` as it goes
+    (``add_band``) and pass only the candidate rows to ``choose_at``: it then never holds a
+    second tensor-sized copy of the rounded weight.
     """
 
     def __init__(self, direction: torch.Tensor, axis: int, pool: Executor | None = None) -> None:
@@ -43,36 +47,92 @@ class Rounding:
         ``wanted`` and ``nearest`` cover the whole (logical) tensor; ``other`` is the other
         neighbour at ``rows`` only, i.e. shaped like ``wanted.index_select(axis, rows)``.
         """
-        d, k = wanted.shape[self.axis], len(self.rows)
-        x, q = (t.movedim(self.axis, 0).reshape(d, -1) for t in (wanted, nearest))
-        o = other.movedim(self.axis, 0).reshape(k, -1)
-        chosen = q[self.rows]
-        r_rows = self._r[self.rows]
+        residual = self.residual(wanted)
+        self.add_band(residual, nearest - wanted, 0)
+        axis = self.axis % wanted.dim()
+        return self.choose_at(residual, *(t.index_select(axis, self.rows) for t in (wanted, nearest)), other)
+
+    def residual(self, like: torch.Tensor) -> torch.Tensor:
+        """Zeros (float64) to sum what rounding adds along ``r`` into: one per column, shaped
+        like ``like`` without ``axis``."""
+        shape = list(like.shape)
+        del shape[self.axis % like.dim()]
+        return torch.zeros(shape, dtype=torch.float64)
+
+    def add_band(self, residual: torch.Tensor, diff: torch.Tensor, start: int) -> None:
+        """Add ``r . diff`` over ``axis`` to ``residual``, for ``diff`` (rounded minus wanted) the
+        tensor's rows ``start`` on along axis -2 (all of them: start 0 and the whole tensor).
+
+        Each band's sum is a float32 product, added up in float64 (converting the band to
+        float64 took longer than the rest of the rounding): its error, about 1e-7 of the
+        band's sum, is far below the smallest switch."""
+        axis = self.axis % diff.dim()
+        rows = slice(start, start + diff.shape[-2])
+        r = self._r[rows] if axis == diff.dim() - 2 else self._r
+        along = torch.tensordot(diff, r.to(diff.dtype), dims=([axis], [0])).double()
+        if axis == diff.dim() - 2:  # r runs down the band's rows: every column gets a part
+            residual += along
+        else:
+            (residual[..., rows] if axis == diff.dim() - 1 else residual[..., rows, :]).add_(along)
+
+    def choose_at(self, residual: torch.Tensor, wanted: torch.Tensor, nearest: torch.Tensor,
+                  other: torch.Tensor) -> torch.Tensor:
+        """``choose`` from what rounding to nearest added along ``r`` (``residual``, as
+        ``add_band`` sums it) and the candidate rows alone: ``wanted``, ``nearest`` and
+        ``other`` all shaped like ``wanted_tensor.index_select(axis, rows)``."""
+        k = len(self.rows)
+        x, q, o = (t.movedim(self.axis, 0).reshape(k, -1) for t in (wanted, nearest, other))
+        chosen = torch.empty_like(q)
+        r_rows = self._r[self.rows].to(x.dtype).unsqueeze(1)
+        flat = residual.reshape(-1)
 
         def group(start: int) -> None:
             cols = slice(start, start + COLUMNS)
-            residual = self._r @ (q[:, cols] - x[:, cols]).double()  # what rounding added along r
-            # one column per row: sorting along contiguous memory is 1.5x faster
-            xt, qt, ot = (t.t().contiguous() for t in (x[self.rows, cols], chosen[:, cols], o[:, cols]))
-            chosen[:, cols] = _balance(xt, qt, ot, r_rows, residual).t()
+            _balance(x[:, cols], q[:, cols], o[:, cols], r_rows, flat[cols], chosen[:, cols])
 
         run_each(self._pool, group, range(0, x.shape[1], COLUMNS))
         return chosen.reshape(other.movedim(self.axis, 0).shape).movedim(0, self.axis)
 
 
-def _balance(x: torch.Tensor, q: torch.Tensor, o: torch.Tensor, r: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``q`` with the cheapest useful switches to ``o`` made, for each column (a row of these
-    [columns, candidates] tensors): in order of added squared error per unit moved along ``r``,
-    while ``residual`` is more than half the next move away."""
-    rf = r.to(x.dtype).unsqueeze(0)
+def _balance(x: torch.Tensor, q: torch.Tensor, o: torch.Tensor, r: torch.Tensor, residual: torch.Tensor,
+             out: torch.Tensor) -> None:
+    """Write into ``out`` ``q`` with the cheapest useful switches to ``o`` made, for each column
+    of these [candidates, columns] tensors (``r``: [candidates, 1]): in order of added squared
+    error per unit moved along ``r``, while ``residual`` is more than half the next move away.
+
+    Only the switches before the one that covers the residual can be taken, so the cheapest
+    ``FIRST`` of the candidates are found by a partial selection (3x faster than a sort),
+    and only a column they do not cover is sorted whole: the same switches either way."""
     flip = o - q
-    gain = rf * flip  # how far a switch moves r . w
+    gain = r * flip  # how far a switch moves r . w
     # added squared error (o-x)^2 - (q-x)^2 = flip (o + q - 2x) >= 0, per unit of |gain|
-    cost = (o + q - 2 * x) * flip.sign() / rf.abs().clamp_min(torch.finfo(x.dtype).tiny)
-    wanted = residual.to(x.dtype).unsqueeze(1)
+    cost = (o + q - 2 * x).mul_(flip.sign_()).div_(r.abs().clamp_min(torch.finfo(x.dtype).tiny))
+    wanted = residual.to(x.dtype)
     cost.masked_fill_(gain * wanted >= 0, torch.inf)  # a switch that moves the wrong way, or not at all
-    best, idx = torch.sort(cost, dim=1)
+    # one column per row from here: selecting along contiguous memory is 1.5x faster
+    cost, gain, o, out_t = cost.t().contiguous(), gain.t(), o.t(), out.t()
+    out_t.copy_(q.t())
+    first = min(cost.shape[1], max(1, int(cost.shape[1] * FIRST)))
+    short = _switch(out_t, o, gain, cost, wanted.abs(), first)
+    if first < cost.shape[1] and bool(short.any()):
+        cols = short.nonzero().squeeze(1)
+        redone = out_t[cols]
+        _switch(redone, o[cols], gain[cols], cost[cols], wanted[cols].abs(), cost.shape[1])
+        out_t[cols] = redone
+
+
+def _switch(out: torch.Tensor, o: torch.Tensor, gain: torch.Tensor, cost: torch.Tensor, wanted: torch.Tensor,
+            first: int) -> torch.Tensor:
+    """Make in ``out`` ([columns, candidates], as ``o``, ``gain``, ``cost``) the switches taken among
+    each column's ``first`` cheapest; returns the columns whose residual those do not cover
+    (some later switch might be taken)."""
+    if first < cost.shape[1]:
+        best, idx = torch.topk(cost, first, dim=1, largest=False, sorted=True)
+    else:
+        best, idx = torch.sort(cost, dim=1)
     g = gain.gather(1, idx).abs_().masked_fill_(torch.isinf(best), 0)
-    before = g.cumsum(1) - g
-    take = (before + g / 2 < wanted.abs()) & (g > 0)
-    return q.scatter(1, idx, torch.where(take, o.gather(1, idx), q.gather(1, idx)))
+    total = g.cumsum(1)
+    before = total - g
+    take = (before + g / 2 < wanted.unsqueeze(1)) & (g > 0)
+    out.scatter_(1, idx, torch.where(take, o.gather(1, idx), out.gather(1, idx)))
+    return total[:, -1] < wanted
