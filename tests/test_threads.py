@@ -1,10 +1,20 @@
 """The automatic worker count: one per two cores (one per core for a quantized rewrite), bounded by
-shards and by available memory; and the edit threads that use the cores left over."""
+shards and by available memory; the edit threads that use the cores left over; and how many
+pieces a worker queues for its writer."""
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+from typing import cast
+
 import pytest
+import torch
 
 from rewriter.engine import threads
+from rewriter.engine.buffers import Scratch
+from rewriter.engine.edit import TensorEdit
+from rewriter.io.checkpoint import Checkpoint
+from rewriter.plugins.strategies import subtractive
 from rewriter.engine.threads import auto_workers
 
 
@@ -56,3 +66,17 @@ def test_the_machine_is_read() -> None:
 def test_auto_edit_threads(monkeypatch: pytest.MonkeyPatch, cores: int, workers: int, expected: int) -> None:
     monkeypatch.setattr(threads, "usable_cores", lambda: cores)
     assert threads.auto_edit_threads(workers) == expected
+
+
+@pytest.mark.parametrize("shape, stacked, expected", [
+    ((3840, 15360), False, 1),  # a 118 MB bf16 down_proj: one queued while the next is read
+    ((8, 4096, 4096), True, 2),  # 33.5 MB slices: two queued
+    ((32, 2880, 2880), True, Scratch.MAX_PENDING),  # gpt-oss's 16.6 MB expert slices: as many as allowed
+])
+def test_small_pieces_queue_deeper(shape: tuple[int, ...], stacked: bool, expected: int) -> None:
+    entry = SimpleNamespace(shape=shape, start=0, end=2 * math.prod(shape))
+    ckpt = cast(Checkpoint, SimpleNamespace(entry=lambda name: entry))
+    edit = TensorEdit("w", len(shape) - 1, 1.0, torch.ones(shape[-1], dtype=torch.float64), subtractive, stacked=stacked)
+    scratch = Scratch({"w": edit}, ckpt, torch.float32)
+    assert scratch.pending == expected
+    assert scratch.worker_bytes >= (expected + 1) * scratch.read_bytes

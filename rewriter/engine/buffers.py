@@ -17,9 +17,11 @@ class Scratch:
     """Tensor-sized buffers, allocated once and reused across tensors and shards.
 
     Allocating and faulting in tensor-sized buffers for every edit cost more than the edit
-    math itself. A ShardWriter keeps at most ``PENDING`` tensors queued, so each worker
-    thread has ``PENDING + 1`` read buffers of its own: the next tensor is read while the
-    last one is written. Each worker also has its own working copy in the compute dtype,
+    math itself. A ShardWriter keeps at most ``pending`` tensors queued, so each worker
+    thread has ``pending + 1`` read buffers of its own: the next tensor is read while the
+    last one is written. ``pending`` is one for tensors of ``RING_BYTES`` or more, and
+    more for small pieces (fused experts' slices): a worker that handed its slices over one
+    at a time waited for the writer on each. Each worker also has its own working copy in the compute dtype,
     so that workers edit at the same time: on a fast disk the edit math is the limit, and
     more workers, and edit threads inside each (``edit_threads``), are how more cores are
     used. Edit threads share their worker's working copy, each column chunk in a region of
@@ -28,7 +30,8 @@ class Scratch:
     tensor (fused experts) counts as its largest slice, since it is streamed slice by slice.
     """
 
-    PENDING = 1
+    RING_BYTES = 64 << 20  # what the queued pieces of small tensors may hold, per worker
+    MAX_PENDING = 4
 
     def __init__(self, edits: Mapping[str, TensorEdit], ckpt: Checkpoint, compute: torch.dtype) -> None:
         self._pool: Executor | None = None  # threads that edit column chunks, shared by the workers
@@ -37,15 +40,16 @@ class Scratch:
         self.read_bytes = max(((e.end - e.start) // n for e, n in pieces), default=0)
         self.numel = max((math.prod(e.shape) // n for e, n in pieces), default=0)
         self.compute = compute
+        self.pending = max(1, min(self.MAX_PENDING, self.RING_BYTES // max(1, self.read_bytes)))
         # what one worker holds once it has edited a tensor of the largest size
-        self.worker_bytes = (self.PENDING + 1) * self.read_bytes + self.numel * compute.itemsize
+        self.worker_bytes = (self.pending + 1) * self.read_bytes + self.numel * compute.itemsize
         self._mine = threading.local()  # per worker thread: read ring, working copy
 
     def read_buffer(self) -> bytearray:
         """This thread's least recently used read buffer."""
         ring: list[bytearray] | None = getattr(self._mine, "ring", None)
         if ring is None:
-            ring = self._mine.ring = [bytearray(self.read_bytes) for _ in range(self.PENDING + 1)]
+            ring = self._mine.ring = [bytearray(self.read_bytes) for _ in range(self.pending + 1)]
         ring.append(ring.pop(0))
         return ring[-1]
 

@@ -270,7 +270,7 @@ def _write_shard(
     scratch: Scratch,
     advance: Callable[[int], None],
 ) -> _Written:
-    writer = ShardWriter(target, shard.header, depth=scratch.PENDING, written=advance)
+    writer = ShardWriter(target, shard.header, depth=scratch.pending, written=advance)
     edited = zeroed = 0
     copied = len(shard.header.raw)  # source bytes before this offset are queued
     coded_done: set[str] = set()  # parts of quantized weights already queued with write_at
@@ -305,7 +305,7 @@ def _write_laid_out(ckpt: Checkpoint, shard: Shard, source: Path, target: Path, 
                     edits: Mapping[str, AnyEdit], scratch: Scratch, advance: Callable[[int], None]) -> _Written:
     """An output shard with a header of its own: tensors made by decoding (one slice at a time
     when stacked) or taken from the source shard by name, copied or edited, in its order."""
-    writer = ShardWriter(target, layout.header, depth=scratch.PENDING, written=advance)
+    writer = ShardWriter(target, layout.header, depth=scratch.pending, written=advance)
     edited = zeroed = 0
     try:
         src = writer.hold(open_sequential(source))  # closed by the writer once its copies are done
