@@ -4,6 +4,7 @@ skeptic would: held-out prompts, answers up to 128 tokens, both marker sets, KL,
     python benchmarks/optimize_bench.py [--trials 60] [--study S] [--directions D] [--heuristic S ...]
         [--optimized [S ...]] [--no-original] [--rank-plans 20 --rank-prompts 32] [--no-table]
         [--threads 2] [--out DIR]
+    python benchmarks/optimize_bench.py --workers 1x2 2x1 [--trials 60] [--search-prompts 32] [--directions D]
 
 Table: the original; the heuristic plan (``analyze --suggest-plan``) with each --heuristic
 strategy; the plan the study chose or, with --optimized S..., the best plan of each strategy
@@ -16,12 +17,19 @@ each evaluated by generation and by the cheap scores of one forward pass (the re
 log-odds of the first token; the projection of the last prompt token's residual on the
 refusal direction, at the plan's measurement layer and at the heuristic's); prints the
 Spearman and Kendall correlations of each cheap score with the refusal count.
+
+--workers PxT ...: the search alone (``abliterate optimize --no-final-eval``, a fresh
+journal each) with P processes of T torch threads, each with the prefix cache on and off:
+wall time, and the chosen plan with its scores (the same plan and scores with the cache on
+and off show that it changes nothing but the time).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -57,6 +65,8 @@ def main() -> None:
     ap.add_argument("--rank-prompts", type=int, default=0, help="first K held-out harmful prompts (default: all)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=Path("/tmp/optimize-bench"))
+    ap.add_argument("--workers", nargs="*", help="PxT: P processes of T threads (a table of search times)")
+    ap.add_argument("--search-prompts", type=int, default=32, help="with --workers: optimize's --search-prompts")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -64,11 +74,14 @@ def main() -> None:
     directions = args.directions or args.out / "directions.safetensors"
     if not directions.is_file():
         measure(source, default_prompts("harmful-measure"), default_prompts("harmless-measure"), progress=False).save(directions)
+    if args.workers:
+        workers_table(source, directions, args)
+        return
     study_path = args.study or args.out / "study.db"
     start = time.monotonic()
     outcome, scorer = optimize(source, directions, default_prompts("harmful-measure")[:32],
                                default_prompts("harmless-measure")[:32], trials=args.trials, timeout=None,
-                               max_kl=MAX_KL, study_path=study_path, strategies=STRATEGIES)
+                               max_kl=MAX_KL, study=study_path, strategies=STRATEGIES)
     print(f"optimize: {len(outcome.values)} trials, {time.monotonic() - start:.0f} s in this run "
           f"({args.threads} torch threads); chosen trial {outcome.trial} ({outcome.strategy}): "
           f"score {outcome.refusal_score:+.3f}, search KL {outcome.kl:.4f}", flush=True)
@@ -157,6 +170,31 @@ def rank(scorer: Scorer, study: Any, space: Space, heuristic: Plan, args: argpar
             pairs = [(r[score], r[count]) for r in rows if r[score] is not None]
             a, b = [p[0] for p in pairs], [p[1] for p in pairs]
             print(f"| {score} | {count} | {len(pairs)} | {spearman(a, b):+.3f} | {kendall(a, b):+.3f} |")
+
+
+def workers_table(source: Path, directions: Path, args: argparse.Namespace) -> None:
+    """Search wall time by processes x threads, prefix cache on and off; the chosen plan of each."""
+    print(f"\n{args.trials} trials, {args.search_prompts} search prompts of each kind, {MODEL}\n")
+    print("| processes x threads | prefix cache | wall s | chosen trial | strategy | layers | score | KL |")
+    print("| --- | --- | --: | --: | --- | --- | --: | --: |", flush=True)
+    for spec in args.workers:
+        procs, threads = (int(n) for n in spec.split("x"))
+        for cache in (True, False):
+            name = f"{procs}x{threads}-{'cache' if cache else 'nocache'}"
+            journal = args.out / f"{name}.log"
+            for stale in (journal, journal.with_name(journal.name + ".lock")):
+                stale.unlink(missing_ok=True)
+            cmd = ["abliterate", "optimize", str(source), "-d", str(directions), "-o", str(args.out / f"{name}.yml"),
+                   "--study", f"journal:{journal}", "--trials", str(args.trials), "--search-prompts",
+                   str(args.search_prompts), "--jobs", str(procs), "--threads", str(threads), "--no-final-eval",
+                   "--overwrite", "-q", *([] if cache else ["--no-prefix-cache"])]
+            start = time.monotonic()
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            seconds = time.monotonic() - start
+            m = re.search(r"chosen: trial (\d+), (\S+), measurement (\d+), layers (\S+); score (\S+), KL (\S+) ->", out)
+            assert m, out
+            print(f"| {procs} x {threads} | {'on' if cache else 'off'} | {seconds:.0f} | {m[1]} | {m[2]} | "
+                  f"m={m[3]}, {m[4]} | {m[5]} | {m[6]} |", flush=True)
 
 
 def row_line(r: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,42 +196,58 @@ PREFIX_CACHE_BYTES = 2 << 30  # hidden states kept for resuming; beyond this, on
 class PrefixCache:
     """The scoring prompts as fixed batches, the original model's logits on them, and the hidden
     states entering each decoder layer: a trial whose edits all lie in layers >= n gets the
-    same logits from the states entering layer n, running only layers n.. (the layers
-    before are the original's, their input the same tokens). Which layers can be resumed is
-    proven once, on the first batch: the resumed original's logits must equal the full
-    pass's bit for bit, else that layer is not used (a model whose layers are not a plain
-    sequence falls back to full passes)."""
+    same logits from the states entering layer n, the layers before it passed through
+    (they are the original's, their input the same tokens). Which layers can be resumed is
+    proven once, on the shortest prompt alone: the resumed original's logits must equal the
+    full pass's bit for bit, else that layer is not used (a model whose layers are not a
+    plain sequence falls back to full passes)."""
 
     def __init__(self, lm: LoadedModel, texts: Sequence[str], batch_size: int, enabled: bool = True) -> None:
         self.lm = lm
         self.batches = list(batches(lm, texts, batch_size, True))
         self.order = [i for idx, _ in self.batches for i in idx]
-        self.layers = _decoder_layers(lm.model) if enabled else None
+        self.layers = _decoder_layers(lm.model) if enabled and texts else None
         self.states: list[dict[int, torch.Tensor]] = []
+        self.resumable: list[int] = []
         outputs = [lm.forward(enc, output_hidden_states=self.layers is not None) for _, enc in self.batches]
         self.original = self._gather([out.logits[:, -1, :].float() for out in outputs])
-        if self.layers is None:
-            self.resumable: list[int] = []
-            return
-        kept = self._kept(outputs)
-        self.states = [{n: out.hidden_states[n] for n in kept} for out in outputs]
-        del outputs
-        first = self.original[self.batches[0][0]] if self.batches else None
-        self.resumable = [n for n in kept if first is not None and torch.equal(self._batch(0, n), first)]
+        if self.layers is not None:
+            kept = self._kept(outputs)
+            self.states = [{n: out.hidden_states[n] for n in kept} for out in outputs]
+            self.resumable = self._proven(kept, texts[self.order[0]])
 
     def _kept(self, outputs: list[Any]) -> list[int]:
         """Layers 1.. whose states fit in ``PREFIX_CACHE_BYTES`` (evenly spaced if not all do)."""
-        _, _, layers = self.layers  # type: ignore[misc]
+        _, layers = self.layers  # type: ignore[misc]
         per_layer = sum(out.hidden_states[0].numel() * out.hidden_states[0].element_size() for out in outputs)
         stride = max(1, math.ceil(per_layer * (len(layers) - 1) / PREFIX_CACHE_BYTES))
         return list(range(1, len(layers), stride))
+
+    def _proven(self, layers: list[int], text: str) -> list[int]:
+        """Those of ``layers`` at which resuming ``text``'s pass gives its full pass's logits."""
+        enc = self.lm.tokenizer([text], return_tensors="pt", add_special_tokens=False)
+        out = self.lm.forward(enc, output_hidden_states=True)
+        proven = []
+        for n in layers:
+            try:
+                with self._resumed_at(n, out.hidden_states[n]):
+                    same = torch.equal(self.lm.forward(enc).logits, out.logits)
+            except Exception:  # a decoder that does not take a pass-through layer: full passes there
+                same = False
+            if same:
+                proven.append(n)
+        return proven
 
     def logits(self, edited: Sequence[str]) -> torch.Tensor:
         """[prompts, vocab] first-response logits of the model as it is now, whose parameters
         ``edited`` differ from the original's."""
         start = self.first_layer(edited)
         n = max((n for n in self.resumable if n <= start), default=0)
-        return self._gather([self._batch(b, n) for b in range(len(self.batches))])
+        rows = []
+        for b, (_, enc) in enumerate(self.batches):
+            with self._resumed_at(n, self.states[b][n]) if n else nullcontext():
+                rows.append(self.lm.forward(enc).logits[:, -1, :].float())
+        return self._gather(rows)
 
     def first_layer(self, edited: Sequence[str]) -> int:
         """The first decoder layer holding an edited parameter (0 if one lies outside them)."""
@@ -241,32 +257,28 @@ class PrefixCache:
         found = [name[len(prefix):].split(".")[0] for name in edited]
         if not all(name.startswith(prefix) and f.isdigit() for name, f in zip(edited, found)):
             return 0
-        return min((int(f) for f in found), default=len(self.layers[2]))
-
-    def _batch(self, b: int, n: int) -> torch.Tensor:
-        """Batch ``b``'s last-position logits, resumed at layer ``n`` (0: a full pass)."""
-        enc = self.batches[b][1]
-        if n == 0:
-            return self.lm.forward(enc).logits[:, -1, :].float()
-        with self._resumed_at(n, self.states[b][n]):
-            return self.lm.forward(enc).logits[:, -1, :].float()
+        return min((int(f) for f in found), default=len(self.layers[1]))
 
     @contextmanager
     def _resumed_at(self, n: int, states: torch.Tensor) -> Iterator[None]:
-        """The decoder runs layers n.. only, layer n taking ``states`` for its input."""
-        _, (parent, attr), layers = self.layers  # type: ignore[misc]
+        """Layers 0..n-1 pass their input through (the decoder still counts them, so per-layer
+        masks and rotary tables stay at their layers), and layer n takes ``states`` instead."""
+        _, layers = self.layers  # type: ignore[misc]
 
         def replace(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
             if args:
                 return (states, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": states}
 
+        skipped = list(layers)[:n]
         hook = layers[n].register_forward_pre_hook(replace, with_kwargs=True)
-        setattr(parent, attr, torch.nn.ModuleList(list(layers)[n:]))
+        for i in range(n):
+            layers[i] = _PassThrough()
         try:
             yield
         finally:
-            setattr(parent, attr, layers)
+            for i, layer in enumerate(skipped):
+                layers[i] = layer
             hook.remove()
 
     def _gather(self, rows: list[torch.Tensor]) -> torch.Tensor:
@@ -275,20 +287,23 @@ class PrefixCache:
         return out[torch.argsort(torch.tensor(self.order))]
 
 
-def _decoder_layers(model: Any) -> tuple[str, tuple[Any, str], torch.nn.ModuleList] | None:
-    """(parameter name prefix of layer i without i, (module holding them, attribute), the
-    layers) of the text decoder, or None where the model does not expose them as a list."""
+class _PassThrough(torch.nn.Module):
+    """A decoder layer that is skipped: its input is its output."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+def _decoder_layers(model: Any) -> tuple[str, torch.nn.ModuleList] | None:
+    """(parameter name prefix of layer i without i, the layers) of the text decoder, or None
+    where the model does not expose them as a list."""
     try:
         layers = model.get_decoder().layers
     except AttributeError:
         return None
     if not isinstance(layers, torch.nn.ModuleList):
         return None
-    for name, module in model.named_modules():
-        for attr, child in module.named_children():
-            if child is layers:
-                return f"{name}.{attr}." if name else f"{attr}.", (module, attr), layers
-    return None
+    return next(((f"{name}.", layers) for name, module in model.named_modules() if module is layers), None)
 
 
 @dataclass
