@@ -48,8 +48,9 @@ def child(model: str, cap: str, n: int, batch_size: int, synthetic: bool, out: P
     assert sm is not None, "the cap should make the model stream"
     stats = StreamStats()
     sets = [prompts("harmful", n, synthetic), prompts("harmless", n, synthetic)]
-    means = streamed_means(sm, sets, batch_size=batch_size, q=0.995, chat_template=True, system_prompt=None,
-                           progress=False, log=lambda s: print(s, flush=True), stats=stats)
+    means = [mean for mean, _ in streamed_means(sm, sets, batch_size=batch_size, q=0.995, chat_template=True,
+                                                system_prompt=None, progress=False,
+                                                log=lambda s: print(s, flush=True), stats=stats)]
     torch.save({"means": means, "layers": stats.layers, "peak": peak_rss_bytes(), "seconds": stats.seconds}, out)
 
 

@@ -41,10 +41,8 @@ def dequantized(ckpt: Checkpoint, view: LogicalTensors, edits: Mapping[str, Tens
             if packed is not None:
                 specs.append((packed.name, "BF16", packed.shape))
                 edit = edits.get(packed.name)
-                # fused experts go slice by slice, edited or not (an edit along axis 0 needs the whole),
-                # where every part holds the same slices along axis 0
-                stacked = (len(packed.shape) >= 3 and (edit is None or edit.stacked)
-                           and all(ckpt.entry(p).shape[:1] == packed.shape[:1] for p in packed.parts))
+                # fused experts go slice by slice, edited or not (an edit along axis 0 needs the whole)
+                stacked = (edit is None or edit.stacked) and view.stacked(ckpt, packed.name)
                 made[packed.name] = DecodedTensor(packed.parts, partial(view.codec.decode, packed), edit, stacked,
                                                   torch.bfloat16)
             elif e.name not in gone:

@@ -8,7 +8,11 @@ exactly as for the same model in float.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+
 from .codec import Codec, Packed
+from .engine.coded import CodedEdit
+from .engine.edit import TensorEdit
 from .errors import AbliterateError
 from .io.checkpoint import Checkpoint, quant_method
 from .registry import Registry
@@ -57,3 +61,16 @@ class LogicalTensors:
 
     def shape(self, ckpt: Checkpoint, name: str) -> tuple[int, ...]:
         return self.packed[name].shape if name in self.packed else ckpt.entry(name).shape
+
+    def stacked(self, ckpt: Checkpoint, name: str) -> bool:
+        """Whether a packed weight can be decoded one slice along axis 0 at a time (fused experts):
+        every part holds the same slices along axis 0 as the logical tensor."""
+        packed = self.packed[name]
+        return len(packed.shape) >= 3 and all(ckpt.entry(p).shape[:1] == packed.shape[:1] for p in packed.parts)
+
+    def coded(self, name: str, edit: TensorEdit) -> CodedEdit:
+        """The edit of a packed weight as the engine applies it: decode, edit, re-encode."""
+        packed = self.packed[name]
+        assert self.codec is not None
+        return CodedEdit(edit, packed.parts, partial(self.codec.decode, packed), partial(self.codec.encode, packed),
+                         packed.shape)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +61,7 @@ class RewriteJob:
             if packed is None:
                 out[name] = edit
             elif edit.scale != 0 and self.output_format == "same":
-                assert self.view.codec is not None
-                coded = CodedEdit(edit, packed.parts, partial(self.view.codec.decode, packed),
-                                  partial(self.view.codec.encode, packed), packed.shape)
-                out.update(dict.fromkeys(packed.parts, coded))
+                out.update(dict.fromkeys(packed.parts, self.view.coded(name, edit)))
         return out
 
     @cached_property

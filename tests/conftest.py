@@ -52,6 +52,14 @@ def qwen() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen_fp8(qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Qwen example in DeepSeek's block FP8 layout, converted by tests/fp8_convert.py (not by the codecs)."""
+    from tests.fp8_convert import convert
+
+    return convert(qwen, tmp_path_factory.mktemp("qwen-fp8") / "model", "block")
+
+
+@pytest.fixture(scope="session")
 def qwen_directions(qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Directions measured on Qwen with the project's own measurement prompts."""
     from rewriter.lab.measure import measure

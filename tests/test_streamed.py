@@ -39,7 +39,7 @@ def _tiny(tmp_path: Path, arch: str) -> Path:
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_streamed_means_equal_in_memory_means(tmp_path: Path, arch: str, dtype: str) -> None:
     path = _tiny(tmp_path, arch)
-    streamed = streamed_means(open_streamed(path, dtype), [BAD, GOOD], q=0.995, progress=False, **KW)
+    streamed = [mean for mean, _ in streamed_means(open_streamed(path, dtype), [BAD, GOOD], q=0.995, progress=False, **KW)]
     lm = load_model(path, dtype)
     whole = [mean_states(lm, prompts, q=0.995, desc="", progress=False, **KW) for prompts in (BAD, GOOD)]
     for a, b in zip(streamed, whole):
@@ -72,15 +72,37 @@ def _force_streaming(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(streamed_module, "choose", lambda weights, max_memory: MemoryChoice(True, "forced"))
 
 
-def test_refused_only_is_refused_when_the_measurement_is_streamed(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """--refused-only needs logits, which the streamed pass does not compute: one line, no file."""
-    path = _tiny(tmp_path, "qwen2")
+def test_refused_only_streamed_averages_the_prompts_the_whole_model_does(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--refused-only streams: the pass ends with the logits, and the harmful mean is over the prompts they
+    call refused, the same prompts and the same sums as in memory. (A tiny random model refuses nothing,
+    so a refusal here is a logit comparison that splits the prompts.)"""
+    from rewriter.lab import measure as measure_module
+    from rewriter.lab import refusals
+
+    def split(logits: torch.Tensor, openers: list[int]) -> torch.Tensor:
+        return (logits[:, 0] - logits[:, 0].median()).double()  # about half of each batch
+
+    monkeypatch.setattr(measure_module, "refusal_log_odds", split)
+    monkeypatch.setattr(refusals, "refusal_log_odds", split)
+    path = _tiny(tmp_path, "llama")  # (transformers 5 gives a tiny qwen2 its own BPE, which reads these words as nothing)
+    prompts = [" ".join(f"w{i * j % 23 + 1}" for j in range(1 + i % 4)) for i in range(12)]
+    kw = dict(batch_size=4, progress=False, refused_only=True, chat_template=False)
+    whole = measure(path, prompts, GOOD, **kw)
+    assert 0 < whole.harmful_count < len(prompts), "the split should refuse some prompts, not all"
     _force_streaming(monkeypatch)
+    lines: list[str] = []
+    streamed = measure(path, prompts, GOOD, log=lines.append, **kw)
+    assert any(line.startswith("streamed 4 layers") for line in lines)
+    assert streamed.harmful_count == whole.harmful_count and streamed.metadata == whole.metadata
+    for n in whole.layers:
+        torch.testing.assert_close(streamed.harmful[n], whole.harmful[n], rtol=0, atol=1e-6)
+        torch.testing.assert_close(streamed.harmless[n], whole.harmless[n], rtol=0, atol=1e-6)
+    monkeypatch.setattr(refusals, "refusal_log_odds", lambda logits, openers: -torch.ones(logits.shape[0]))
     out = tmp_path / "d.safetensors"
-    result = CliRunner().invoke(main, ["measure", str(path), "-o", str(out), "--refused-only", "-q"])
+    result = CliRunner().invoke(main, ["measure", str(path), "-o", str(out), "--refused-only", "-q", "--no-chat-template"])
     assert result.exit_code == 1 and not out.exists()
-    assert result.output.strip().splitlines()[-1].startswith("Error: --refused-only needs the model's first-token logits")
+    assert result.output.strip().splitlines()[-1].startswith("Error: --refused-only: the model refuses none of the 64")
 
 
 def test_evaluate_streamed_scores_without_generating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -143,12 +165,12 @@ def test_sizes_and_the_choice_of_path() -> None:
     assert "--max-memory 10.0 GB" in choose(8 * 10**9, 10 * 10**9).reason
 
 
-def test_cap_too_small_and_quantized_checkpoints_are_one_line_errors(tmp_path: Path, qwen: Path) -> None:
+def test_cap_too_small_and_a_false_quantization_are_one_line_errors(tmp_path: Path, qwen: Path) -> None:
     result = CliRunner().invoke(main, ["measure", str(qwen), "-o", str(tmp_path / "d.safetensors"), "--max-memory", "10MB"])
     assert result.exit_code == 1 and "--max-memory 10.0 MB is too small to stream" in result.output.splitlines()[-1]
     assert "Traceback" not in result.output and not (tmp_path / "d.safetensors").exists()
     path = _tiny(tmp_path, "llama")
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
-    with pytest.raises(AbliterateError, match=r"quantized checkpoint \(fp8\); the streamed forward reads float"):
+    with pytest.raises(AbliterateError, match=r"declares quant_method 'fp8' but no tensor is stored in that format"):
         open_streamed(path)

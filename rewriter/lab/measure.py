@@ -59,10 +59,14 @@ def refused_mean_states(lm: LoadedModel, prompts: Sequence[str], *, batch_size: 
     openers = opener_ids(lm.tokenizer)
     total, count = _summed_states(lm, prompts, openers, batch_size=batch_size, q=q, chat_template=chat_template,
                                   system_prompt=system_prompt, desc=desc, progress=progress)
-    if not count:
-        raise AbliterateError(f"--refused-only: the model refuses none of the {len(prompts)} harmful prompts (first-token "
-                              "refusal log-odds > 0); measure without it, or with prompts it refuses")
+    _some_refused(count, len(prompts))
     return total / count, count
+
+
+def _some_refused(count: int, prompts: int) -> None:
+    if not count:
+        raise AbliterateError(f"--refused-only: the model refuses none of the {prompts} harmful prompts (first-token "
+                              "refusal log-odds > 0); measure without it, or with prompts it refuses")
 
 
 def _summed_states(lm: LoadedModel, prompts: Sequence[str], openers: Sequence[int] | None, *, batch_size: int,
@@ -104,10 +108,7 @@ def measure(model: str | Path, harmful: Sequence[str], harmless: Sequence[str], 
     if not 0.0 < winsorize_q <= 1.0:
         raise AbliterateError(f"--winsorize {winsorize_q} must be in (0, 1]")
     start = time.monotonic()
-    streamed = None if lm is not None else streamed_if_needed(model, dtype, max_memory, device, log)
-    if streamed is not None and refused_only:
-        raise AbliterateError("--refused-only needs the model's first-token logits, which a streamed measurement "
-                              "does not compute: give --max-memory room for the whole model, or measure without it")
+    streamed = None if lm is not None else streamed_if_needed(model, dtype, max_memory, device, log, refused_only)
     if streamed is None:
         lm = lm or load_model(model, dtype, device)
     source = streamed or lm
@@ -116,15 +117,18 @@ def measure(model: str | Path, harmful: Sequence[str], harmless: Sequence[str], 
     kw = dict(batch_size=batch_size, q=winsorize_q, chat_template=chat_template, system_prompt=system_prompt, progress=progress)
     harmful_count = len(harmful)
     if streamed is not None:
-        bad, good = streamed_means(streamed, [harmful, harmless], log=log, **kw)
+        openers = opener_ids(streamed.tokenizer) if refused_only else None
+        (bad, harmful_count), (good, _) = streamed_means(streamed, [harmful, harmless], log=log, openers=openers, **kw)
     else:
         if refused_only:
             bad, harmful_count = refused_mean_states(lm, harmful, desc="harmful", **kw)
-            log(f"--refused-only: the model refuses {harmful_count} of the {len(harmful)} harmful prompts; "
-                "the harmful means are theirs")
         else:
             bad = mean_states(lm, harmful, desc="harmful", **kw)
         good = mean_states(lm, harmless, desc="harmless", **kw)
+    if refused_only:
+        _some_refused(harmful_count, len(harmful))
+        log(f"--refused-only: the model refuses {harmful_count} of the {len(harmful)} harmful prompts; "
+            "the harmful means are theirs")
     seconds = time.monotonic() - start
     log(f"measured {len(harmful) + len(harmless)} prompts in {seconds:.1f} s")
     meta = {

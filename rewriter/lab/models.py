@@ -78,9 +78,16 @@ def _did_you_mean(name: str, examples: Collection[str]) -> str:
 
 
 def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """A causal LM (or Gemma-3-style image-text-to-text model) and its tokenizer, for inference."""
+    """A causal LM (or Gemma-3-style image-text-to-text model) and its tokenizer, for inference; a
+    quantized safetensors checkpoint decoded through its codec plugin (decoded.py)."""
+    from .decoded import load_decoded, quantized  # the decoded path builds on the streamed one, which imports this
+
     tf = quiet_transformers()
     path = resolve_model(name)
+    if quantized(path):
+        lm = load_decoded(path, dtype)
+        lm.model.to(device)
+        return lm
     config = tf.AutoConfig.from_pretrained(path)
     model = model_class(config, path).from_pretrained(path, dtype=DTYPES[dtype_name(dtype, RUN_DTYPES)]).to(device).eval()
     return LoadedModel(model, load_tokenizer(path), str(path))

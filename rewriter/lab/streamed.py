@@ -12,8 +12,10 @@ batches are the in-memory path's, so the numbers are the same.
 """
 from __future__ import annotations
 
+import itertools
+import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,11 +28,12 @@ from tqdm import tqdm
 
 from ..dtypes import DTYPES, RUN_DTYPES, dtype_name
 from ..errors import AbliterateError
-from ..io.checkpoint import Checkpoint, quant_method
+from ..io.checkpoint import Checkpoint
 from ..io.safetensors_io import FLOAT_DTYPES
 from .memory import choose, human, peak_rss_bytes, rss_bytes
 from .models import (LoadedModel, batches, format_prompts, forward_batch, load_tokenizer, model_class,
                      quiet_transformers, resolve_model)
+from ..logical import LogicalTensors
 from .weights import WeightReader, filled, slots
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]  # a decoder layer's arguments besides the hidden states
@@ -49,6 +52,7 @@ class StreamedModel:
     tokenizer: Any
     path: str
     ckpt: Checkpoint
+    view: LogicalTensors  # the tensors by the model's names (a quantized weight decoded by its codec)
     layers_prefix: str  # checkpoint names of decoder layer i start with f"{layers_prefix}.{i}."
     tied: bool  # the head is the input embedding
 
@@ -96,7 +100,7 @@ class StreamedModel:
         for k in range(len(parts), -1, -1):  # the head sits beside the decoder, at some level above it
             base = ".".join([*parts[:k], top]) + "."
             found = {n: base + n for n, *_ in slots(module)}
-            if all(v in self.ckpt.names for v in found.values()):
+            if all(v in self.view.names for v in found.values()):
                 return found
         if self.tied:
             return {"weight": self.names(self.model.get_input_embeddings())["weight"]}
@@ -122,27 +126,42 @@ def _real_buffers(model: nn.Module) -> None:
     model.initialize_weights()  # fills those buffers; parameters stay on the meta device
 
 
+def logical_view(ckpt: Checkpoint) -> LogicalTensors:
+    """The checkpoint's tensors as the model names them; a quantized one's through the codec plugin that reads it."""
+    from ..registry import Registry
+
+    return LogicalTensors.of(ckpt, Registry())
+
+
+def _float_config(config: Any) -> Any:
+    """The config without ``quantization_config`` (top level or text sub-config): the model is built
+    in float and filled with decoded weights, never quantized by transformers."""
+    for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+        if hasattr(c, "quantization_config"):
+            del c.quantization_config
+    return config
+
+
 def open_streamed(name: str | Path, dtype: str = "float32") -> StreamedModel:
     """A checkpoint's model built without weights, ready to be run layer by layer."""
     path = resolve_model(name)
     ckpt = Checkpoint.open(path)
-    if quant := ckpt.quantization():
-        raise AbliterateError(f"{path}: quantized checkpoint ({quant_method(quant)}); the streamed forward reads float "
-                              "weights only")
+    view = logical_view(ckpt)
     tf = quiet_transformers()
-    config = tf.AutoConfig.from_pretrained(path)
+    config = _float_config(tf.AutoConfig.from_pretrained(path))
     with torch.device("meta"):
         model = model_class(config, path).from_config(config, dtype=DTYPES[dtype_name(dtype, RUN_DTYPES)]).eval()
     _real_buffers(model)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    return StreamedModel(model, load_tokenizer(path), str(path), ckpt, _layers_prefix(ckpt), tied)
+    return StreamedModel(model, load_tokenizer(path), str(path), ckpt, view, _layers_prefix(ckpt), tied)
 
 
-def _run_dtype_bytes(ckpt: Checkpoint, dtype: str, prefix: str = "") -> int:
-    """Bytes of the float tensors under ``prefix`` once cast to the run dtype."""
+def run_dtype_bytes(ckpt: Checkpoint, view: LogicalTensors, dtype: str, prefix: str = "") -> int:
+    """Bytes of the weights under ``prefix`` in the run dtype: float tensors cast, quantized ones decoded
+    (what memory holds, not what the disk does)."""
     size = DTYPES[dtype_name(dtype, RUN_DTYPES)].itemsize
-    return sum(torch.Size(e.shape).numel() * size for s in ckpt.shards for e in s.header.entries
-               if e.dtype in FLOAT_DTYPES and e.name.startswith(prefix))
+    return sum(math.prod(view.shape(ckpt, n)) * size for n in view.names
+               if n.startswith(prefix) and (n in view.packed or ckpt.entry(n).dtype in FLOAT_DTYPES))
 
 
 def streamed_if_needed(name: str | Path, dtype: str, max_memory: int | None, device: str = "cpu",
@@ -159,24 +178,24 @@ def streamed_if_needed(name: str | Path, dtype: str, max_memory: int | None, dev
     model_class(config, path)  # not a language model: say so first
     try:
         ckpt = Checkpoint.open(path)
+        view = logical_view(ckpt)
     except AbliterateError:
-        if max_memory is None:  # not safetensors (.bin, say): transformers may still load it whole
+        if max_memory is None:  # not safetensors (.bin, say), or a format no codec reads: transformers may load it
             return None
         raise
-    choice = choose(_run_dtype_bytes(ckpt, dtype), max_memory)
+    choice = choose(run_dtype_bytes(ckpt, view, dtype), max_memory)
     log(f"{path.name}: {choice.reason}")
     if not choice.stream:
         return None
     if device != "cpu":
         raise AbliterateError(f"the streamed forward runs on the CPU; --device {device} needs the whole model in memory")
     sm = open_streamed(path, dtype)
-    largest = max(_run_dtype_bytes(ckpt, dtype, f"{sm.layers_prefix}.{i}.") for i in range(len(sm.layers)))
-    text = config.get_text_config()
-    head = text.vocab_size * text.hidden_size * DTYPES[dtype_name(dtype, RUN_DTYPES)].itemsize if logits else 0
-    if max_memory is not None and rss_bytes() + max(largest, head) > max_memory:
-        what = f"the head is {human(head)}" if head > largest else f"the largest decoder layer is {human(largest)}"
+    largest = max(run_dtype_bytes(ckpt, view, dtype, f"{sm.layers_prefix}.{i}.") for i in range(len(sm.layers)))
+    log(f"streaming holds one decoder layer at a time (the largest: {human(largest)} in {dtype})"
+        + (f" and the output head in pieces of {human(HEAD_PIECE)}" if logits else ""))
+    if max_memory is not None and rss_bytes() + largest > max_memory:
         raise AbliterateError(f"--max-memory {human(max_memory)} is too small to stream: this process holds "
-                              f"{human(rss_bytes())} and {what} in {dtype}")
+                              f"{human(rss_bytes())} and the largest decoder layer is {human(largest)} in {dtype}")
     return sm
 
 
@@ -214,7 +233,7 @@ def _embedding_rows(sm: StreamedModel, batches_: Sequence[Batch], reader: Weight
             yield
         return
     ids = torch.unique(torch.cat([enc["input_ids"].flatten() for _, _, enc in batches_]))
-    rows = reader.read_rows(sm.names(embed)["weight"], ids).to(embed.weight.dtype)
+    rows = reader.read_rows(sm.names(embed)["weight"], ids, embed.weight.dtype)
     where = torch.full((embed.num_embeddings,), -1, dtype=torch.long)
     where[ids] = torch.arange(len(ids))
     meta, padding = embed.weight, embed.padding_idx
@@ -234,7 +253,7 @@ def _embedding_rows(sm: StreamedModel, batches_: Sequence[Batch], reader: Weight
         embed._parameters["weight"], embed.padding_idx = meta, padding
 
 
-def _outside_layers(sm: StreamedModel) -> list[nn.Module]:
+def outside_layers(sm: StreamedModel) -> list[nn.Module]:
     """The decoder's modules besides its layers and input embedding (the final norm, ...)."""
     skip = {id(sm.layers), id(sm.model.get_input_embeddings())}
     return [m for m in sm.decoder.children() if id(m) not in skip]
@@ -260,7 +279,7 @@ def _record(sm: StreamedModel, batches_: Sequence[Batch], reader: WeightReader) 
     with ExitStack() as stack:
         stack.enter_context(_standing_in([(layer, recorder(i)) for i, layer in enumerate(layers)]))
         stack.enter_context(_embedding_rows(sm, batches_, reader))
-        for m in _outside_layers(sm):
+        for m in outside_layers(sm):
             stack.enter_context(filled(m, sm.names(m), reader))
         for b, (_, _, enc) in enumerate(batches_):
             try:
@@ -275,20 +294,60 @@ def _record(sm: StreamedModel, batches_: Sequence[Batch], reader: WeightReader) 
 
 def _logits(sm: StreamedModel, batches_: Sequence[Batch], states: list[torch.Tensor],
             reader: WeightReader) -> list[torch.Tensor]:
-    """Logits at the last position of each batch: the model's own forward, the final residual standing in
-    for the last layer's output (so final norm, head and any logit soft-capping are the model's)."""
-    layers, out, current = sm.layers, [], {}
+    """Logits at the last position of each batch, by the model's own forward with the final residual
+    standing in for the last layer's output (so the final norm, and any logit scaling or soft-capping
+    after the head, are the model's). The head itself is applied to every prompt at once, its rows read
+    in pieces of ``HEAD_PIECE`` bytes: it is never whole in memory."""
+    layers, current = sm.layers, {}
+    head = sm.model.get_output_embeddings()
+    names = sm.names(head)
+    if not isinstance(head, nn.Linear) or not set(names) <= {"weight", "bias"}:
+        raise AbliterateError(f"{sm.path}: the output head is not a linear layer; it cannot be streamed")
+    normed: list[torch.Tensor] = []
+
+    def head_input(h: torch.Tensor) -> torch.Tensor:
+        normed.append(h[:, -1, :])
+        return h.new_zeros(*h.shape[:-1], head.out_features)
+
+    def head_output(h: torch.Tensor) -> torch.Tensor:
+        return current["logits"].unsqueeze(1).expand(*h.shape[:-1], -1)
+
     stand_ins = [(sm.model.get_input_embeddings(), lambda ids: torch.zeros_like(current["h"])),
                  *((layer, _pass_through) for layer in layers[:-1]), (layers[-1], lambda *a, **k: current["h"])]
-    head = sm.model.get_output_embeddings()
+
+    def run(b: int) -> torch.Tensor:
+        current["h"] = states[b]
+        return forward_batch(sm.model, batches_[b][2], "cpu").logits[:, -1, :].float()
+
     with ExitStack() as stack:
         stack.enter_context(_standing_in(stand_ins))
-        for m in [*_outside_layers(sm), head]:
+        for m in outside_layers(sm):
             stack.enter_context(filled(m, sm.names(m), reader))
-        for b, (_, _, enc) in enumerate(batches_):
-            current["h"] = states[b]
-            out.append(forward_batch(sm.model, enc, "cpu").logits[:, -1, :].float())
+        with _standing_in([(head, head_input)]):
+            for b in range(len(batches_)):
+                run(b)
+        logits = _apply_head(torch.cat(normed), names, reader, head.weight.dtype)
+        starts = [0, *itertools.accumulate(len(n) for n in normed)]
+        out = []
+        with _standing_in([(head, head_output)]):
+            for b in range(len(batches_)):
+                current["logits"] = logits[starts[b] : starts[b + 1]]
+                out.append(run(b))
     return out
+
+
+HEAD_PIECE = 64 * 10**6  # bytes of the output head in memory at once
+
+
+def _apply_head(hidden: torch.Tensor, names: Mapping[str, str], reader: WeightReader, dtype: torch.dtype) -> torch.Tensor:
+    """``hidden`` [prompts, width] times the head, whose rows are read ``HEAD_PIECE`` bytes at a time."""
+    bias = reader.read(names["bias"], dtype) if "bias" in names else None
+    rows = reader.shape(names["weight"])[0]
+    logits = torch.empty(len(hidden), rows, dtype=hidden.dtype)
+    for first, piece in reader.row_chunks(names["weight"], dtype, HEAD_PIECE):
+        logits[:, first : first + len(piece)] = nn.functional.linear(
+            hidden, piece, None if bias is None else bias[first : first + len(piece)])
+    return logits
 
 
 @dataclass
@@ -313,7 +372,7 @@ def forward_streamed(sm: StreamedModel, batches_: Sequence[Batch], *,
     hidden_states[N] at the last prompt token for N = 0..L-1; with ``logits``, the last position's
     logits of each batch are returned."""
     stats = stats if stats is not None else StreamStats()
-    reader, start = WeightReader(sm.ckpt), time.monotonic()
+    reader, start = WeightReader(sm.ckpt, sm.view), time.monotonic()
     try:
         with torch.inference_mode():
             states, calls = _record(sm, batches_, reader)
@@ -352,23 +411,42 @@ def encode_sets(sm: StreamedModel, sets: Sequence[Sequence[str]], *, batch_size:
 
 def streamed_means(sm: StreamedModel, sets: Sequence[Sequence[str]], *, batch_size: int, q: float, chat_template: bool,
                    system_prompt: str | None, progress: bool = True, log: Callable[[str], None] = lambda s: None,
-                   stats: StreamStats | None = None) -> list[torch.Tensor]:
-    """Per set, the float64 [layers, width] mean of winsorized last-token residuals (measure's
-    numbers: same batches, same order of sums), all sets in one pass over the weights."""
+                   stats: StreamStats | None = None,
+                   openers: Sequence[int] | None = None) -> list[tuple[torch.Tensor, int]]:
+    """Per set, the float64 [layers, width] mean of winsorized last-token residuals and the number of
+    prompts in it (measure's numbers: same batches, same order of sums), all sets in one pass over
+    the weights. With ``openers``, the first set's mean is over the prompts whose first response
+    token opens a refusal more likely than not (measure --refused-only): their vectors are kept
+    (prompts x layers x width float32) until the pass ends with the logits that say which."""
     from .measure import winsorize
 
     batches_ = encode_sets(sm, sets, batch_size=batch_size, chat_template=chat_template, system_prompt=system_prompt)
     width = sm.model.config.get_text_config().hidden_size
     sums = [torch.zeros(len(sm.layers), width, dtype=torch.float64) for _ in sets]
+    counts = [len(prompts) for prompts in sets]
+    kept: dict[int, list[torch.Tensor]] = {b: [] for b, (s, _, _) in enumerate(batches_) if s == 0 and openers}
 
     def on_states(n: int, vectors: list[torch.Tensor]) -> None:
-        for (s, _, _), v in zip(batches_, vectors):
-            sums[s][n] += winsorize(v.float(), q).double().sum(0)
+        for b, ((s, _, _), v) in enumerate(zip(batches_, vectors)):
+            clipped = winsorize(v.float(), q)
+            if b in kept:
+                kept[b].append(clipped)
+            else:
+                sums[s][n] += clipped.double().sum(0)
 
     stats = stats if stats is not None else StreamStats()
-    forward_streamed(sm, batches_, on_states=on_states, progress=progress, stats=stats)
+    logits = forward_streamed(sm, batches_, on_states=on_states, progress=progress, stats=stats, logits=bool(kept))
     log(stats.line())
-    return [total / len(prompts) for total, prompts in zip(sums, sets)]
+    if kept:
+        from .refusals import refusal_log_odds
+
+        assert logits is not None and openers is not None
+        counts[0] = 0
+        for b, vectors in kept.items():
+            refused = torch.stack(vectors, 1)[refusal_log_odds(logits[b], openers) > 0]  # [refused, layers, width]
+            sums[0] += refused.double().sum(0)
+            counts[0] += len(refused)
+    return [(total / max(count, 1), count) for total, count in zip(sums, counts)]
 
 
 def streamed_first_token_logits(sm: StreamedModel, sets: Sequence[Sequence[str]], *, batch_size: int,

@@ -3,6 +3,7 @@ put in place, and released again, with the bytes and seconds of reading counted.
 
 The streamed forward (streamed.py) fills one decoder layer at a time; every tensor is read
 with one sequential read of its byte range (``read_tensor``), never by loading a shard.
+A quantized checkpoint is read through its codec: the lab never sees a format.
 """
 from __future__ import annotations
 
@@ -18,17 +19,32 @@ from torch import nn
 
 from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint
-from ..io.safetensors_io import FLOAT_DTYPES, read_tensor
+from ..io.safetensors_io import FLOAT_DTYPES, TensorEntry, read_tensor
+from ..logical import LogicalTensors
 
 
 @dataclass
 class WeightReader:
-    """Reads named tensors of a checkpoint; one open file per shard, the reading timed."""
+    """Reads a checkpoint's tensors by the names the model uses, in the dtype the model runs in;
+    one open file per shard, the reading timed.
+
+    A quantized weight (``view``: the codec's logical tensors) is read as its parts and decoded
+    through its codec, the same decode the rewrite uses; fused experts one slice along axis 0
+    at a time, so that at most one slice is ever in float32 beside the output.
+    """
 
     ckpt: Checkpoint
+    view: LogicalTensors
     bytes_read: int = 0
     seconds: float = 0.0
     _files: dict[str, BinaryIO] = field(default_factory=dict)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return self.view.names
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.view.shape(self.ckpt, name))
 
     def _file(self, name: str) -> BinaryIO:
         shard = self.ckpt.shard_of[name]
@@ -36,24 +52,47 @@ class WeightReader:
             self._files[shard.name] = open(shard.path, "rb")  # noqa: SIM115 (closed in close())
         return self._files[shard.name]
 
-    def read(self, name: str) -> torch.Tensor:
+    def _stored(self, name: str, *, stored: bool = False) -> torch.Tensor:
         """The tensor as stored (its own buffer, no copy)."""
         start = time.monotonic()
         entry = self.ckpt.entry(name)
-        tensor = read_tensor(self._file(name), entry)
+        tensor = read_tensor(self._file(name), entry, stored=stored)
         self.bytes_read += entry.end - entry.start
         self.seconds += time.monotonic() - start
         return tensor
 
-    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        """Rows ``rows`` (sorted, unique) of a 2-D tensor, read row by row: an embedding's used rows."""
+    def parts(self, name: str) -> dict[str, torch.Tensor]:
+        """A packed weight's stored parts."""
+        return {p: self._stored(p, stored=True) for p in self.view.packed[name].parts}
+
+    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The logical tensor in ``dtype``: a float tensor cast, a packed one decoded."""
+        packed = self.view.packed.get(name)
+        if packed is None:
+            return self._stored(name).to(dtype)
+        assert self.view.codec is not None
+        parts = self.parts(name)
+        if not self.view.stacked(self.ckpt, name):
+            return self.view.codec.decode(packed, parts).to(dtype)
+        out = torch.empty(packed.shape, dtype=dtype)
+        for i in range(packed.shape[0]):
+            out[i] = self.view.codec.decode(packed, {p: t[i] for p, t in parts.items()})
+        return out
+
+    def read_rows(self, name: str, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``rows`` (sorted, unique) of a 2-D tensor, read row by row: an embedding's used rows
+        (a packed one is decoded whole, then indexed)."""
+        shape = self.shape(name)
+        if len(shape) != 2:
+            raise AbliterateError(f"{name}: expected a 2-D tensor, found shape {list(shape)}")
+        if len(rows) and int(rows[-1]) >= shape[0]:
+            raise AbliterateError(f"{name}: token id {int(rows[-1])} is past its {shape[0]} rows")
+        if name in self.view.packed:
+            return self.read(name, dtype)[rows]
         entry = self.ckpt.entry(name)
-        if len(entry.shape) != 2 or entry.dtype not in FLOAT_DTYPES:
-            raise AbliterateError(f"{name}: expected a 2-D float tensor, found {entry.dtype_name} {list(entry.shape)}")
-        if len(rows) and int(rows[-1]) >= entry.shape[0]:
-            raise AbliterateError(f"{name}: token id {int(rows[-1])} is past its {entry.shape[0]} rows")
-        dtype = FLOAT_DTYPES[entry.dtype]
-        row_bytes = entry.shape[1] * dtype.itemsize
+        if entry.dtype not in FLOAT_DTYPES:
+            raise AbliterateError(f"{name}: expected a float tensor, found {entry.dtype_name}")
+        row_bytes = shape[1] * FLOAT_DTYPES[entry.dtype].itemsize
         buf = bytearray(len(rows) * row_bytes)
         view = memoryview(buf)
         start = time.monotonic()
@@ -64,11 +103,39 @@ class WeightReader:
                 raise AbliterateError(f"{src.name}: unexpected end of file in '{name}'")
         self.bytes_read += len(rows) * row_bytes
         self.seconds += time.monotonic() - start
-        return torch.frombuffer(buf, dtype=dtype).reshape(len(rows), entry.shape[1])
+        return torch.frombuffer(buf, dtype=FLOAT_DTYPES[entry.dtype]).reshape(len(rows), shape[1]).to(dtype)
+
+    def row_chunks(self, name: str, dtype: torch.dtype, max_bytes: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """A 2-D tensor in consecutive row ranges of at most ``max_bytes`` in ``dtype`` (an output head
+        of a 150k-200k vocabulary, never whole in memory): (first row, rows). A packed one is
+        decoded whole first."""
+        shape = self.shape(name)
+        if len(shape) != 2:
+            raise AbliterateError(f"{name}: expected a 2-D tensor, found shape {list(shape)}")
+        step = max(1, max_bytes // max(1, shape[1] * dtype.itemsize))
+        if name in self.view.packed:
+            whole = self.read(name, dtype)
+            yield from ((r, whole[r : r + step]) for r in range(0, shape[0], step))
+            return
+        entry = self.ckpt.entry(name)
+        if entry.dtype not in FLOAT_DTYPES:
+            raise AbliterateError(f"{name}: expected a float tensor, found {entry.dtype_name}")
+        row_bytes = shape[1] * FLOAT_DTYPES[entry.dtype].itemsize
+        for r in range(0, shape[0], step):
+            n = min(step, shape[0] - r)
+            part = TensorEntry(name, entry.dtype, (n, shape[1]), entry.start + r * row_bytes,
+                               entry.start + (r + n) * row_bytes)
+            start = time.monotonic()
+            rows = read_tensor(self._file(name), part)
+            self.bytes_read += part.end - part.start
+            self.seconds += time.monotonic() - start
+            yield r, rows.to(dtype)
 
     def prefetch(self, names: list[str]) -> None:
-        """Ask the kernel to start reading these tensors into the page cache (not into this process)."""
-        for name in names:
+        """Ask the kernel to start reading these tensors (a packed one's parts) into the page cache
+        (not into this process)."""
+        stored = [p for n in names for p in (self.view.packed[n].parts if n in self.view.packed else (n,))]
+        for name in stored:
             e = self.ckpt.entry(name)
             try:
                 os.posix_fadvise(self._file(name).fileno(), e.start, e.end - e.start, os.POSIX_FADV_WILLNEED)
@@ -100,31 +167,41 @@ def _put(owner: nn.Module, attr: str, is_param: bool, value: torch.Tensor) -> No
         owner._buffers[attr] = value
 
 
-@contextmanager
-def filled(module: nn.Module, names: Mapping[str, str], reader: WeightReader) -> Iterator[int]:
+def fill(module: nn.Module, names: Mapping[str, str], reader: WeightReader) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
     """The module's meta tensors replaced by the checkpoint's (``names``: module name -> checkpoint
-    name), cast to the dtype the model was built in; back on the meta device afterwards, so
-    that the memory is released. Yields the bytes the module holds while filled."""
+    name), in the dtype the model was built in; returns what was replaced, to put back."""
     done: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
-    held = 0
     try:
         for name, owner, attr, is_param in list(slots(module)):
             current = (owner._parameters if is_param else owner._buffers)[attr]
             if current.device.type != "meta":
                 continue  # a buffer transformers computed for real (never in the checkpoint)
             source = names.get(name)
-            if source is None or source not in reader.ckpt.names:
+            if source is None or source not in reader.names:
                 raise AbliterateError(f"{reader.ckpt.root}: no tensor {source or name} in the checkpoint "
                                       "for the streamed forward")
-            value = reader.read(source)
-            if tuple(value.shape) != tuple(current.shape):
-                raise AbliterateError(f"{source}: shape {list(value.shape)} in the checkpoint, "
+            if reader.shape(source) != tuple(current.shape):
+                raise AbliterateError(f"{source}: shape {list(reader.shape(source))} in the checkpoint, "
                                       f"{list(current.shape)} in the model")
-            value = value.to(current.dtype)
-            _put(owner, attr, is_param, value)
+            _put(owner, attr, is_param, reader.read(source, current.dtype))
             done.append((owner, attr, is_param, current))
-            held += value.numel() * value.element_size()
-        yield held
+    except BaseException:
+        empty(done)
+        raise
+    return done
+
+
+def empty(done: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> None:
+    """Put the meta tensors back, so that the memory is released."""
+    for owner, attr, is_param, meta in done:
+        _put(owner, attr, is_param, meta)
+
+
+@contextmanager
+def filled(module: nn.Module, names: Mapping[str, str], reader: WeightReader) -> Iterator[None]:
+    """The module filled from the checkpoint for the duration of the block (``fill``), then emptied."""
+    done = fill(module, names, reader)
+    try:
+        yield
     finally:
-        for owner, attr, is_param, meta in done:
-            _put(owner, attr, is_param, meta)
+        empty(done)
