@@ -5,6 +5,7 @@ a plan scored in memory is the plan the rewrite writes in the same format."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -170,3 +171,41 @@ def _run_measuring_peak(args: list[str]) -> tuple[str, int]:
     run = subprocess.run([sys.executable, "-c", code, *args], check=False, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr
     return run.stderr, int(run.stderr.split("peak-rss-kib")[-1].split()[0]) * 1024
+
+
+def test_a_third_party_codec_is_read_by_measure_streamed_and_whole(checkpoint_factory: Any, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A codec from a plugin of one's own (tests/toy_codec.py, loaded with -p) decodes for the lab as
+    for the rewrite: measure streams the checkpoint with it and gives the means of the model decoded
+    whole; without the plugin, one line says no codec reads the format."""
+    from rewriter.codec import Packed
+    from rewriter.directions import Measurements
+    from rewriter.lab.measure import measure
+    from rewriter.registry import Registry
+    from tests.quantize import quantize
+    from tests.toy_codec import RowInt8
+
+    def convert(name: str, t: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        if not name.endswith(("o_proj.weight", "down_proj.weight")):
+            return None
+        head = name[: -len("weight")]
+        return RowInt8().encode(Packed(name, (head + "qweight", head + "qscale"), tuple(t.shape)), t.float(), {})
+
+    src = quantize(checkpoint_factory("llama"), tmp_path / "int8", {"quant_method": "toy-int8"}, convert)
+    tiny_tokenizer(src)
+    (tmp_path / "bad.txt").write_text("\n".join(BAD) + "\n")
+    (tmp_path / "good.txt").write_text("\n".join(GOOD) + "\n")
+    out = tmp_path / "d.safetensors"
+    args = ["measure", str(src), "--harmful", str(tmp_path / "bad.txt"), "--harmless", str(tmp_path / "good.txt"),
+            "-o", str(out), "--batch-size", "2", "-q"]
+    without = CliRunner().invoke(main, args)
+    assert without.exit_code == 1 and "quant_method 'toy-int8'" in without.output.splitlines()[-1]
+    monkeypatch.setattr(streamed_module, "choose", lambda weights, max_memory: MemoryChoice(True, "forced"))
+    result = CliRunner().invoke(main, [*args, "-p", "tests.toy_codec"])
+    assert result.exit_code == 0, result.output
+    assert "streamed 4 layers" in result.output
+    whole = measure(src, BAD, GOOD, batch_size=2, progress=False,
+                    lm=load_model(src, registry=Registry(["tests.toy_codec"])))
+    streamed = Measurements.load(out)
+    for n in whole.layers:
+        torch.testing.assert_close(streamed.harmful[n], whole.harmful[n], rtol=0, atol=1e-6)

@@ -9,7 +9,7 @@ import click
 from ..dtypes import RUN_DTYPES
 from ..lab.markers import MARKER_SETS, markers_named
 from ..plan import Plan
-from .base import command, quiet_option
+from .base import command, plugin_option, quiet_option
 from .options import max_prompt_tokens_option
 
 
@@ -52,8 +52,12 @@ class MemorySize(click.ParamType):
 
 
 _STREAMING = ("Memory the model may take: 512MB, 1GB, 1GiB (GB = 10^9 bytes). The whole model is loaded when its "
-              "weights in --dtype fit in 70% of it; otherwise they are streamed from the shards one decoder layer at "
-              "a time (the activations of all prompts stay in memory; the process must fit the largest layer). "
+              "weights in --dtype (quantized ones decoded) fit in 70% of it; otherwise they are streamed from the "
+              "shards one decoder layer at a time, decoded through the codec plugin where quantized. A streamed pass "
+              "holds about: the process itself (0.5 GB with torch and transformers), the largest decoder layer in "
+              "--dtype (its parameters x 4 bytes in float32), the activations of every prompt (prompts x tokens x "
+              "width x 4 bytes, a few times over while a layer runs), the output head in 64 MB pieces, and with "
+              "--refused-only the harmful prompts' vectors (prompts x layers x width x 4 bytes). "
               "Default: the memory available now (MemAvailable).")
 
 
@@ -74,13 +78,15 @@ _STREAMING = ("Memory the model may take: 512MB, 1GB, 1GiB (GB = 10^9 bytes). Th
 @click.option("--refused-only", is_flag=True,
               help="Average only the harmful prompts MODEL refuses (first-token refusal log-odds > 0, from the same "
                    "forward pass): prompts it answers anyway dilute the direction. On Qwen2.5-Coder-0.5B-Instruct "
-                   "it took held-out refusals from 8/64 to 1/64 at KL 0.042 (README). Not with a streamed measurement.")
+                   "it took held-out refusals from 8/64 to 1/64 at KL 0.042 (README). A streamed measurement ends "
+                   "with the final norm and the head for these logits.")
 @max_prompt_tokens_option
+@plugin_option
 @quiet_option
 def measure_cmd(model: str, harmful: str | None, harmless: str | None, column: str, output: Path, batch_size: int,
                 winsorize: float, dtype: str, device: str, max_prompts: int | None, system_prompt: str | None,
                 no_chat_template: bool, max_memory: int | None, refused_only: bool, max_prompt_tokens: int,
-                quiet: bool) -> None:
+                plugins: tuple[str, ...], quiet: bool) -> None:
     """Measure refusal directions of MODEL (a checkpoint directory, an example name, or a Hub
     repo ORG/NAME[@REVISION], downloaded into the Hugging Face cache).
 
@@ -89,16 +95,18 @@ def measure_cmd(model: str, harmful: str | None, harmless: str | None, column: s
     hidden_states[N] for N = 0..L-1, in one forward pass (no generation). Each vector
     is winsorized on its own, then harmful and harmless means are accumulated in
     float64 and written with their metadata. --refused-only keeps, of the harmful
-    prompts, those the model refuses.
+    prompts, those the model refuses. A quantized MODEL (block FP8, compressed-tensors
+    FP8, MXFP4, or a codec plugin's format) is decoded as it is read.
     """
     from ..lab.measure import measure
+    from ..registry import Registry
 
     bad = _prompt_set(harmful, "harmful-measure", column)[:max_prompts]
     good = _prompt_set(harmless, "harmless-measure", column)[:max_prompts]
     m = measure(model, bad, good, batch_size=batch_size, winsorize_q=winsorize, dtype=dtype, device=device,
                 system_prompt=system_prompt, chat_template=not no_chat_template, progress=not quiet,
                 max_memory=max_memory, refused_only=refused_only, max_prompt_tokens=max_prompt_tokens,
-                log=lambda s: click.echo(s, err=True))
+                log=lambda s: click.echo(s, err=True), registry=Registry(plugins))
     m.save(output)
     click.echo(f"wrote {output}: {len(m.layers)} layers, width {m.width}, {m.harmful_count} harmful and "
                f"{m.harmless_count} harmless prompts")
@@ -170,18 +178,21 @@ def analyze_cmd(directions: Path, chart: Path | None, plan_out: Path | None, min
                                 "(no answers for --show or --save); the refusal score and the KL are computed "
                                 "instead, from one forward pass each. The original may be streamed too.")
 @max_prompt_tokens_option
+@plugin_option
 @quiet_option
 def evaluate_cmd(model: str, original: str | None, harmful: str | None, harmless: str | None, column: str,
                  max_new_tokens: int, batch_size: int, dtype: str, marker_set: str, markers: tuple[str, ...],
                  system_prompt: str | None, no_chat_template: bool, save: Path | None, show: bool, as_json: bool,
-                 max_memory: int | None, max_prompt_tokens: int, quiet: bool) -> None:
+                 max_memory: int | None, max_prompt_tokens: int, plugins: tuple[str, ...], quiet: bool) -> None:
     """Count refusals of MODEL on harmful prompts (greedy answers judged whole, after any
     think block), its cheap refusal score (mean log-odds of a refusal-opening first
     token, from one forward pass), and with --original the mean KL(original || MODEL) of
     next-token distributions at the first response position on harmless prompts (float64;
     the original's logits are cached, so the two models are never in memory together).
-    MODEL and ORIGINAL: checkpoint directories, example names or Hub repos ORG/NAME[@REVISION]."""
+    MODEL and ORIGINAL: checkpoint directories, example names or Hub repos ORG/NAME[@REVISION];
+    quantized ones are decoded through their codec plugins."""
     from ..lab.evaluate import evaluate
+    from ..registry import Registry
 
     chosen = markers or markers_named(marker_set)
     result = evaluate(model, _prompt_set(harmful, "harmful-eval", column), _prompt_set(harmless, "harmless-eval", column),
@@ -189,7 +200,7 @@ def evaluate_cmd(model: str, original: str | None, harmful: str | None, harmless
                       markers=chosen, marker_set="custom" if markers else marker_set,
                       chat_template=not no_chat_template, system_prompt=system_prompt, progress=not quiet,
                       max_memory=max_memory, max_prompt_tokens=max_prompt_tokens,
-                      log=lambda s: click.echo(s, err=True))
+                      log=lambda s: click.echo(s, err=True), registry=Registry(plugins))
     if save:
         result.save_answers(save, {**MARKER_SETS, **({"custom": chosen} if markers else {})})
     if as_json:

@@ -7,12 +7,16 @@ numbers, and no format needs transformers' own quantizers (most of which want a 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint
 from .models import LoadedModel
 from .streamed import open_streamed, outside_layers
 from .weights import WeightReader, fill
+
+if TYPE_CHECKING:
+    from ..registry import Registry
 
 
 def quantized(path: Path) -> bool:
@@ -23,9 +27,9 @@ def quantized(path: Path) -> bool:
         return False
 
 
-def load_decoded(path: Path, dtype: str) -> LoadedModel:
+def load_decoded(path: Path, dtype: str, registry: Registry | None = None) -> LoadedModel:
     """The whole model in ``dtype``, every quantized weight decoded through its codec."""
-    sm = open_streamed(path, dtype)
+    sm = open_streamed(path, dtype, registry)
     embed, head = sm.model.get_input_embeddings(), sm.model.get_output_embeddings()
     reader = WeightReader(sm.ckpt, sm.view)
     try:

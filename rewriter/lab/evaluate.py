@@ -16,6 +16,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
@@ -29,6 +30,9 @@ from .prompts import prompts_sha256
 from .markers import PROJECT_MARKERS, markers_in
 from .refusals import opener_ids, refusal_log_odds
 from .streamed import streamed_first_token_logits, streamed_if_needed
+
+if TYPE_CHECKING:
+    from ..registry import Registry
 
 
 @dataclass
@@ -115,7 +119,8 @@ def kl_divergence(original: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
 
 def original_logits(original: str | Path, prompts: Sequence[str], *, batch_size: int, dtype: str, chat_template: bool,
                     system_prompt: str | None, progress: bool, lm: LoadedModel | None = None,
-                    max_memory: int | None = None, log: Callable[[str], None] = lambda s: None) -> torch.Tensor:
+                    max_memory: int | None = None, log: Callable[[str], None] = lambda s: None,
+                    registry: Registry | None = None) -> torch.Tensor:
     """The original model's first-response logits, cached by model files and prompts.
 
     ``lm``, when given, is the original already loaded (it is used rather than loaded again).
@@ -129,11 +134,12 @@ def original_logits(original: str | Path, prompts: Sequence[str], *, batch_size:
     if cache.is_file():
         return load_file(cache)["logits"]
     kw = dict(batch_size=batch_size, chat_template=chat_template, system_prompt=system_prompt, progress=progress)
-    streamed = None if lm is not None else streamed_if_needed(path, dtype, max_memory, log=log, logits=True)
+    streamed = None if lm is not None else streamed_if_needed(path, dtype, max_memory, log=log, logits=True,
+                                                              registry=registry)
     if streamed is not None:
         logits = streamed_first_token_logits(streamed, [prompts], log=log, **kw)[0]
     else:
-        logits = first_token_logits(lm or load_model(path, dtype), prompts, **kw)
+        logits = first_token_logits(lm or load_model(path, dtype, registry=registry), prompts, **kw)
     write_atomic(cache, save_safetensors({"logits": logits}))
     return logits
 
@@ -143,7 +149,7 @@ def evaluate(model: str | Path, harmful: Sequence[str], harmless: Sequence[str],
              markers: Sequence[str] = PROJECT_MARKERS, marker_set: str = "project", chat_template: bool = True,
              system_prompt: str | None = None, cache_as_original: bool = False, progress: bool = True,
              max_memory: int | None = None, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
-             log: Callable[[str], None] = lambda s: None) -> Evaluation:
+             log: Callable[[str], None] = lambda s: None, registry: Registry | None = None) -> Evaluation:
     """Refusals of ``model`` on ``harmful`` and its cheap refusal score; with ``original``, the
     mean KL on ``harmless`` too. ``cache_as_original`` also caches this model's logits on
     ``harmless`` while it is loaded, so that a later evaluation against it loads it no more.
@@ -156,9 +162,9 @@ def evaluate(model: str | Path, harmful: Sequence[str], harmless: Sequence[str],
     harmful = cap_prompts(tok, harmful, max_prompt_tokens, "harmful", log)
     harmless = cap_prompts(tok, harmless, max_prompt_tokens, "harmless", log)
     kw = dict(batch_size=batch_size, chat_template=chat_template, system_prompt=system_prompt, progress=progress)
-    mem = dict(max_memory=max_memory, log=log)
+    mem = dict(max_memory=max_memory, log=log, registry=registry)
     reference = original_logits(original, harmless, dtype=dtype, **mem, **kw) if original is not None else None
-    if (streamed := streamed_if_needed(model, dtype, max_memory, log=log, logits=True)) is not None:
+    if (streamed := streamed_if_needed(model, dtype, logits=True, **mem)) is not None:
         if cache_as_original:  # a pass of its own: rare, and cached after
             original_logits(model, harmless, dtype=dtype, **mem, **kw)
         sets = [harmful] if reference is None else [harmful, harmless]
@@ -168,7 +174,7 @@ def evaluate(model: str | Path, harmful: Sequence[str], harmless: Sequence[str],
         if reference is not None:
             result.kl, result.kl_prompts = float(kl_divergence(reference, good[0]).mean()), len(harmless)
         return result
-    lm = load_model(model, dtype)
+    lm = load_model(model, dtype, registry=registry)
     if cache_as_original:
         original_logits(model, harmless, dtype=dtype, lm=lm, **kw)
     responses = generate(lm, harmful, max_new_tokens=max_new_tokens, **kw)

@@ -7,6 +7,7 @@ decoded again into the model."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,16 +18,19 @@ from ..io.safetensors_io import FLOAT_DTYPES
 from .models import LoadedModel
 from .weights import WeightReader
 
+if TYPE_CHECKING:
+    from ..registry import Registry
+
 
 class InMemoryEditor:
     """Applies edits to the parameters of ``lm`` and restores them; keeps one original copy
     of each parameter it has ever edited (and, for a quantized weight, its stored parts)."""
 
-    def __init__(self, lm: LoadedModel, ckpt: Checkpoint) -> None:
+    def __init__(self, lm: LoadedModel, ckpt: Checkpoint, registry: Registry | None = None) -> None:
         from .streamed import logical_view
 
         self.params = dict(lm.model.named_parameters())
-        self.ckpt, self.view = ckpt, logical_view(ckpt)
+        self.ckpt, self.view = ckpt, logical_view(ckpt, registry)
         self.saved: dict[str, torch.Tensor] = {}
         self.parts: dict[str, dict[str, torch.Tensor]] = {}
         self.edited: list[str] = []

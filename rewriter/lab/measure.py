@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -21,6 +21,9 @@ from .models import LoadedModel, batches, format_prompts, load_model
 from .prompts import prompts_sha256
 from .refusals import opener_ids, refusal_log_odds
 from .streamed import streamed_if_needed, streamed_means
+
+if TYPE_CHECKING:
+    from ..registry import Registry
 
 
 def last_token_states(lm: LoadedModel, enc: Any) -> torch.Tensor:
@@ -94,23 +97,24 @@ def measure(model: str | Path, harmful: Sequence[str], harmless: Sequence[str], 
             winsorize_q: float = 0.995, dtype: str = "float32", device: str = "cpu", system_prompt: str | None = None,
             chat_template: bool = True, progress: bool = True, lm: LoadedModel | None = None,
             max_memory: int | None = None, refused_only: bool = False, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
-            log: Callable[[str], None] = lambda s: None) -> Measurements:
+            log: Callable[[str], None] = lambda s: None, registry: Registry | None = None) -> Measurements:
     """Harmful and harmless means for every layer, with the metadata method.md asks for.
 
     A model whose weights do not fit (in ``max_memory`` bytes, else in the memory available) is
     streamed layer by layer (streamed.py), with the same numbers. ``refused_only`` averages
     only the harmful prompts the model refuses: those it answers anyway carry little of the
     refusal and dilute the direction (docs/method.md). Prompts longer than ``max_prompt_tokens``
-    are cut (``cap_prompts``).
+    are cut (``cap_prompts``). A quantized checkpoint is read through its codec plugin (``registry``).
     """
     if not harmful or not harmless:
         raise AbliterateError("both prompt sets must hold at least one prompt")
     if not 0.0 < winsorize_q <= 1.0:
         raise AbliterateError(f"--winsorize {winsorize_q} must be in (0, 1]")
     start = time.monotonic()
-    streamed = None if lm is not None else streamed_if_needed(model, dtype, max_memory, device, log, refused_only)
+    streamed = None if lm is not None else streamed_if_needed(model, dtype, max_memory, device, log, refused_only,
+                                                              registry)
     if streamed is None:
-        lm = lm or load_model(model, dtype, device)
+        lm = lm or load_model(model, dtype, device, registry)
     source = streamed or lm
     harmful = cap_prompts(source.tokenizer, harmful, max_prompt_tokens, "harmful", log)
     harmless = cap_prompts(source.tokenizer, harmless, max_prompt_tokens, "harmless", log)

@@ -6,13 +6,16 @@ import difflib
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..dtypes import DTYPES, RUN_DTYPES, dtype_name
 from ..errors import AbliterateError, cause
 from .chat import render_chats
+
+if TYPE_CHECKING:
+    from ..registry import Registry
 
 
 @dataclass
@@ -77,7 +80,7 @@ def _did_you_mean(name: str, examples: Collection[str]) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu", registry: Registry | None = None) -> LoadedModel:
     """A causal LM (or Gemma-3-style image-text-to-text model) and its tokenizer, for inference; a
     quantized safetensors checkpoint decoded through its codec plugin (decoded.py)."""
     from .decoded import load_decoded, quantized  # the decoded path builds on the streamed one, which imports this
@@ -85,7 +88,7 @@ def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu") ->
     tf = quiet_transformers()
     path = resolve_model(name)
     if quantized(path):
-        lm = load_decoded(path, dtype)
+        lm = load_decoded(path, dtype, registry)
         lm.model.to(device)
         return lm
     config = tf.AutoConfig.from_pretrained(path)

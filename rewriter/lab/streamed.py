@@ -20,7 +20,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ from .models import (LoadedModel, batches, format_prompts, forward_batch, load_t
                      quiet_transformers, resolve_model)
 from ..logical import LogicalTensors
 from .weights import WeightReader, filled, slots
+
+if TYPE_CHECKING:
+    from ..registry import Registry
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]  # a decoder layer's arguments besides the hidden states
 Batch = tuple[int, list[int], Any]  # (prompt set, prompt indices, encoded batch)
@@ -126,11 +129,12 @@ def _real_buffers(model: nn.Module) -> None:
     model.initialize_weights()  # fills those buffers; parameters stay on the meta device
 
 
-def logical_view(ckpt: Checkpoint) -> LogicalTensors:
-    """The checkpoint's tensors as the model names them; a quantized one's through the codec plugin that reads it."""
+def logical_view(ckpt: Checkpoint, registry: Registry | None = None) -> LogicalTensors:
+    """The checkpoint's tensors as the model names them; a quantized one's through the codec plugin
+    that reads it (``registry``: the plugins, -p ones included; the installed ones by default)."""
     from ..registry import Registry
 
-    return LogicalTensors.of(ckpt, Registry())
+    return LogicalTensors.of(ckpt, registry or Registry())
 
 
 def _float_config(config: Any) -> Any:
@@ -142,11 +146,11 @@ def _float_config(config: Any) -> Any:
     return config
 
 
-def open_streamed(name: str | Path, dtype: str = "float32") -> StreamedModel:
+def open_streamed(name: str | Path, dtype: str = "float32", registry: Registry | None = None) -> StreamedModel:
     """A checkpoint's model built without weights, ready to be run layer by layer."""
     path = resolve_model(name)
     ckpt = Checkpoint.open(path)
-    view = logical_view(ckpt)
+    view = logical_view(ckpt, registry)
     tf = quiet_transformers()
     config = _float_config(tf.AutoConfig.from_pretrained(path))
     with torch.device("meta"):
@@ -165,7 +169,8 @@ def run_dtype_bytes(ckpt: Checkpoint, view: LogicalTensors, dtype: str, prefix: 
 
 
 def streamed_if_needed(name: str | Path, dtype: str, max_memory: int | None, device: str = "cpu",
-                       log: Callable[[str], None] = lambda s: None, logits: bool = False) -> StreamedModel | None:
+                       log: Callable[[str], None] = lambda s: None, logits: bool = False,
+                       registry: Registry | None = None) -> StreamedModel | None:
     """The streamed model when the whole one does not fit (or --max-memory says so), else None.
 
     With ``max_memory``, the largest piece held at once (a decoder layer; the head too, for
@@ -178,7 +183,7 @@ def streamed_if_needed(name: str | Path, dtype: str, max_memory: int | None, dev
     model_class(config, path)  # not a language model: say so first
     try:
         ckpt = Checkpoint.open(path)
-        view = logical_view(ckpt)
+        view = logical_view(ckpt, registry)
     except AbliterateError:
         if max_memory is None:  # not safetensors (.bin, say), or a format no codec reads: transformers may load it
             return None
@@ -189,7 +194,7 @@ def streamed_if_needed(name: str | Path, dtype: str, max_memory: int | None, dev
         return None
     if device != "cpu":
         raise AbliterateError(f"the streamed forward runs on the CPU; --device {device} needs the whole model in memory")
-    sm = open_streamed(path, dtype)
+    sm = open_streamed(path, dtype, registry)
     largest = max(run_dtype_bytes(ckpt, view, dtype, f"{sm.layers_prefix}.{i}.") for i in range(len(sm.layers)))
     log(f"streaming holds one decoder layer at a time (the largest: {human(largest)} in {dtype})"
         + (f" and the output head in pieces of {human(HEAD_PIECE)}" if logits else ""))
@@ -357,12 +362,14 @@ class StreamStats:
     bytes_read: int = 0
     read_seconds: float = 0.0
     seconds: float = 0.0
+    activations: int = 0  # bytes of the residual stream of every prompt, held through the pass
     layers: list[tuple[float, float, int]] = field(default_factory=list)  # (read s, total s, bytes) per layer
 
     def line(self) -> str:
         rate = self.bytes_read / self.read_seconds if self.read_seconds else 0.0
         return (f"streamed {len(self.layers)} layers: read {human(self.bytes_read)} of weights in {self.read_seconds:.1f} s "
-                f"({human(rate)}/s), {self.seconds:.1f} s in all; peak RSS {human(peak_rss_bytes())}")
+                f"({human(rate)}/s), {self.seconds:.1f} s in all; activations {human(self.activations)}; "
+                f"peak RSS {human(peak_rss_bytes())}")
 
 
 def forward_streamed(sm: StreamedModel, batches_: Sequence[Batch], *,
@@ -376,6 +383,7 @@ def forward_streamed(sm: StreamedModel, batches_: Sequence[Batch], *,
     try:
         with torch.inference_mode():
             states, calls = _record(sm, batches_, reader)
+            stats.activations = sum(h.numel() * h.element_size() for h in states)
             layers = sm.layers
             with tqdm(total=len(layers), unit="layer", desc="layers", disable=not progress) as bar:
                 for i, layer in enumerate(layers):
