@@ -30,7 +30,7 @@ from ..dtypes import DTYPES, RUN_DTYPES, dtype_name
 from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors_io import FLOAT_DTYPES
-from .memory import choose, human, peak_rss_bytes, rss_bytes
+from .memory import MemoryChoice, choose, human, peak_rss_bytes, rss_bytes
 from .models import (LoadedModel, batches, format_prompts, forward_batch, load_tokenizer, model_class,
                      quiet_transformers, resolve_model)
 from ..logical import LogicalTensors
@@ -173,22 +173,18 @@ def streamed_if_needed(name: str | Path, dtype: str, max_memory: int | None, dev
                        registry: Registry | None = None) -> StreamedModel | None:
     """The streamed model when the whole one does not fit (or --max-memory says so), else None.
 
-    With ``max_memory``, the largest piece held at once (a decoder layer; the head too, for
-    ``logits``) must fit beside what this process already holds.
+    With ``max_memory``, the largest piece held at once (a decoder layer) must fit beside what
+    this process already holds.
     """
     if device != "cpu" and max_memory is None:
         return None
     path = resolve_model(name)
     config = quiet_transformers().AutoConfig.from_pretrained(path)
     model_class(config, path)  # not a language model: say so first
-    try:
-        ckpt = Checkpoint.open(path)
-        view = logical_view(ckpt, registry)
-    except AbliterateError:
-        if max_memory is None:  # not safetensors (.bin, say), or a format no codec reads: transformers may load it
-            return None
-        raise
-    choice = choose(run_dtype_bytes(ckpt, view, dtype), max_memory)
+    fit = _fit(path, dtype, max_memory, registry)
+    if fit is None:
+        return None
+    ckpt, view, choice = fit
     log(f"{path.name}: {choice.reason}")
     if not choice.stream:
         return None
@@ -202,6 +198,31 @@ def streamed_if_needed(name: str | Path, dtype: str, max_memory: int | None, dev
         raise AbliterateError(f"--max-memory {human(max_memory)} is too small to stream: this process holds "
                               f"{human(rss_bytes())} and the largest decoder layer is {human(largest)} in {dtype}")
     return sm
+
+
+def _fit(path: Path, dtype: str, max_memory: int | None,
+         registry: Registry | None) -> tuple[Checkpoint, LogicalTensors, MemoryChoice] | None:
+    """The checkpoint, its tensors and whether its weights in ``dtype`` fit; None where it is no
+    safetensors checkpoint the lab reads (a .bin one, say: transformers may still load it whole)."""
+    try:
+        ckpt = Checkpoint.open(path)
+        view = logical_view(ckpt, registry)
+    except AbliterateError:
+        if max_memory is None:
+            return None
+        raise
+    return ckpt, view, choose(run_dtype_bytes(ckpt, view, dtype), max_memory)
+
+
+def require_whole(name: str | Path, dtype: str, what: str, registry: Registry | None = None) -> None:
+    """A one-line error, before anything loads, where work that needs the whole model in memory
+    (a search edits it in place) meets a model that does not fit."""
+    path = resolve_model(name)
+    fit = _fit(path, dtype, None, registry)
+    if fit is not None and fit[2].stream:
+        raise AbliterateError(f"{what} needs the whole model in memory and {path.name} does not fit "
+                              f"({fit[2].reason.split(':')[0]}); use the heuristic plan instead: abliterate analyze "
+                              "DIRECTIONS --suggest-plan plan.yml, then rewrite --plan plan.yml")
 
 
 @contextmanager
