@@ -17,7 +17,7 @@ MAX_LAYERS = 100_000  # more decoder layers than any model has: a bound before r
 MAX_SCALE = 2.0  # the reference tool takes any scale; past 2 an edit writes more along r than it removed
 # Options an entry may carry, and that a plan's top level (or the command line) sets for every entry.
 OPTION_KEYS = ("ensemble", "invert", "direction")
-TOP_LEVEL_KEYS = ("model", "measurements", "output", "scale", *OPTION_KEYS, "ablate")
+TOP_LEVEL_KEYS = ("model", "measurements", "output", "strategy", "scale", *OPTION_KEYS, "ablate")
 ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity", "components", *OPTION_KEYS)
 
 
@@ -76,7 +76,7 @@ class PlanEntry:
             _number(item.get("sparsity", 0.0), where, "sparsity"),
             _flag(options.get("ensemble", False), where, "ensemble"),
             _flag(options.get("invert", False), where, "invert"),
-            _name(options.get("direction"), where),
+            _name(options.get("direction"), where, "direction"),
         )
 
 
@@ -86,6 +86,7 @@ class Plan:
     model: str | None = None
     measurements: str | None = None
     output: str | None = None
+    strategy: str | None = None  # the strategy the plan was chosen with; rewrite --plan uses it unless --strategy
 
     def __post_init__(self) -> None:
         if not self.entries:
@@ -123,7 +124,8 @@ class Plan:
         return replace(self, entries=tuple(replace(e, **given) for e in self.entries)) if given else self
 
     def to_yaml(self) -> str:
-        doc: dict[str, Any] = {k: v for k, v in (("model", self.model), ("measurements", self.measurements), ("output", self.output)) if v}
+        doc: dict[str, Any] = {k: v for k, v in (("model", self.model), ("measurements", self.measurements),
+                                                 ("output", self.output), ("strategy", self.strategy)) if v}
         doc["ablate"] = [
             {k: v for k, v in d.items() if k != "components" or v} for d in self.as_dict()
         ]
@@ -170,7 +172,8 @@ def load_plan(path: str | Path) -> Plan:
     model = _opt_str(doc.get("model"))
     if model is not None and (here / model).exists():
         model = str(here / model)
-    return Plan(tuple(entries), model, _relative_to(here, doc.get("measurements")), _relative_to(here, doc.get("output")))
+    return Plan(tuple(entries), model, _relative_to(here, doc.get("measurements")), _relative_to(here, doc.get("output")),
+                _name(doc.get("strategy"), p, "strategy"))
 
 
 def _relative_to(folder: Path, value: Any) -> str | None:
@@ -223,9 +226,9 @@ def _flag(value: Any, where: object, what: str) -> bool:
     return value
 
 
-def _name(value: Any, where: object) -> str | None:
+def _name(value: Any, where: object, what: str) -> str | None:
     if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > 100):
-        raise AbliterateError(f"{where}: direction must name a strategy (standard, projected, biprojected, ...)")
+        raise AbliterateError(f"{where}: {what} must name a strategy (standard, projected, biprojected, ...)")
     return value
 
 

@@ -9,9 +9,12 @@ is reported, not only the first.
 """
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import torch
 from tqdm import tqdm
@@ -20,8 +23,10 @@ from .engine.coded import CodedEdit
 from .engine.edit import TensorEdit
 from .engine.layout import ShardLayout
 from .engine.rewrite import coded_slices, part_slices, slice_entry
+from .errors import AbliterateError
 from .io.checkpoint import Shard
-from .io.files import LOCK_NAME
+from .io.files import LOCK_NAME, sha256_file
+from .io.hub import HubFiles, hidden, parse_spec, repo_files
 from .io.manifest import MANIFEST_NAME, files_in, load_manifest
 from .io.safetensors_io import COPY_CHUNK, TensorEntry, read_tensor
 from .pipeline import RewriteJob
@@ -34,24 +39,153 @@ def tolerance(dtype: torch.dtype) -> float:
     return max(4 * torch.finfo(dtype).eps, 1e-5)
 
 
-def allowed_ulps(output: Path) -> int:
-    """0 (bit-exact) when this torch version wrote ``output``, else ``FOREIGN_TORCH_ULPS``."""
-    record = (load_manifest(output) or {}).get("record") or {}
+def allowed_ulps(manifest: dict[str, Any] | None) -> int:
+    """0 (bit-exact) when this torch version wrote the output of ``manifest``, else ``FOREIGN_TORCH_ULPS``."""
+    record = (manifest or {}).get("record") or {}
     return 0 if record.get("torch_version") == torch.__version__ else FOREIGN_TORCH_ULPS
 
 
-def verify(job: RewriteJob, output: Path, *, ulps: int = 0, progress: bool = True) -> Iterator[str]:
+class Published(Protocol):
+    """The output being checked: a local folder, or a Hub repo read file by file."""
+
+    name: str
+
+    def names(self) -> list[str]:
+        """Every file it holds."""
+
+    def size(self, rel: str) -> int | None:
+        """A file's size; None when it is missing (or, locally, not a regular file)."""
+
+    def read(self, rel: str) -> bytes | None:
+        """A small file's bytes; None when it is missing."""
+
+    def local(self, rel: str) -> AbstractContextManager[Path]:
+        """A (weight) file as a local file for the duration of the block."""
+
+    def manifest(self) -> dict[str, Any] | None:
+        """Its record (``abliteration.json``), checked as every record is; None without one."""
+
+    def extras(self, manifest: dict[str, Any]) -> dict[str, bytes | None]:
+        """Files it may hold besides the rewrite's own, with the bytes each must have (None: any)."""
+
+
+@dataclass(frozen=True)
+class LocalOutput:
+    """A rewrite's OUTPUT folder, as rewrite left it."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def names(self) -> list[str]:
+        return files_in(self.path)
+
+    def size(self, rel: str) -> int | None:
+        p = self.path / rel
+        return p.stat().st_size if p.is_file() and not p.is_symlink() else None
+
+    def read(self, rel: str) -> bytes | None:
+        return (self.path / rel).read_bytes() if self.size(rel) is not None else None
+
+    @contextmanager
+    def local(self, rel: str) -> Iterator[Path]:
+        yield self.path / rel
+
+    def manifest(self) -> dict[str, Any] | None:
+        return load_manifest(self.path)
+
+    def extras(self, manifest: dict[str, Any]) -> dict[str, bytes | None]:
+        return {}
+
+
+# What push adds to a repo besides the rewrite's files: the card (free text) and the plan and
+# direction file, each checked against the record.
+CARD, PLAN_FILE, DIRECTIONS_FILE = "README.md", "plan.yml", "directions.safetensors"
+
+
+class HubOutput:
+    """A published repo ``ORG/NAME[@REVISION]``: small files and the record downloaded into
+    ``work`` (real files, never the cache's links), weight files into the Hugging Face cache,
+    or with ``low_disk`` into ``work`` one at a time, each deleted once checked."""
+
+    def __init__(self, repo: str, revision: str | None, work: Path, low_disk: bool) -> None:
+        self.commit, self.sizes = repo_files(repo, revision)
+        self.name = f"{repo}@{self.commit}"
+        self.work = work
+        self.small = HubFiles(repo, self.commit, work / "files")
+        self.weights = HubFiles(repo, self.commit, work / "files" if low_disk else None)
+
+    def names(self) -> list[str]:
+        return list(self.sizes)
+
+    def size(self, rel: str) -> int | None:
+        return self.sizes.get(rel)
+
+    def read(self, rel: str) -> bytes | None:
+        if rel not in self.sizes:
+            return None
+        with self.small.fetch(rel) as path:
+            return path.read_bytes()
+
+    def local(self, rel: str) -> AbstractContextManager[Path]:
+        return self.weights.fetch(rel)
+
+    def manifest(self) -> dict[str, Any] | None:
+        data = self.read(MANIFEST_NAME)
+        if data is None:
+            return None
+        folder = self.work / "record"
+        folder.mkdir(exist_ok=True)
+        (folder / MANIFEST_NAME).write_bytes(data)
+        return load_manifest(folder)
+
+    def extras(self, manifest: dict[str, Any]) -> dict[str, bytes | None]:
+        from .io.publish import plan_yaml
+
+        housekeeping = {n: None for n in self.sizes if hidden(n)}  # .gitattributes
+        return {**housekeeping, CARD: None, PLAN_FILE: plan_yaml(manifest), DIRECTIONS_FILE: None}
+
+    def directions(self, manifest: dict[str, Any]) -> Path:
+        """The published direction file, downloaded into ``work``, if it is the one the record names."""
+        if DIRECTIONS_FILE not in self.sizes:
+            raise AbliterateError(f"{self.name} is unverifiable: it holds no {DIRECTIONS_FILE}, so the edit "
+                                  "cannot be recomputed")
+        path = self.small.download(DIRECTIONS_FILE)
+        if sha256_file(path) != manifest["fingerprint"].get("directions_sha256"):
+            raise AbliterateError(f"{self.name} is unverifiable: its {DIRECTIONS_FILE} does not match the "
+                                  f"direction file's sha256 in its {MANIFEST_NAME}")
+        return path
+
+
+@contextmanager
+def open_published(spec: str, low_disk: bool = False) -> Iterator[tuple[Published, Path | None]]:
+    """The output ``spec`` names (a local folder, or a Hub repo ``ORG/NAME[@REVISION]``), and with
+    ``low_disk`` a folder for a Hub base's shards (else None); what is downloaded outside the
+    Hugging Face cache goes into a temporary folder, removed after the block."""
+    hub = parse_spec(spec)
+    if hub is None and not Path(spec).is_dir():
+        raise AbliterateError(f"output {spec} is not a directory (nor a Hub repo ORG/NAME[@REVISION])")
+    with tempfile.TemporaryDirectory(prefix="abliterate-verify-") as tmp:
+        work = Path(tmp)
+        published = HubOutput(*hub, work, low_disk) if hub else LocalOutput(Path(spec))
+        yield published, (work / "base" if low_disk else None)
+
+
+def verify(job: RewriteJob, output: Path | Published, *, ulps: int = 0, progress: bool = True) -> Iterator[str]:
     """Yield one line per problem found; none means the output is what the plan asked for."""
-    yield from _check_files(job, output)
+    published = LocalOutput(output) if isinstance(output, Path) else output
+    yield from _check_files(job, published)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the rewrite's own setting: the same reductions, the same bits
     try:
-        yield from _check_shards(job, output, ulps, progress)
+        yield from _check_shards(job, published, ulps, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _check_files(job: RewriteJob, output: Path) -> Iterator[str]:
+def _check_files(job: RewriteJob, output: Published) -> Iterator[str]:
     ckpt = job.ckpt
     keep, _ = ckpt.other_files()
     made = job.reshape.files
@@ -59,17 +193,22 @@ def _check_files(job: RewriteJob, output: Path) -> Iterator[str]:
     if ckpt.index_name:
         copies.append((ckpt.index_name, made.get(ckpt.index_name) or ckpt.index_bytes()))
     for rel, data in copies:
-        if not (output / rel).is_file() or (output / rel).read_bytes() != data:
+        if output.read(rel) != data:
             yield f"{rel}: missing or different from {'what the rewrite writes' if rel in made else 'the source'}"
-    manifest = load_manifest(output)
+    manifest = output.manifest()
+    extras: dict[str, bytes | None] = {}
     if manifest is None:
         yield f"{MANIFEST_NAME}: missing or unreadable"
     else:
         if not manifest.get("complete"):
             yield f"{MANIFEST_NAME}: the rewrite is not finished"
         yield from _fingerprint_differences(manifest.get("fingerprint") or {}, job.fingerprint)
-    ours = {s.name for s in ckpt.shards} | {rel for rel, _ in copies} | {MANIFEST_NAME, LOCK_NAME}
-    for name in sorted(set(files_in(output)) - ours):
+        extras = output.extras(manifest)
+        for name, expected in extras.items():
+            if expected is not None and output.read(name) != expected:
+                yield f"{name}: missing or not the plan the record holds"
+    ours = {s.name for s in ckpt.shards} | {rel for rel, _ in copies} | {MANIFEST_NAME, LOCK_NAME} | set(extras)
+    for name in sorted(set(output.names()) - ours):
         yield f"{name}: not written by this rewrite (push leaves it out; remove it)"
 
 
@@ -87,19 +226,19 @@ def _fingerprint_differences(written: dict[str, Any], expected: dict[str, Any]) 
             yield f"{MANIFEST_NAME}: the output was written with {key} {written.get(key)!r}, not {expected.get(key)!r}"
 
 
-def _check_shards(job: RewriteJob, output: Path, ulps: int, progress: bool) -> Iterator[str]:
+def _check_shards(job: RewriteJob, output: Published, ulps: int, progress: bool) -> Iterator[str]:
     ckpt = job.ckpt
     total = sum(job.reshape.size(s) for s in ckpt.shards)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify", disable=not progress) as bar:
         for shard in ckpt.shards:
-            out = output / shard.name
             layout = job.reshape.shards.get(shard.name)
             header = layout.header if layout else shard.header
-            if not out.is_file() or out.stat().st_size != header.file_size:
+            if output.size(shard.name) != header.file_size:
                 yield f"{shard.name}: missing or of the wrong size"
                 bar.update(header.file_size)
                 continue
-            with ckpt.files.local(shard) as local, open(local, "rb") as a, open(out, "rb") as b:
+            with (ckpt.files.local(shard) as local, output.local(shard.name) as out,
+                  open(local, "rb") as a, open(out, "rb") as b):
                 if b.read(len(header.raw)) != header.raw:
                     yield f"{shard.name}: header differs from the {'expected' if layout else 'source'}'s"
                 if layout is not None:

@@ -8,7 +8,7 @@ import click
 
 from ..errors import AbliterateError
 from ..io.files import DOWNLOAD_DIR
-from ..io.manifest import load_manifest
+from ..io.manifest import MANIFEST_NAME
 from ..plan import Plan, PlanEntry
 from .base import (command, one_line, plan_from_options, plan_options, plugin_option, quiet_option, read_card_eval,
                    with_option_flags)
@@ -67,8 +67,10 @@ def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, dir
     rounding that keeps the removed direction out; GPTQ, AWQ, bitsandbytes and GGUF
     checkpoints must be dequantized first.
 
-    The strategies, the axes and the layer indexing are explained in docs/method.md in
-    the project repository.
+    A plan file that names a strategy (optimize's and run's do: the one it was chosen
+    with) is rewritten with it unless --strategy says otherwise. The strategies, the
+    axes and the layer indexing are explained in docs/method.md in the project
+    repository.
     """
     plan = plan_from_options(ctx, plan_file, layers, scale, component_scales, attn_scale, mlp_scale)
     if plan is None:
@@ -88,7 +90,7 @@ def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, dir
     from ..registry import Registry
 
     download_dir = output / DOWNLOAD_DIR if low_disk and output is not None else None
-    job = prepare(resolve_source(source), output, directions, plan, strategy or DEFAULT_STRATEGY,
+    job = prepare(resolve_source(source), output, directions, plan, strategy or plan.strategy or DEFAULT_STRATEGY,
                   precision=precision or "float32", registry=Registry(plugins), download_dir=download_dir,
                   output_format=output_format)
     if dry_run:
@@ -149,53 +151,71 @@ def push_cmd(output: Path, repo: str, directions: Path | None, base_model: str |
 
 @command("verify")
 @click.argument("source")
-@click.argument("output", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("output")
 @plan_options
 @click.option("--ulps", type=click.IntRange(min=0),
               help="Allowed distance of an edited element from its recomputed value, in units in the last place "
                    "(default: 0, bit for bit, when this torch version wrote OUTPUT; else 2).")
+@click.option("--low-disk", is_flag=True,
+              help="Hold at most one weight shard of each Hub repo on disk, in a temporary folder, each deleted once "
+                   "checked (instead of the Hugging Face cache).")
 @quiet_option
 @plugin_option
 @click.pass_context
-def verify_cmd(ctx: click.Context, source: str, output: Path, directions: Path | None, plan_file: Path | None,
+def verify_cmd(ctx: click.Context, source: str, output: str, directions: Path | None, plan_file: Path | None,
                layers: tuple[str, ...], scale: float, component_scales: tuple[str, ...], attn_scale: float | None,
                mlp_scale: float | None, strategy: str | None, direction: str | None, ensemble: bool | None,
-               invert: bool | None, sparsity: float | None, precision: str | None, ulps: int | None, quiet: bool,
-               plugins: tuple[str, ...]) -> None:
+               invert: bool | None, sparsity: float | None, precision: str | None, ulps: int | None, low_disk: bool,
+               quiet: bool, plugins: tuple[str, ...]) -> None:
     """Check, streaming, that OUTPUT is SOURCE rewritten as recorded: untouched tensors
     byte-identical, edited ones equal bit for bit to a fresh edit of the source and true
     to the strategy's invariants, index, other files and manifest complete. Run it
-    before publishing. Exit 1 on any problem.
+    before publishing, or on anyone's published abliteration. Exit 1 on any problem.
 
-    The plan, strategy, precision and direction file are read from OUTPUT's record;
-    give them to check OUTPUT against something else.
+    SOURCE (the base) and OUTPUT may each be a Hub repo ORG/NAME[@REVISION]: both are read
+    shard by shard. The plan, strategy, precision and direction file are read from
+    OUTPUT's record (abliteration.json); a published repo's own directions.safetensors
+    is used, and must match the hash its record names. A repo without a record, or
+    whose direction file does not match it, is unverifiable. Give --plan, --layers or
+    --directions to check OUTPUT against something else.
     """
     from ..lab.models import resolve_source
     from ..pipeline import prepare
     from ..registry import Registry
-    from ..verify import allowed_ulps, verify
+    from ..verify import HubOutput, allowed_ulps, open_published, verify
 
-    record = load_manifest(output) or {}
-    written = record.get("fingerprint") or {}
-    plan = (plan_from_options(ctx, plan_file, layers, scale, component_scales, attn_scale, mlp_scale)
-            or with_option_flags(ctx, _recorded_plan(output, written)))
-    directions = directions or (Path(plan.measurements) if plan.measurements else None) or _recorded(record, "directions")
-    if directions is None:
-        raise AbliterateError("no direction file given (--directions or the plan's 'measurements')")
-    job = prepare(resolve_source(source), None, directions, plan, strategy or written.get("strategy") or DEFAULT_STRATEGY,
-                  precision=precision or written.get("precision") or "float32", registry=Registry(plugins),
-                  output_format=str(written.get("output_format") or "same"))
-    allowed = allowed_ulps(output) if ulps is None else ulps
-    problems = list(verify(job, output, ulps=allowed, progress=not quiet))
+    with open_published(output, low_disk) as (published, download_dir):
+        record = published.manifest()
+        if record is None and isinstance(published, HubOutput):
+            raise AbliterateError(f"{published.name} is unverifiable: it has no {MANIFEST_NAME} record of the edit")
+        written = (record or {}).get("fingerprint") or {}
+        plan = (plan_from_options(ctx, plan_file, layers, scale, component_scales, attn_scale, mlp_scale)
+                or with_option_flags(ctx, _recorded_plan(published.name, written)))
+        directions = directions or (Path(plan.measurements) if plan.measurements else None)
+        if directions is None and isinstance(published, HubOutput) and record is not None:
+            directions = published.directions(record)
+        directions = directions or _recorded(record or {}, "directions")
+        if directions is None:
+            raise AbliterateError("no direction file given (--directions or the plan's 'measurements')")
+        job = prepare(resolve_source(source), None, directions, plan,
+                      strategy or plan.strategy or written.get("strategy") or DEFAULT_STRATEGY,
+                      precision=precision or written.get("precision") or "float32", registry=Registry(plugins),
+                      output_format=str(written.get("output_format") or "same"), download_dir=download_dir)
+        allowed = allowed_ulps(record) if ulps is None else ulps
+        problems = list(verify(job, published, ulps=allowed, progress=not quiet))
     for line in problems:
         click.echo(one_line(line))
     if problems:
-        raise AbliterateError(f"verify: {len(problems)} problem{'s' if len(problems) > 1 else ''} in {output}")
+        raise AbliterateError(f"verify: {len(problems)} problem{'s' if len(problems) > 1 else ''} in {published.name}")
     how = "bit for bit" if allowed == 0 else f"within {allowed} ulps"
-    click.echo(f"verified ({job.strategy.name}, {len(job.edits)} edited tensors {how}) and every other byte of {output}")
+    click.echo(f"verified ({job.strategy.name}, {len(job.edits)} edited tensors {how}) and every other byte of "
+               f"{published.name}")
+    origin = job.ckpt.origin
+    base = f"{origin['repo']} at {origin['revision']}" if origin else source
+    click.echo(one_line(f"{published.name} is {base} with the recorded edit and nothing else"))
 
 
-def _recorded_plan(output: Path, fingerprint: dict[str, object]) -> Plan:
+def _recorded_plan(output: str, fingerprint: dict[str, object]) -> Plan:
     entries = fingerprint.get("plan")
     if not isinstance(entries, list) or not entries:
         raise AbliterateError(f"{output} records no plan; give --plan or --layers")

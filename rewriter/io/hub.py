@@ -10,9 +10,8 @@ import os
 import re
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
 
 from ..errors import AbliterateError
 from .checkpoint import FOREIGN_WEIGHTS, Checkpoint, Shard
@@ -114,10 +113,13 @@ class HubFiles:
         head = self.read_range(name, 0, 8)
         return parse_header(head + self.read_range(name, 8, 8 + header_length(head, size, name)), size, name)
 
+    def local(self, shard: Shard) -> AbstractContextManager[Path]:
+        return self.fetch(shard.name)
+
     @contextmanager
-    def local(self, shard: Shard) -> Iterator[Path]:
-        """Download the shard; with a local_dir (--low-disk) delete it after the block."""
-        path = self.download(shard.name)
+    def fetch(self, name: str) -> Iterator[Path]:
+        """Download the file; with a local_dir (--low-disk) delete it after the block."""
+        path = self.download(name)
         try:
             yield path
         finally:
@@ -139,29 +141,41 @@ def open_hub_checkpoint(repo: str, revision: str | None, local_dir: Path | None 
 
     Without ``local_dir`` files go through the normal Hugging Face cache.
     """
+    sha, sizes = repo_files(repo, revision)
+    files = HubFiles(repo, sha, local_dir)
+    small = [n for n in sizes if not n.endswith(FOREIGN_WEIGHTS) and not hidden(n)]
+    if "config.json" not in small:
+        raise AbliterateError(f"{repo}@{sha}: no config.json; not a transformers model repo")
+    paths = {n: files.download(n) for n in small}
+    root = paths["config.json"].parent
+
+    def header(name: str) -> Header:
+        if sizes.get(name) is None:
+            raise AbliterateError(f"{repo}@{sha}: shard {name} is missing or has no reported size")
+        return files.header(name, int(sizes[name]))
+
+    safetensors = sorted(n for n in sizes if n.endswith(".safetensors"))
+    return Checkpoint.assemble(root, safetensors, header,
+                               any(n.endswith(".bin") for n in sizes), files=files,
+                               origin={"repo": repo, "revision": sha})
+
+
+def repo_files(repo: str, revision: str | None) -> tuple[str, dict[str, int | None]]:
+    """The commit ``revision`` resolves to, and every file of the repo there with its size (None
+    where the Hub reports none); each name checked to be a plain relative name."""
     from huggingface_hub import HfApi
 
     try:
         info = HfApi(endpoint=endpoint()).model_info(repo, revision=revision, files_metadata=True)
     except Exception as exc:
         raise hub_error(exc, repo, "resolve") from None
-    sizes: dict[str, Any] = {safe_name(s.rfilename, f"{repo}@{info.sha}"): s.size for s in info.siblings or []}
-    files = HubFiles(repo, str(info.sha), local_dir)
-    small = [n for n in sizes if not n.endswith(FOREIGN_WEIGHTS) and not any(p.startswith(".") for p in n.split("/"))]
-    if "config.json" not in small:
-        raise AbliterateError(f"{repo}@{info.sha}: no config.json; not a transformers model repo")
-    paths = {n: files.download(n) for n in small}
-    root = paths["config.json"].parent
+    return str(info.sha), {safe_name(s.rfilename, f"{repo}@{info.sha}"): s.size for s in info.siblings or []}
 
-    def header(name: str) -> Header:
-        if sizes.get(name) is None:
-            raise AbliterateError(f"{repo}@{info.sha}: shard {name} is missing or has no reported size")
-        return files.header(name, int(sizes[name]))
 
-    safetensors = sorted(n for n in sizes if n.endswith(".safetensors"))
-    return Checkpoint.assemble(root, safetensors, header,
-                               any(n.endswith(".bin") for n in sizes), files=files,
-                               origin={"repo": repo, "revision": str(info.sha)})
+def hidden(name: str) -> bool:
+    """A name with a part that starts with a dot (.gitattributes, .cache/...): the repo's
+    housekeeping, not the model's."""
+    return any(p.startswith(".") for p in name.split("/"))
 
 
 def download_checkpoint(repo: str, revision: str | None) -> Path:

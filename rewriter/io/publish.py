@@ -76,8 +76,10 @@ class Publisher:
         return str(info.oid)
 
 
-def model_card(manifest: dict[str, Any], *, base_model: str | None, evaluation: dict[str, Any] | None = None) -> str:
-    """README.md for the published model: metadata, method, plan, provenance, evaluation."""
+def model_card(manifest: dict[str, Any], *, base_model: str | None, evaluation: dict[str, Any] | None = None,
+               repo: str | None = None) -> str:
+    """README.md for the published model ``repo``: metadata, method, plan, provenance, evaluation,
+    and the command that checks it against its base."""
     fp = manifest.get("fingerprint", {})
     strategy = fp.get("strategy", "unknown")
     summary = (manifest.get("record") or {}).get("strategy_summary")
@@ -108,11 +110,44 @@ def model_card(manifest: dict[str, Any], *, base_model: str | None, evaluation: 
         f"- tool: abliterate-rewriter {manifest.get('tool_version', __version__)}",
     ]
     if evaluation:
-        lines += ["", "## Evaluation", "",
-                  f"- refusals on {evaluation.get('prompts')} harmful prompts: {evaluation.get('refusals')}"]
-        if evaluation.get("kl") is not None:
-            lines.append(f"- KL divergence from the base model on harmless prompts: {evaluation['kl']:.4f}")
+        lines += ["", "## Evaluation", "", *_evaluation_lines(evaluation)]
+    lines += ["", "## Check it", "",
+              "The record `abliteration.json` and the direction file let anyone recompute the edit from the base "
+              "and compare every byte, streaming both repos shard by shard:", "",
+              "```bash",
+              f"pip install abliterate-rewriter && abliterate verify {_base_spec(base, origin)} {repo or 'ORG/NAME'} --low-disk",
+              "```", "",
+              "It says that this repo is the base at that revision with the recorded edit and nothing else, or "
+              "lists every tensor and file that differs."]
     return "\n".join(front + lines) + "\n"
+
+
+def _base_spec(base: str | None, origin: dict[str, Any]) -> str:
+    if origin.get("repo") and origin.get("revision"):
+        return f"{origin['repo']}@{origin['revision']}"
+    return base or "path/to/base-model"
+
+
+def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
+    """The numbers of ``evaluate --json`` (and of the base model, under ``original``, when given)."""
+    def refusals(e: dict[str, Any]) -> str:
+        if e.get("refusals") is None:
+            return f"not counted (no generation); refusal score {_figure(e.get('refusal_score'), '+.3f')}"
+        return f"{e['refusals']}/{e.get('prompts')} (answers up to {e.get('max_new_tokens')} tokens)"
+
+    lines = []
+    if isinstance(evaluation.get("original"), dict):
+        lines.append(f"- base model's refusals on {evaluation.get('prompts')} harmful prompts: "
+                     f"{refusals(evaluation['original'])}")
+    lines.append(f"- refusals on {evaluation.get('prompts')} harmful prompts: {refusals(evaluation)}")
+    if evaluation.get("kl") is not None:
+        lines.append(f"- KL divergence from the base model on harmless prompts: {_figure(evaluation['kl'], '.4f')}")
+    return lines
+
+
+def _figure(value: Any, spec: str) -> str:
+    """A number of an evaluation file (an input like any other) formatted, or 'unknown'."""
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "unknown"
 
 
 def _format_lines(fingerprint: dict[str, Any], record: dict[str, Any]) -> list[str]:
@@ -147,4 +182,5 @@ def publish(output: Path, *, publisher: Publisher, base_model: str | None = None
         if sha256_file(directions) != manifest["fingerprint"].get("directions_sha256"):
             raise AbliterateError(f"{directions} is not the direction file this output was made with")
         extra["directions.safetensors"] = directions
-    return publisher.finish(output, files, model_card(manifest, base_model=base_model, evaluation=evaluation), extra)
+    card = model_card(manifest, base_model=base_model, evaluation=evaluation, repo=publisher.repo)
+    return publisher.finish(output, files, card, extra)
