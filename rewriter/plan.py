@@ -17,7 +17,7 @@ MAX_LAYERS = 100_000  # more decoder layers than any model has: a bound before r
 MAX_SCALE = 2.0  # the reference tool takes any scale; past 2 an edit writes more along r than it removed
 # Options an entry may carry, and that a plan's top level (or the command line) sets for every entry.
 OPTION_KEYS = ("ensemble", "invert", "direction")
-TOP_LEVEL_KEYS = ("model", "measurements", "output", "strategy", "scale", *OPTION_KEYS, "ablate")
+TOP_LEVEL_KEYS = ("model", "measurements", "output", "scale", *OPTION_KEYS, "strategy", "ablate")
 ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity", "components", *OPTION_KEYS)
 
 
