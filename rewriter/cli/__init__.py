@@ -1,4 +1,4 @@
-"""Command line: ``abliterate measure|analyze|optimize|rewrite|verify|evaluate|push|inspect|plugins|
+"""Command line: ``abliterate run|measure|analyze|optimize|rewrite|verify|evaluate|push|inspect|plugins|
 check-architecture|example-model|demo``, and ``rewrite`` as a shortcut for ``abliterate rewrite``.
 
 A user mistake becomes one line on stderr and exit status 1 (2 for bad usage), never a
@@ -16,6 +16,7 @@ from .. import __version__
 # name -> (module, function, one-line summary), in the order of the usual pipeline; the summary
 # is the command's short help (one source: set on the command when it is loaded)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "run": ("run_cmd", "run_cmd", "Every step below in one resumable command."),
     "measure": ("lab_cmds", "measure_cmd", "Refusal directions: per-layer harmful/harmless means."),
     "analyze": ("lab_cmds", "analyze_cmd", "Per-layer metrics, a chart and a suggested plan."),
     "optimize": ("optimize_cmd", "optimize_cmd", "Choose a plan by a search over refusals and KL."),
@@ -54,8 +55,9 @@ class _Commands(click.Group):
 @click.version_option(__version__, prog_name="abliterate")
 def main() -> None:
     """Directional ablation ("abliteration") of safetensors checkpoints, streamed tensor by
-    tensor on a CPU, extended by plugins. The usual order is the order below: measure,
-    analyze, optimize (or take analyze's plan), rewrite, verify, evaluate, push.
+    tensor on a CPU, extended by plugins. 'abliterate run MODEL' does it all, resumably;
+    the steps, in the order below, are commands of their own: measure, analyze, optimize
+    (or take analyze's plan), rewrite, verify, evaluate, push.
     'abliterate COMMAND --help' explains each."""
 
 
