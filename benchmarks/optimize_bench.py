@@ -175,8 +175,9 @@ def rank(scorer: Scorer, study: Any, space: Space, heuristic: Plan, args: argpar
 def workers_table(source: Path, directions: Path, args: argparse.Namespace) -> None:
     """Search wall time by processes x threads, prefix cache on and off; the chosen plan of each."""
     print(f"\n{args.trials} trials, {args.search_prompts} search prompts of each kind, {MODEL}\n")
-    print("| processes x threads | prefix cache | wall s | chosen trial | strategy | layers | score | KL |")
-    print("| --- | --- | --: | --: | --- | --- | --: | --: |", flush=True)
+    print("| processes x threads | prefix cache | wall s | trials' span s | s per trial (mean) | chosen trial | strategy "
+          "| layers | score | KL |")
+    print("| --- | --- | --: | --: | --: | --: | --- | --- | --: | --: |", flush=True)
     for spec in args.workers:
         procs, threads = (int(n) for n in spec.split("x"))
         for cache in (True, False):
@@ -193,8 +194,21 @@ def workers_table(source: Path, directions: Path, args: argparse.Namespace) -> N
             seconds = time.monotonic() - start
             m = re.search(r"chosen: trial (\d+), (\S+), measurement (\d+), layers (\S+); score (\S+), KL (\S+) ->", out)
             assert m, out
-            print(f"| {procs} x {threads} | {'on' if cache else 'off'} | {seconds:.0f} | {m[1]} | {m[2]} | "
+            span, mean = trial_times(journal)
+            print(f"| {procs} x {threads} | {'on' if cache else 'off'} | {seconds:.0f} | {span:.0f} | {mean:.1f} | {m[1]} | {m[2]} | "
                   f"m={m[3]}, {m[4]} | {m[5]} | {m[6]} |", flush=True)
+
+
+def trial_times(journal: Path) -> tuple[float, float]:
+    """(first trial's start to last one's end, mean seconds a trial took) of a journal's study:
+    the search without the start-up (loading the model, the prefix cache)."""
+    import optuna
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    done = [t for t in optuna.load_study(study_name="abliterate-optimize", storage=storage).trials
+            if t.state == optuna.trial.TrialState.COMPLETE]
+    span = max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)
+    return span.total_seconds(), sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done) / len(done)
 
 
 def row_line(r: dict[str, Any]) -> str:
