@@ -160,7 +160,7 @@ class Run:
         return sha256_file(path / MANIFEST_NAME)
 
     def _inputs(self, *names: str, **choices: Any) -> dict[str, Any]:
-        return {**{n: self._identity(n) for n in names}, **choices}
+        return {"artifacts": {n: self._identity(n) for n in names}, **choices}
 
     # -- the steps: each returns (its inputs, its outputs, the function that does it)
 
@@ -184,7 +184,7 @@ class Run:
             m.save(self.work / DIRECTIONS)
             return f"{DIRECTIONS}: {len(m.layers)} layers, width {m.width}, {m.harmful_count} harmful prompts"
 
-        return ({"model": self.identity, "refused_only": r.refused_only, "max_prompts": r.max_prompts,
+        return ({"source": self.identity, "refused_only": r.refused_only, "max_prompts": r.max_prompts,
                  "batch_size": r.batch_size}, [DIRECTIONS], measure)
 
     def analyze(self) -> tuple[dict[str, Any], list[str], Callable[[], str]]:
@@ -221,7 +221,7 @@ class Run:
             self.log("the model does not fit in memory whole: no search, analyze's heuristic plan")
         inputs = self._inputs(DIRECTIONS, HEURISTIC, strategy=r.strategy, search=search)
         if search:
-            inputs.update(model=self.identity, trials=r.trials, max_kl=r.max_kl, batch_size=r.batch_size)
+            inputs.update(source=self.identity, trials=r.trials, max_kl=r.max_kl, batch_size=r.batch_size)
         return inputs, [PLAN], (self._search if search else self._heuristic)
 
     def _heuristic(self) -> str:
@@ -256,7 +256,7 @@ class Run:
             return (f"{MODEL}/: {summary.tensors_edited} tensors edited, {summary.shards_written} shards written, "
                     f"{summary.shards_reused} kept from an earlier run")
 
-        return self._inputs(DIRECTIONS, PLAN, model=self.identity), [MODEL], rewrite
+        return self._inputs(DIRECTIONS, PLAN, source=self.identity), [MODEL], rewrite
 
     @contextmanager
     def _job(self, output: Path | None) -> Iterator[Any]:
@@ -287,7 +287,7 @@ class Run:
                                       f"{self.work / 'verify.txt'}")
             return f"verify.txt ({text})"
 
-        return self._inputs(MODEL, DIRECTIONS, PLAN, model=self.identity), ["verify.txt"], verify
+        return self._inputs(MODEL, DIRECTIONS, PLAN, source=self.identity), ["verify.txt"], verify
 
     def evaluate(self) -> tuple[dict[str, Any], list[str], Callable[[], str]]:
         r = self.recipe
@@ -311,7 +311,7 @@ class Run:
                        f"refusal score {before.refusal_score:+.3f} -> {after.refusal_score:+.3f} (streamed: no generation)")
             return f"{EVALUATION}: {counted}, KL {after.kl:.4f}"
 
-        inputs = self._inputs(MODEL, model=self.identity, max_new_tokens=r.max_new_tokens, max_prompts=r.max_prompts,
+        inputs = self._inputs(MODEL, source=self.identity, max_new_tokens=r.max_new_tokens, max_prompts=r.max_prompts,
                               batch_size=r.batch_size, max_memory=r.max_memory)
         return inputs, [EVALUATION, *ANSWERS], evaluate
 
