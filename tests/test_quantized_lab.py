@@ -209,3 +209,32 @@ def test_a_third_party_codec_is_read_by_measure_streamed_and_whole(checkpoint_fa
     streamed = Measurements.load(out)
     for n in whole.layers:
         torch.testing.assert_close(streamed.harmful[n], whole.harmful[n], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [USED[0], USED[2]], ids=[USED[0].id, USED[2].id])
+def test_optimize_searches_a_quantized_model_and_says_what_to_do_where_it_does_not_fit(
+        case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """optimize scores plans on the decoded model (each trial's edits re-encoded as the rewrite does),
+    and the plan it writes rewrites the quantized checkpoint in its own format; where the decoded model
+    would not fit, one line points to the heuristic plan before anything loads."""
+    path, width, layers = _model(case, tmp_path)
+    directions = tmp_path / "directions.safetensors"
+    random_measurements(width, layers).save(directions)
+    plan = tmp_path / "plan.yml"
+    args = ["optimize", str(path), "-d", str(directions), "-o", str(plan), "--search-prompts", "4", "--trials", "3",
+            "--max-kl", "10", "--no-final-eval", "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "3 trials in" in result.output
+    strategy = result.output.split("--strategy ")[-1].split()[0]
+    out = tmp_path / "out"
+    rewritten = CliRunner().invoke(main, ["rewrite", "--plan", str(plan), str(path), str(out), "--strategy", strategy,
+                                          "-q"])
+    assert rewritten.exit_code == 0, rewritten.output
+    assert Checkpoint.open(out).quantization() == Checkpoint.open(path).quantization()
+    monkeypatch.setattr(streamed_module, "choose", lambda weights, max_memory: MemoryChoice(True, "weights 9 GB > 70%"))
+    refused = CliRunner().invoke(main, [*args[:4], "-o", str(tmp_path / "other.yml"), *args[6:]])
+    assert refused.exit_code == 1 and not (tmp_path / "other.yml").exists()
+    assert refused.output.strip().splitlines()[-1] == (
+        f"Error: optimize needs the whole model in memory and {path.name} does not fit (weights 9 GB > 70%); use the "
+        "heuristic plan instead: abliterate analyze DIRECTIONS --suggest-plan plan.yml, then rewrite --plan plan.yml")

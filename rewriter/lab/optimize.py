@@ -47,6 +47,7 @@ from .example_models import EXAMPLES
 from .inmemory import InMemoryEditor
 from .chat import MAX_PROMPT_TOKENS, cap_prompts
 from .models import LoadedModel, batches, format_prompts, load_model, resolve_model
+from .streamed import logical_view, require_whole
 from .markers import MARKER_SETS, markers_in
 from .prompts import prompts_sha256
 from .refusals import opener_ids, refusal_log_odds
@@ -324,11 +325,11 @@ class Scorer:
     openers: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.editor = InMemoryEditor(self.lm, self.ckpt)
+        self.editor = InMemoryEditor(self.lm, self.ckpt, self.registry)
         texts = format_prompts(self.lm.tokenizer, [*self.harmful, *self.harmless], True, None)
         self.cache = PrefixCache(self.lm, texts, self.batch_size, self.prefix_cache)
         self.openers = opener_ids(self.lm.tokenizer)
-        self.arch = self.registry.architecture_for(self.ckpt.config, self.ckpt.names)
+        self.arch = self.registry.architecture_for(self.ckpt.config, self.editor.view.names)
 
     @property
     def reference(self) -> torch.Tensor:
@@ -336,7 +337,8 @@ class Scorer:
         return self.cache.original[len(self.harmful):]
 
     def apply(self, plan: Plan, strategy: str) -> None:
-        self.editor.apply(plan_edits(self.ckpt, self.arch, plan, self.meas, self.registry.strategy(strategy)))
+        self.editor.apply(plan_edits(self.ckpt, self.arch, plan, self.meas, self.registry.strategy(strategy),
+                                     view=self.editor.view))
 
     def score(self, plan: Plan, strategy: str) -> tuple[float, float]:
         """(refusal score, KL) of ``plan``; the model is restored afterwards."""
@@ -389,7 +391,8 @@ class Search:
         unknown = [s for s in strategies if s not in known]
         if unknown:
             raise AbliterateError(f"unknown strategy {', '.join(unknown)}; registered: {', '.join(sorted(known))}")
-        space = Space.of(ckpt, registry.architecture_for(ckpt.config, ckpt.names), meas, strategies)
+        space = Space.of(ckpt, registry.architecture_for(ckpt.config, logical_view(ckpt, registry).names), meas,
+                         strategies)
         sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=min(10, max(trials // 4, 1)))
         record = {**space.record(model_name(model, path), meas), "model_sha256": header_sha256(ckpt),
                   "prompts_sha256": prompts_record(harmful, harmless, max_prompt_tokens)}
@@ -402,7 +405,9 @@ class Search:
                log: Callable[[str], None] = lambda s: None) -> Scorer:
         """The model loaded (unless ``lm``) and ready to score plans on the prompts, cut to
         ``max_prompt_tokens`` (``cap_prompts``)."""
-        lm = lm or load_model(self.path, dtype)
+        if lm is None:
+            require_whole(self.path, dtype, "optimize", self.registry)
+            lm = load_model(self.path, dtype, registry=self.registry)
         harmful = cap_prompts(lm.tokenizer, harmful, max_prompt_tokens, "harmful", log)
         harmless = cap_prompts(lm.tokenizer, harmless, max_prompt_tokens, "harmless", log)
         return Scorer(lm, self.ckpt, self.meas, self.registry, harmful, harmless, batch_size, prefix_cache)

@@ -110,14 +110,14 @@ class StreamedModel:
         raise AbliterateError(f"{self.path}: no weights for '{top}' in the checkpoint")
 
 
-def _layers_prefix(ckpt: Checkpoint) -> str:
+def _layers_prefix(ckpt: Checkpoint, view: LogicalTensors, registry: Registry | None) -> str:
     """Where the architecture map finds decoder layers: 'model.layers', 'language_model.model.layers', ..."""
     from ..edits import layer_prefix
     from ..registry import Registry
 
-    arch = Registry().architecture_for(ckpt.config, ckpt.names)
-    writers = arch.residual_writers(0, ckpt.config, ckpt.names)
-    return layer_prefix(arch, 0, ckpt.config, ckpt.names, writers).removesuffix(".0")
+    arch = (registry or Registry()).architecture_for(ckpt.config, view.names)
+    writers = arch.residual_writers(0, ckpt.config, view.names)
+    return layer_prefix(arch, 0, ckpt.config, view.names, writers).removesuffix(".0")
 
 
 def _real_buffers(model: nn.Module) -> None:
@@ -157,7 +157,7 @@ def open_streamed(name: str | Path, dtype: str = "float32", registry: Registry |
         model = model_class(config, path).from_config(config, dtype=DTYPES[dtype_name(dtype, RUN_DTYPES)]).eval()
     _real_buffers(model)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    return StreamedModel(model, load_tokenizer(path), str(path), ckpt, view, _layers_prefix(ckpt), tied)
+    return StreamedModel(model, load_tokenizer(path), str(path), ckpt, view, _layers_prefix(ckpt, view, registry), tied)
 
 
 def run_dtype_bytes(ckpt: Checkpoint, view: LogicalTensors, dtype: str, prefix: str = "") -> int:
