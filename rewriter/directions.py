@@ -13,12 +13,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from . import __version__
 from .errors import AbliterateError
 from .io.files import write_atomic
-from .io.safetensors_io import parse_header
+from .io.safetensors_io import parse_header, serialize
 
 FORMAT = "abliterate-directions/1"
 CONVENTION = (
@@ -141,7 +140,7 @@ class Measurements:
             "harmless_count": str(self.harmless_count),
         }
         meta.setdefault("tool_version", __version__)
-        write_atomic(Path(path), save_safetensors(tensors, metadata=meta))
+        write_atomic(Path(path), serialize(tensors, meta))
 
     @classmethod
     def load(cls, path: str | Path) -> Measurements:
@@ -150,7 +149,10 @@ class Measurements:
         if not p.is_file():
             raise AbliterateError(f"direction file not found: {p}")
         data = p.read_bytes()
-        if data[:2] == b"\x80\x02" or zipfile.is_zipfile(io.BytesIO(data)):
+        # a safetensors header opens with its length, then '{': that length may itself begin with the
+        # bytes of a pickle's protocol mark (0x80 0x02 is a 640-byte header), so look at the '{' first
+        safetensors = data[8:9] == b"{" and int.from_bytes(data[:8], "little") <= len(data) - 8
+        if not safetensors and (data[:2] == b"\x80\x02" or zipfile.is_zipfile(io.BytesIO(data))):
             m = _load_reference(p, data)
         else:
             m = _load_native(p, data)

@@ -161,3 +161,27 @@ def test_inspect_an_output_shows_its_record_and_refuses_a_layer_out_of_range(
     assert "components: attention, mlp" in result.output
     bad = CliRunner().invoke(main, ["inspect", str(out), "--layer", "9"])
     assert bad.exit_code == 1 and bad.output.strip() == "Error: --layer 9 is out of range: the model has layers 0-3"
+
+
+def test_direction_files_are_the_same_bytes_from_every_process_and_any_header_length_reads(tmp_path: Path) -> None:
+    """The same measurement writes the same bytes (its sha256 goes into records and cards), whatever the
+    process; and a header whose length opens with a pickle's protocol mark (0x80 0x02: 640 bytes) is
+    still read as the safetensors file it is."""
+    import sys
+
+    code = ("import sys; from tests.helpers import random_measurements as r; m = r(64, 4); "
+            "m.metadata.update({f'key{i}': str(i) for i in range(12)}); m.save(sys.argv[1])")
+    files = [tmp_path / f"{i}.safetensors" for i in range(2)]
+    for f in files:
+        subprocess.run([sys.executable, "-c", code, str(f)], check=True)
+    assert files[0].read_bytes() == files[1].read_bytes()
+    m = random_measurements(64, 4)
+    for k in range(200):
+        m.metadata["pad"] = "x" * k
+        m.save(tmp_path / "m.safetensors")
+        if (tmp_path / "m.safetensors").read_bytes()[:2] == b"\x80\x02":
+            break
+    else:
+        raise AssertionError("no padding gave a 640-byte header")
+    loaded = Measurements.load(tmp_path / "m.safetensors")
+    assert loaded.layers == m.layers and torch.equal(loaded.harmful[2], m.harmful[2])

@@ -107,9 +107,9 @@ def test_optimize_command_searches_resumes_and_writes_a_plan_rewrite_takes(chat_
     assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
     assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 64
     strategy = again.output.split("--strategy ")[-1].split()[0]
+    assert load_plan(tmp_path / "plan.yml").strategy == strategy, "the plan names the strategy it was chosen with"
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["rewrite", "--plan", str(tmp_path / "plan.yml"), str(path), str(out),
-                                       "--strategy", strategy, "-q"])
+    result = CliRunner().invoke(main, ["rewrite", "--plan", str(tmp_path / "plan.yml"), str(path), str(out), "-q"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "abliteration.json").read_text())["fingerprint"]["strategy"] == strategy
 

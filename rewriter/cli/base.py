@@ -65,7 +65,8 @@ _PLAN_OPTIONS = [
     click.option("--attn-scale", type=float, help="Same as --component-scale attention=X."),
     click.option("--mlp-scale", type=float, help="Same as --component-scale mlp=X."),
     click.option("--strategy", help="Edit strategy: a registered name (list them with 'abliterate plugins'); "
-                                    "default norm-preserving, or for verify the one the output was written with."),
+                                    "default the one a --plan file names (optimize and run write it there), else "
+                                    "norm-preserving; for verify, the one the output was written with."),
     click.option("--direction", metavar="STRATEGY",
                  help="Refine the direction as STRATEGY does (standard, projected, biprojected, ...) and update the "
                       "weights as --strategy does: e.g. --strategy norm-preserving --direction standard is "

@@ -119,7 +119,7 @@ def optimize_cmd(model: str, directions: Path, output: Path, trials: int, timeou
                    f"{f['measurement']:>11}  {f['layers']}")
     if not outcome.feasible:
         click.echo(f"no trial reached KL <= {max_kl:g}; the plan with the lowest KL was chosen")
-    plan = Plan(outcome.plan.entries, model=str(search.path), measurements=str(directions))
+    plan = Plan(outcome.plan.entries, model=str(search.path), measurements=str(directions), strategy=outcome.strategy)
     plan.save(output, WRITTEN_BY)
     layers = [e.layer for e in plan.entries]
     click.echo(f"chosen: trial {outcome.trial}, {outcome.strategy}, measurement {plan.entries[0].measurement}, "

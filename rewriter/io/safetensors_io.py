@@ -142,6 +142,16 @@ def build_header(specs: Sequence[tuple[str, str, tuple[int, ...]]], metadata: Ma
     return parse_header(raw, len(raw) + pos, "new header")
 
 
+def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """A small safetensors file, byte for byte the same for the same tensors and metadata (the
+    safetensors library writes metadata in a per-process hash order: a file's sha256 would change
+    from one run to the next)."""
+    codes = {dtype: code for code, dtype in STORED_DTYPES.items()}
+    header = build_header([(name, codes[t.dtype], tuple(t.shape)) for name, t in tensors.items()],
+                          dict(sorted(metadata.items())))
+    return header.raw + b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors.values())
+
+
 def read_header(path: Path) -> Header:
     """Parse and check a safetensors header without touching tensor data."""
     size = path.stat().st_size
