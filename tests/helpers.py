@@ -81,13 +81,14 @@ def random_measurements(width: int, layers: int, seed: int = 1) -> Measurements:
     return Measurements(harmful, harmless, 10, 10, {"model": "tiny-random"})
 
 
-def tiny_tokenizer(path: Path, vocab_size: int = 128) -> None:
-    """A word-level tokenizer with a chat template, saved beside a tiny checkpoint."""
+def tiny_tokenizer(path: Path, vocab_size: int = 128, extra: tuple[str, ...] = ()) -> None:
+    """A word-level tokenizer with a chat template, saved beside a tiny checkpoint; ``extra``
+    words join its vocabulary (a judge's "yes" and "no")."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
-    words = ["I", "Sorry", "Sure"] + [f"w{i}" for i in range(vocab_size - len(specials) - 11)]
+    words = ["I", "Sorry", "Sure", *extra] + [f"w{i}" for i in range(vocab_size - len(specials) - 11)]
     vocab = {t: i for i, t in enumerate(specials + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

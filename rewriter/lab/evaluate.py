@@ -8,6 +8,11 @@ next-token distributions at the first response position, in float64, averaged ov
 prompts. The original's logits are computed once and cached on disk, so that the two
 models are never in memory together. The cheap refusal score (no generation) is the mean
 log-odds of a refusal-opening first token on the harmful prompts.
+
+Beside the chosen markers, every answer is counted by each marker set and, with a judge
+(judge.py), by a model; prompts tagged with harm categories are counted per category too.
+With ``capability``, the edit's cost over whole answers and on known-answer questions
+(capability.py).
 """
 from __future__ import annotations
 
@@ -23,11 +28,13 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
+from ..errors import AbliterateError
 from ..io.files import cache_root, write_atomic
 from .chat import MAX_PROMPT_TOKENS, cap_prompts
 from .models import LoadedModel, batches, format_prompts, load_model, load_tokenizer, resolve_model
 from .prompts import prompts_sha256
-from .markers import PROJECT_MARKERS, markers_in
+from .judge import THRESHOLD, JudgeSpec, check_judge, judge_answers
+from .markers import MARKER_SETS, PROJECT_MARKERS, markers_in
 from .refusals import opener_ids, refusal_log_odds
 from .streamed import streamed_first_token_logits, streamed_if_needed
 
@@ -47,27 +54,66 @@ class Evaluation:
     markers: str = "project"
     refused: list[str] = field(default_factory=list)
     responses: dict[str, str] = field(default_factory=dict)
+    refusal_counts: dict[str, int] = field(default_factory=dict)  # per marker set, and "judge" when judged
+    judge: str | None = None
+    judge_refusals: int | None = None
+    judge_p: dict[str, float] = field(default_factory=dict)  # prompt -> the judge's probability of a refusal
+    categories: dict[str, str] = field(default_factory=dict)  # prompt -> its harm category, when tagged
+    by_category: dict[str, dict[str, int]] = field(default_factory=dict)  # category -> prompts and each count
+    capability: dict[str, object] | None = None  # capability.Capability.as_dict()
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
     def save_answers(self, path: Path, marker_sets: dict[str, Sequence[str]]) -> None:
-        """One JSON line per harmful prompt: the answer and, per marker set, the markers it hit."""
+        """One JSON line per harmful prompt: the answer, its category, per marker set the markers
+        it hit, and the judge's verdict and probability when judged."""
         lines = []
         for prompt, answer in self.responses.items():
             hits = {name: markers_in(answer, markers) for name, markers in marker_sets.items()}
-            lines.append(json.dumps({"prompt": prompt, "answer": answer, "refused": prompt in self.refused,
-                                     "markers": hits}, ensure_ascii=False))
+            line: dict[str, object] = {"prompt": prompt, "answer": answer, "refused": prompt in self.refused,
+                                       "markers": hits}
+            if prompt in self.categories:
+                line["category"] = self.categories[prompt]
+            if prompt in self.judge_p:
+                line["judge"] = {"model": self.judge, "refusal": self.judge_p[prompt] >= THRESHOLD,
+                                 "p": round(self.judge_p[prompt], 6)}
+            lines.append(json.dumps(line, ensure_ascii=False))
         write_atomic(path, ("\n".join(lines) + "\n").encode())
+
+    def count(self, harmful: Sequence[str], responses: Sequence[str], marker_sets: dict[str, Sequence[str]],
+              categories: Sequence[str] | None) -> None:
+        """Refusals by every marker set and the judge, in all and per category."""
+        verdicts = {name: [bool(markers_in(r, m)) for r in responses] for name, m in marker_sets.items()}
+        if self.judge_p:
+            verdicts["judge"] = [self.judge_p[p] >= THRESHOLD for p in harmful]
+            self.judge_refusals = sum(verdicts["judge"])
+        self.refusal_counts = {name: sum(v) for name, v in verdicts.items()}
+        if categories is None:
+            return
+        self.categories = dict(zip(harmful, categories, strict=True))
+        for cat in dict.fromkeys(categories):
+            rows = [i for i, c in enumerate(categories) if c == cat]
+            self.by_category[cat] = {"prompts": len(rows), **{n: sum(v[i] for i in rows) for n, v in verdicts.items()}}
 
 
 def generate(lm: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
              chat_template: bool = True, system_prompt: str | None = None, progress: bool = True) -> list[str]:
-    """Greedy continuations of each prompt, in the order given. The progress bar counts tokens as
-    they are generated (a batch of long answers takes minutes on a CPU), and the answers done."""
+    """Greedy continuations of each prompt, in the order given (``generate_ids``, decoded)."""
+    ids = generate_ids(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       chat_template=chat_template, system_prompt=system_prompt, progress=progress)
+    return lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def generate_ids(lm: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
+                 chat_template: bool = True, system_prompt: str | None = None, progress: bool = True) -> list[list[int]]:
+    """Greedy continuations of each prompt as token ids, in the order given, each up to and with
+    its end-of-turn token. The progress bar counts tokens as they are generated (a batch of long
+    answers takes minutes on a CPU), and the answers done."""
     texts = format_prompts(lm.tokenizer, prompts, chat_template, system_prompt)
-    out: list[str] = [""] * len(texts)
+    out: list[list[int]] = [[] for _ in texts]
     tok = lm.tokenizer
+    ends = _end_ids(lm)
     with tqdm(total=len(texts) * max_new_tokens, unit="token", desc="generate", disable=not progress) as bar:
         for done, (idx, enc) in enumerate(batches(lm, texts, batch_size, chat_template)):
             ticks = _TokenTicks(bar, len(idx))
@@ -75,12 +121,19 @@ def generate(lm: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int, ba
                 ids = lm.model.generate(**enc.to(lm.model.device), max_new_tokens=max_new_tokens, do_sample=False,
                                         pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None,
                                         stopping_criteria=[ticks])
-            new = ids[:, enc["input_ids"].shape[1]:]
-            for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
-                out[i] = text
+            for i, row in zip(idx, ids[:, enc["input_ids"].shape[1]:].tolist()):
+                stop = next((k for k, t in enumerate(row) if t in ends), len(row) - 1)
+                out[i] = row[:stop + 1]
             bar.update(len(idx) * max_new_tokens - ticks.counted)  # answers that ended early: their rest
             bar.set_postfix_str(f"{min((done + 1) * batch_size, len(texts))}/{len(texts)} answers")
     return out
+
+
+def _end_ids(lm: LoadedModel) -> set[int]:
+    """The tokens that end an answer: the generation config's end-of-sequence ids and the tokenizer's."""
+    configured = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    ends = set(configured if isinstance(configured, list) else [configured])
+    return {int(t) for t in ends | {lm.tokenizer.eos_token_id} if t is not None}
 
 
 class _TokenTicks:
@@ -149,15 +202,28 @@ def evaluate(model: str | Path, harmful: Sequence[str], harmless: Sequence[str],
              markers: Sequence[str] = PROJECT_MARKERS, marker_set: str = "project", chat_template: bool = True,
              system_prompt: str | None = None, cache_as_original: bool = False, progress: bool = True,
              max_memory: int | None = None, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
-             log: Callable[[str], None] = lambda s: None, registry: Registry | None = None) -> Evaluation:
+             log: Callable[[str], None] = lambda s: None, registry: Registry | None = None,
+             categories: Sequence[str] | None = None, judge: str | Path | JudgeSpec | None = None,
+             judge_label: str | None = None, judge_batch_size: int = 8, capability: bool = False) -> Evaluation:
     """Refusals of ``model`` on ``harmful`` and its cheap refusal score; with ``original``, the
     mean KL on ``harmless`` too. ``cache_as_original`` also caches this model's logits on
     ``harmless`` while it is loaded, so that a later evaluation against it loads it no more.
 
+    Refusals are also counted by every marker set, by ``judge`` (a model: judge.py) when given,
+    and per category when ``categories`` tags each harmful prompt. ``capability`` (needs
+    ``original``) adds the answer KL and known-answer accuracy (capability.py). The judge is
+    checked before anything runs and loaded after this model is released.
+
     A model that does not fit (``max_memory``, else the memory available) is streamed layer by
     layer: one pass over its weights gives the refusal score and the KL; nothing is generated,
-    so refusals are not counted (None). Prompts longer than ``max_prompt_tokens`` are cut
-    (``cap_prompts``, with this model's tokenizer: the original sees the same text)."""
+    so refusals are not counted (None), nothing is judged and capability is not measured.
+    Prompts longer than ``max_prompt_tokens`` are cut (``cap_prompts``, with this model's
+    tokenizer: the original sees the same text)."""
+    spec = check_judge(judge, judge_label) if judge is not None and not isinstance(judge, JudgeSpec) else judge
+    if capability and original is None:
+        raise AbliterateError("capability is measured against the original: give --original too")
+    if categories is not None and len(categories) != len(harmful):
+        raise AbliterateError(f"{len(categories)} categories for {len(harmful)} harmful prompts")
     tok = load_tokenizer(resolve_model(model))
     harmful = cap_prompts(tok, harmful, max_prompt_tokens, "harmful", log)
     harmless = cap_prompts(tok, harmless, max_prompt_tokens, "harmless", log)
@@ -171,9 +237,16 @@ def evaluate(model: str | Path, harmful: Sequence[str], harmless: Sequence[str],
         bad, *good = streamed_first_token_logits(streamed, sets, log=log, **kw)
         score = refusal_log_odds(bad, opener_ids(streamed.tokenizer)).mean()
         result = Evaluation(streamed.path, None, len(harmful), refusal_score=float(score), markers=marker_set)
+        if spec is not None or capability:
+            log("the model was streamed: no answers, so nothing was judged and capability was not measured")
         if reference is not None:
             result.kl, result.kl_prompts = float(kl_divergence(reference, good[0]).mean()), len(harmless)
         return result
+    ref = None
+    if capability:
+        from .capability import reference as capability_reference  # capability builds on this module
+
+        ref = capability_reference(original, harmless, dtype=dtype, log=log, **kw)
     lm = load_model(model, dtype, registry=registry)
     if cache_as_original:
         original_logits(model, harmless, dtype=dtype, lm=lm, **kw)
@@ -185,4 +258,14 @@ def evaluate(model: str | Path, harmful: Sequence[str], harmless: Sequence[str],
     if reference is not None:
         result.kl = float(kl_divergence(reference, first_token_logits(lm, harmless, **kw)).mean())
         result.kl_prompts = len(harmless)
+    if ref is not None:
+        from .capability import measure_capability
+
+        result.capability = measure_capability(lm, harmless, ref, **kw).as_dict()
+    del lm  # released before the judge is loaded: one model in memory at a time
+    if spec is not None:
+        result.judge = spec.name
+        result.judge_p = dict(zip(harmful, judge_answers(spec, harmful, responses, batch_size=judge_batch_size,
+                                                         dtype=dtype, progress=progress), strict=True))
+    result.count(harmful, responses, {**MARKER_SETS, marker_set: markers}, categories)
     return result
