@@ -97,7 +97,8 @@ def measure(model: str | Path, harmful: Sequence[str], harmless: Sequence[str], 
             winsorize_q: float = 0.995, dtype: str = "float32", device: str = "cpu", system_prompt: str | None = None,
             chat_template: bool = True, progress: bool = True, lm: LoadedModel | None = None,
             max_memory: int | None = None, refused_only: bool = False, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
-            log: Callable[[str], None] = lambda s: None, registry: Registry | None = None) -> Measurements:
+            log: Callable[[str], None] = lambda s: None, registry: Registry | None = None,
+            low_disk: bool = False) -> Measurements:
     """Harmful and harmless means for every layer, with the metadata method.md asks for.
 
     A model whose weights do not fit (in ``max_memory`` bytes, else in the memory available) is
@@ -105,6 +106,7 @@ def measure(model: str | Path, harmful: Sequence[str], harmless: Sequence[str], 
     only the harmful prompts the model refuses: those it answers anyway carry little of the
     refusal and dilute the direction (docs/method.md). Prompts longer than ``max_prompt_tokens``
     are cut (``cap_prompts``). A quantized checkpoint is read through its codec plugin (``registry``).
+    With ``low_disk``, a Hub model is streamed by byte range, never stored.
     """
     if not harmful or not harmless:
         raise AbliterateError("both prompt sets must hold at least one prompt")
@@ -112,7 +114,7 @@ def measure(model: str | Path, harmful: Sequence[str], harmless: Sequence[str], 
         raise AbliterateError(f"--winsorize {winsorize_q} must be in (0, 1]")
     start = time.monotonic()
     streamed = None if lm is not None else streamed_if_needed(model, dtype, max_memory, device, log, refused_only,
-                                                              registry)
+                                                              registry, low_disk)
     if streamed is None:
         lm = lm or load_model(model, dtype, device, registry)
     source = streamed or lm

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ..dtypes import DTYPES, RUN_DTYPES, dtype_name
 from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint
+from ..io.hub import open_hub_checkpoint, parse_spec
 from ..io.safetensors_io import FLOAT_DTYPES
 from .memory import MemoryChoice, choose, human, peak_rss_bytes, rss_bytes
 from .models import (LoadedModel, batches, format_prompts, forward_batch, load_tokenizer, model_class,
@@ -146,10 +147,12 @@ def _float_config(config: Any) -> Any:
     return config
 
 
-def open_streamed(name: str | Path, dtype: str = "float32", registry: Registry | None = None) -> StreamedModel:
-    """A checkpoint's model built without weights, ready to be run layer by layer."""
-    path = resolve_model(name)
-    ckpt = Checkpoint.open(path)
+def open_streamed(name: str | Path, dtype: str = "float32", registry: Registry | None = None,
+                  ckpt: Checkpoint | None = None) -> StreamedModel:
+    """A checkpoint's model built without weights, ready to be run layer by layer (``ckpt``: one
+    already opened, a Hub one read by byte range)."""
+    path = ckpt.root if ckpt is not None else resolve_model(name)
+    ckpt = ckpt or Checkpoint.open(path)
     view = logical_view(ckpt, registry)
     tf = quiet_transformers()
     config = _float_config(tf.AutoConfig.from_pretrained(path))
@@ -170,27 +173,31 @@ def run_dtype_bytes(ckpt: Checkpoint, view: LogicalTensors, dtype: str, prefix: 
 
 def streamed_if_needed(name: str | Path, dtype: str, max_memory: int | None, device: str = "cpu",
                        log: Callable[[str], None] = lambda s: None, logits: bool = False,
-                       registry: Registry | None = None) -> StreamedModel | None:
+                       registry: Registry | None = None, low_disk: bool = False) -> StreamedModel | None:
     """The streamed model when the whole one does not fit (or --max-memory says so), else None.
+    With ``low_disk``, a Hub model is always streamed, its weights read by byte range (never on disk).
 
     With ``max_memory``, the largest piece held at once (a decoder layer) must fit beside what
     this process already holds.
     """
-    if device != "cpu" and max_memory is None:
+    if device != "cpu" and max_memory is None and not low_disk:
         return None
-    path = resolve_model(name)
+    hub = parse_spec(str(name)) if low_disk else None
+    remote = open_hub_checkpoint(*hub) if hub else None  # config and tokenizer downloaded, no shard
+    path = remote.root if remote else resolve_model(name)
     config = quiet_transformers().AutoConfig.from_pretrained(path)
     model_class(config, path)  # not a language model: say so first
-    fit = _fit(path, dtype, max_memory, registry)
+    fit = _fit(path, dtype, max_memory, registry, remote)
     if fit is None:
         return None
     ckpt, view, choice = fit
-    log(f"{path.name}: {choice.reason}")
-    if not choice.stream:
+    log(f"{hub[0]}: --low-disk: its weights are read from the Hub layer by layer, never stored" if hub
+        else f"{path.name}: {choice.reason}")
+    if not (choice.stream or hub):
         return None
     if device != "cpu":
         raise AbliterateError(f"the streamed forward runs on the CPU; --device {device} needs the whole model in memory")
-    sm = open_streamed(path, dtype, registry)
+    sm = open_streamed(path, dtype, registry, ckpt)
     largest = max(run_dtype_bytes(ckpt, view, dtype, f"{sm.layers_prefix}.{i}.") for i in range(len(sm.layers)))
     log(f"streaming holds one decoder layer at a time (the largest: {human(largest)} in {dtype})"
         + (f" and the output head in pieces of {human(HEAD_PIECE)}" if logits else ""))
@@ -200,18 +207,19 @@ def streamed_if_needed(name: str | Path, dtype: str, max_memory: int | None, dev
     return sm
 
 
-def _fit(path: Path, dtype: str, max_memory: int | None,
-         registry: Registry | None) -> tuple[Checkpoint, LogicalTensors, MemoryChoice] | None:
-    """The checkpoint, its tensors and whether its weights in ``dtype`` fit; None where it is no
-    safetensors checkpoint the lab reads (a .bin one, say: transformers may still load it whole)."""
+def _fit(path: Path, dtype: str, max_memory: int | None, registry: Registry | None,
+         ckpt: Checkpoint | None = None) -> tuple[Checkpoint, LogicalTensors, MemoryChoice] | None:
+    """The checkpoint (``ckpt``, or the one at ``path``), its tensors and whether its weights in
+    ``dtype`` fit; None where it is no safetensors checkpoint the lab reads (a .bin one, say:
+    transformers may still load it whole)."""
     try:
-        ckpt = Checkpoint.open(path)
-        view = logical_view(ckpt, registry)
+        opened = ckpt or Checkpoint.open(path)
+        view = logical_view(opened, registry)
     except AbliterateError:
-        if max_memory is None:
+        if max_memory is None and ckpt is None:
             return None
         raise
-    return ckpt, view, choose(run_dtype_bytes(ckpt, view, dtype), max_memory)
+    return opened, view, choose(run_dtype_bytes(opened, view, dtype), max_memory)
 
 
 def require_whole(name: str | Path, dtype: str, what: str, registry: Registry | None = None) -> None:

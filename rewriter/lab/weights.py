@@ -18,9 +18,12 @@ import torch
 from torch import nn
 
 from ..errors import AbliterateError
-from ..io.checkpoint import Checkpoint
-from ..io.safetensors_io import FLOAT_DTYPES, TensorEntry, read_tensor
+from ..io.checkpoint import Checkpoint, LocalFiles
+from ..io.safetensors_io import FLOAT_DTYPES, TensorEntry, read_tensor, tensor_from_bytes
 from ..logical import LogicalTensors
+
+
+ROWS_PIECE = 64 * 10**6  # bytes of an embedding table read at once where its rows come by byte range
 
 
 @dataclass
@@ -30,7 +33,8 @@ class WeightReader:
 
     A quantized weight (``view``: the codec's logical tensors) is read as its parts and decoded
     through its codec, the same decode the rewrite uses; fused experts one slice along axis 0
-    at a time, so that at most one slice is ever in float32 beside the output.
+    at a time, so that at most one slice is ever in float32 beside the output. A checkpoint on
+    the Hub (``--low-disk``) is read by byte ranges, tensor by tensor: no shard is ever on disk.
     """
 
     ckpt: Checkpoint
@@ -52,14 +56,25 @@ class WeightReader:
             self._files[shard.name] = open(shard.path, "rb")  # noqa: SIM115 (closed in close())
         return self._files[shard.name]
 
-    def _stored(self, name: str, *, stored: bool = False) -> torch.Tensor:
-        """The tensor as stored (its own buffer, no copy)."""
+    @property
+    def remote(self) -> bool:
+        return not isinstance(self.ckpt.files, LocalFiles)
+
+    def _read(self, entry: TensorEntry, *, stored: bool = False) -> torch.Tensor:
+        """The bytes of ``entry`` (a tensor, or a range of its rows) as a tensor of its own, timed."""
         start = time.monotonic()
-        entry = self.ckpt.entry(name)
-        tensor = read_tensor(self._file(name), entry, stored=stored)
+        if self.remote:
+            data = bytearray(self.ckpt.files.read(self.ckpt.shard_of[entry.name], entry.start, entry.end))
+            tensor = tensor_from_bytes(data, entry, stored=stored)
+        else:
+            tensor = read_tensor(self._file(entry.name), entry, stored=stored)
         self.bytes_read += entry.end - entry.start
         self.seconds += time.monotonic() - start
         return tensor
+
+    def _stored(self, name: str, *, stored: bool = False) -> torch.Tensor:
+        """The tensor as stored."""
+        return self._read(self.ckpt.entry(name), stored=stored)
 
     def parts(self, name: str) -> dict[str, torch.Tensor]:
         """A packed weight's stored parts."""
@@ -89,6 +104,9 @@ class WeightReader:
             raise AbliterateError(f"{name}: token id {int(rows[-1])} is past its {shape[0]} rows")
         if name in self.view.packed:
             return self.read(name, dtype)[rows]
+        if self.remote:  # one pass over the table in pieces, not a request per row
+            return torch.cat([piece[rows[(rows >= first) & (rows < first + len(piece))] - first]
+                              for first, piece in self.row_chunks(name, dtype, ROWS_PIECE)])
         entry = self.ckpt.entry(name)
         if entry.dtype not in FLOAT_DTYPES:
             raise AbliterateError(f"{name}: expected a float tensor, found {entry.dtype_name}")
@@ -123,19 +141,14 @@ class WeightReader:
         row_bytes = shape[1] * FLOAT_DTYPES[entry.dtype].itemsize
         for r in range(0, shape[0], step):
             n = min(step, shape[0] - r)
-            part = TensorEntry(name, entry.dtype, (n, shape[1]), entry.start + r * row_bytes,
-                               entry.start + (r + n) * row_bytes)
-            start = time.monotonic()
-            rows = read_tensor(self._file(name), part)
-            self.bytes_read += part.end - part.start
-            self.seconds += time.monotonic() - start
-            yield r, rows.to(dtype)
+            yield r, self._read(TensorEntry(name, entry.dtype, (n, shape[1]), entry.start + r * row_bytes,
+                                            entry.start + (r + n) * row_bytes)).to(dtype)
 
     def prefetch(self, names: list[str]) -> None:
         """Ask the kernel to start reading these tensors (a packed one's parts) into the page cache
         (not into this process)."""
         stored = [p for n in names for p in (self.view.packed[n].parts if n in self.view.packed else (n,))]
-        for name in stored:
+        for name in stored if not self.remote else ():
             e = self.ckpt.entry(name)
             try:
                 os.posix_fadvise(self._file(name).fileno(), e.start, e.end - e.start, os.POSIX_FADV_WILLNEED)

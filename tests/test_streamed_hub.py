@@ -1,0 +1,39 @@
+"""A Hub model measured with --low-disk: streamed layer by layer by byte range from the loopback
+Hub (the real huggingface_hub client), no shard ever written to disk, the means those of the
+same checkpoint on disk."""
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from rewriter.lab.measure import measure
+from tests.helpers import tiny_tokenizer
+from tests.hub_server import HubServer
+from tests.test_hub import host, hub  # noqa: F401  (hub: the fixture)
+
+BAD = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9 w10", "w11", "w12 w13"]
+GOOD = ["w9 w8", "w7 w6 w5 w4", "w3", "w20 w21 w22"]
+
+
+def test_measure_low_disk_streams_a_hub_model_by_byte_range(hub: HubServer, checkpoint_factory: Callable[[str], Path],
+                                                           tmp_path: Path) -> None:
+    src = tmp_path / "tiny"
+    shutil.copytree(checkpoint_factory("llama"), src)
+    tiny_tokenizer(src)
+    host(hub, "org/tiny", src)
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    before = set(cache.rglob("*.safetensors"))
+    lines: list[str] = []
+    remote = measure("org/tiny", BAD, GOOD, batch_size=2, progress=False, low_disk=True, refused_only=False,
+                     log=lines.append)
+    assert any("--low-disk: its weights are read from the Hub layer by layer" in line for line in lines)
+    assert any(line.startswith("streamed 4 layers") for line in lines)
+    assert set(cache.rglob("*.safetensors")) == before, "no shard is stored"
+    local = measure(src, BAD, GOOD, batch_size=2, progress=False)
+    for n in local.layers:
+        torch.testing.assert_close(remote.harmful[n], local.harmful[n], rtol=0, atol=1e-6)
+        torch.testing.assert_close(remote.harmless[n], local.harmless[n], rtol=0, atol=1e-6)
