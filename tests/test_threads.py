@@ -80,3 +80,17 @@ def test_small_pieces_queue_deeper(shape: tuple[int, ...], stacked: bool, expect
     scratch = Scratch({"w": edit}, ckpt, torch.float32)
     assert scratch.pending == expected
     assert scratch.worker_bytes >= (expected + 1) * scratch.read_bytes
+
+
+def test_a_quantized_weight_edits_in_the_reused_working_copy() -> None:
+    """The working copy is this thread's one buffer, grown once for a quantized weight's logical
+    tensor (larger than any plain edited tensor) and then reused."""
+    entry = SimpleNamespace(shape=(64, 32), start=0, end=2 * 64 * 32)
+    ckpt = cast(Checkpoint, SimpleNamespace(entry=lambda name: entry))
+    scratch = Scratch({"w": TensorEdit("w", 0, 1.0, torch.ones(64, dtype=torch.float64), subtractive)}, ckpt,
+                      torch.float32)
+    plain = scratch.workspace(scratch.numel)
+    assert plain.numel() == 64 * 32
+    grown = scratch.workspace(10_000)
+    assert grown.numel() == 10_000 and grown.data_ptr() != plain.data_ptr()
+    assert scratch.workspace(scratch.numel).data_ptr() == grown.data_ptr()

@@ -60,10 +60,15 @@ class Scratch:
 
     def edit(self, edit: TensorEdit, tensor: torch.Tensor) -> int:
         """Apply ``edit`` to ``tensor`` in place, through this thread's working copy; returns the columns zeroed."""
+        return edit.apply(tensor, self.compute, in_place=True, workspace=self.workspace(self.numel), pool=self.pool)[1]
+
+    def workspace(self, numel: int) -> torch.Tensor:
+        """This thread's working copy in the compute dtype, at least ``numel`` long (grown, once,
+        for a quantized weight's logical tensor, which the buffers above are not sized by)."""
         work: torch.Tensor | None = getattr(self._mine, "work", None)
-        if work is None:
-            work = self._mine.work = torch.empty(self.numel, dtype=self.compute)
-        return edit.apply(tensor, self.compute, in_place=True, workspace=work, pool=self.pool)[1]
+        if work is None or work.numel() < numel:
+            work = self._mine.work = torch.empty(max(numel, self.numel), dtype=self.compute)
+        return work
 
     @contextmanager
     def edit_threads(self, threads: int) -> Iterator[None]:

@@ -11,6 +11,7 @@ copies of itself (or of one expert slice).
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -354,7 +355,8 @@ def _write_coded(ckpt: Checkpoint, shard: Shard, src: BinaryIO, edit: CodedEdit,
     n = coded_slices(ckpt, edit)
     zeroed = 0
     for i, parts in enumerate(part_slices(ckpt, shard, src, edit.parts, n)):
-        new, z = (edit.piece(i) if n > 1 else edit).apply(parts, scratch.compute, scratch.pool)
+        piece = edit.piece(i) if n > 1 else edit
+        new, z = piece.apply(parts, scratch.compute, scratch.pool, scratch.workspace(math.prod(piece.shape)))
         zeroed += z
         for e in here:
             writer.write_at(slice_entry(e, i, n).start, new[e.name])
