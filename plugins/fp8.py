@@ -16,6 +16,7 @@ nearest e4m3 value (ties to even, as torch converts), saturating at +-448.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from rewriter.codec import Packed
 from rewriter.errors import AbliterateError
 from rewriter.hookspecs import hookimpl
 from rewriter.io.safetensors_io import TensorEntry
-from rewriter.rounding import Rounding
+from rewriter.rounding import Choose, Rounding
 
 E4M3_MAX = 448.0
 SCALE_DTYPES = ("F32", "BF16", "F16")
@@ -96,6 +97,9 @@ class BlockScaledFP8:
     def encode(self, packed: Packed, tensor: torch.Tensor, like: Mapping[str, torch.Tensor],
                rounding: Rounding | None = None) -> dict[str, torch.Tensor]:
         q_like, s_like = like[packed.parts[0]], like[packed.parts[1]]
+        if rounding is not None and rounding.axis % tensor.dim() < tensor.dim() - 2:
+            raise AbliterateError(f"{packed.name}: an edit along axis {rounding.axis % tensor.dim()} of a "
+                                  f"{tensor.dim()}-D block-FP8 weight; the rounding works along one of its last two")
         grid = torch.empty(_as_grid(s_like, q_like.shape).shape, dtype=s_like.dtype)
         for rows, grid_rows in _bands(tensor, grid, packed.block[0]):
             amax = _block_amax(rows, packed.block)
@@ -116,29 +120,38 @@ class BlockScaledFP8:
     def _round_candidates(self, packed: Packed, tensor: torch.Tensor, grid: torch.Tensor, q: torch.Tensor,
                           rounding: Rounding, residual: torch.Tensor) -> None:
         """Re-round ``q`` (nearest e4m3 codes of ``tensor``) at the rounding's candidate rows, to the
-        values it chooses between each element's nearest value and its other neighbour: only
-        those rows are decoded again."""
-        axis, at = rounding.axis % tensor.dim(), rounding.rows
-        scale = _scale_at(grid, packed.block, tensor.shape, axis, at)
-        codes = q.view(torch.uint8).index_select(axis, at).view(torch.float8_e4m3fn)
-        wanted = tensor.index_select(axis, at)
-        y = (wanted / scale).clamp_(-E4M3_MAX, E4M3_MAX)
+        values it chooses between each element's nearest value and its other neighbour: a group
+        of columns at a time (``Rounding.choose_each``), each matrix of a stack on its own."""
+        axis = rounding.axis % tensor.dim()
+        scale = grid.to(torch.float32)
+        for lead in itertools.product(*map(range, tensor.shape[:-2])):
+            _round_matrix(tensor[lead], scale[lead], q[lead].view(torch.uint8), packed.block, axis - len(lead),
+                          rounding, residual[lead])
+
+
+def _round_matrix(tensor: torch.Tensor, scale: torch.Tensor, q: torch.Tensor, block: tuple[int, ...], axis: int,
+                  rounding: Rounding, residual: torch.Tensor) -> None:
+    """``_round_candidates`` of one matrix (``q``: its codes as uint8, ``scale``: its float32 grid):
+    each group's candidates are gathered, rounded both ways and stored back while in cache."""
+    across, at = 1 - axis, rounding.rows
+
+    def work(cols: slice, choose: Choose) -> None:
+        n = cols.stop - cols.start
+        first = cols.start // block[across]
+        blocks = -(-cols.stop // block[across]) - first
+        s = (scale.index_select(axis, torch.div(at, block[axis], rounding_mode="floor")).narrow(across, first, blocks)
+             .repeat_interleave(block[across], across).narrow(across, cols.start - first * block[across], n))
+        wanted = tensor.narrow(across, cols.start, n).index_select(axis, at)
+        codes = q.narrow(across, cols.start, n).index_select(axis, at).view(torch.float8_e4m3fn)
         near = _e4m3_values(codes)
-        other = _e4m3_values(_other_e4m3(codes, near, y)).mul_(scale)
-        chosen = rounding.choose_at(residual, wanted, near.mul_(scale), other)
-        q.view(torch.uint8).index_copy_(axis, at, (chosen / scale).clamp_(-E4M3_MAX, E4M3_MAX)
-                                        .to(torch.float8_e4m3fn).view(torch.uint8))
+        other = _e4m3_values(_other_e4m3(codes, near, (wanted / s).clamp_(-E4M3_MAX, E4M3_MAX))).mul_(s)
+        # [candidates, columns] for the rounding: the transposed views where the candidates run along rows
+        chosen = choose(*(t if axis == 0 else t.t() for t in (wanted, near.mul_(s), other)))
+        q.narrow(across, cols.start, n).index_copy_(axis, at, (chosen if axis == 0 else chosen.t()).div_(s)
+                                                    .clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+                                                    .view(torch.uint8))
 
-
-def _scale_at(grid: torch.Tensor, block: tuple[int, ...], shape: torch.Size, axis: int,
-              at: torch.Tensor) -> torch.Tensor:
-    """Each element's scale (float32) at indices ``at`` along ``axis`` of a weight of ``shape``."""
-    blocks = (1,) * (len(shape) - 2) + tuple(block)
-    scale = grid.to(torch.float32).index_select(axis, torch.div(at, blocks[axis], rounding_mode="floor"))
-    for dim in (len(shape) - 2, len(shape) - 1):
-        if dim != axis:
-            scale = scale.repeat_interleave(blocks[dim], dim).narrow(dim, 0, shape[dim])
-    return scale
+    rounding.choose_each(residual, tensor.shape[across], work)
 
 
 def _scaled(rows: torch.Tensor, grid_rows: torch.Tensor, block: tuple[int, ...]) -> torch.Tensor:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rewriter.codec import Packed
+from rewriter.errors import AbliterateError
 from rewriter.plugins.fp8 import CODECS, _other_e4m3
 from rewriter.plugins.mxfp4 import E2M1, MXFP4, _round_e2m1
 from rewriter.rounding import Rounding
@@ -170,3 +171,29 @@ def test_selection_makes_the_switches_of_a_full_sort() -> None:
     nearest[:, :50] += 0.1 * r.float().unsqueeze(1) * 40  # columns far from their wanted value: many switches
     rounding = Rounding(r, 0)
     assert torch.equal(rounding.choose(x, nearest, other), _reference_choose(r, 0, x, nearest, other))
+
+
+@pytest.mark.parametrize("axis", [1, 2])
+def test_fp8_stack_rounds_each_matrix_as_alone(axis: int) -> None:
+    """A block-FP8 weight with a leading axis is rounded matrix by matrix, each exactly as it
+    would be stored alone (its candidates gathered a column group at a time), and an edit
+    along the leading axis is refused."""
+    torch.manual_seed(4)
+    shape = (2, 384, 640)
+    r = torch.randn(shape[axis], dtype=torch.float64)
+    r /= r.norm()
+    w = torch.randn(shape) * 0.02
+    codec = CODECS[0]
+
+    def encoded(t: torch.Tensor, dim: int) -> torch.Tensor:
+        packed = Packed("w", ("w", "s"), tuple(t.shape), (), (128, 128))
+        like = {"w": torch.empty(t.shape, dtype=torch.float8_e4m3fn),
+                "s": torch.empty(*t.shape[:-2], 3, 5)}
+        return codec.encode(packed, t, like, Rounding(r, dim))["w"].view(torch.uint8)
+
+    alone = torch.stack([encoded(m, axis - 1) for m in w])
+    assert torch.equal(encoded(w, axis), alone)
+    assert not torch.equal(alone, encoded(w[0], axis - 1).expand_as(alone))  # the matrices differ: it means something
+    r = torch.ones(2, dtype=torch.float64) / 2**0.5
+    with pytest.raises(AbliterateError, match="along axis 0"):
+        encoded(w, 0)
