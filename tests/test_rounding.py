@@ -8,8 +8,9 @@ import torch
 from rewriter.codec import Packed
 from rewriter.errors import AbliterateError
 from rewriter.plugins.fp8 import CODECS, _other_e4m3
-from rewriter.plugins.mxfp4 import E2M1, MXFP4, _round_e2m1
-from rewriter.rounding import Rounding
+from rewriter.plugins.mxfp4 import (E2M1, MXFP4, _groups, _logical, _magnitude, _other_code, _power_of_two,
+                                    _round_e2m1)
+from rewriter.rounding import Choose, Rounding
 
 
 def test_e2m1_rounds_to_nearest_with_ties_to_even() -> None:
@@ -135,6 +136,34 @@ def test_fast_fp8_rounding_matches_the_reference(axis: int) -> None:
     assert _left(reference, r, axis) < 0.01 * _left(w, r, axis)  # the reference keeps r out: the comparison means something
 
 
+def _reference_mxfp4(tensor: torch.Tensor, r: torch.Tensor, axis: int, choose: Choose) -> torch.Tensor:
+    """MXFP4 re-encoded as first written, decoded: every element's nearest and other value as
+    whole logical tensors, then ``choose`` at the candidate rows."""
+    exponent = MXFP4().encode(Packed("x", ("b", "s"), tuple(tensor.shape)), tensor, {})["s"].to(torch.int32) - 127
+    scale, unscale = _power_of_two(exponent), _power_of_two(-exponent)
+    scaled = _groups(tensor) * unscale
+    codes = _round_e2m1(scaled.abs())
+    sign = torch.where(torch.signbit(scaled), -scale, scale)
+    nearest, other = (_logical(_magnitude(c) * sign, tensor.shape) for c in (codes, _other_code(codes, scaled.abs())))
+    rows = torch.topk(r.abs(), max(1, r.numel() // 4)).indices
+    return nearest.index_copy_(axis, rows, choose(tensor, nearest, other.index_select(axis, rows)))
+
+
+@pytest.mark.parametrize("shape, axis", [((512, 4096), 1), ((3, 640, 96), 2)])
+def test_mxfp4_rows_rounding_chooses_as_the_whole_tensor_rounding(shape: tuple[int, ...], axis: int) -> None:
+    """Where r runs along the stored rows (gpt-oss's down_proj), only the candidate rows are
+    rounded both ways: the values are exactly those of rounding the whole tensor both ways
+    and choosing among the same candidates."""
+    torch.manual_seed(5)
+    r = torch.randn(shape[axis], dtype=torch.float64)
+    r /= r.norm()
+    w = torch.randn(shape) * 0.02
+    codec, packed = MXFP4(), Packed("x", ("b", "s"), shape)
+    rows = codec.decode(packed, codec.encode(packed, w, {}, Rounding(r, axis)))
+    assert torch.equal(rows, _reference_mxfp4(w, r, axis, Rounding(r, axis).choose))
+    assert not torch.equal(rows, codec.decode(packed, codec.encode(packed, w, {})))  # some switches were made
+
+
 @pytest.mark.parametrize("axis", [0, 1])
 def test_fast_mxfp4_rounding_is_as_good_as_the_reference(axis: int) -> None:
     """MXFP4's grid is coarse, so candidates often tie in cost, and the selection may order
@@ -144,12 +173,11 @@ def test_fast_mxfp4_rounding_is_as_good_as_the_reference(axis: int) -> None:
     shape = (512, 4096) if axis == 1 else (4096, 512)
     r, w, edited = _edited(shape, axis)
 
-    class Reference(Rounding):
-        def choose(self, wanted: torch.Tensor, nearest: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-            return _reference_choose(r, axis, wanted, nearest, other)
+    def choose(wanted: torch.Tensor, nearest: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return _reference_choose(r, axis, wanted, nearest, other)
 
     codec, packed = MXFP4(), Packed("x", ("b", "s"), shape)
-    reference = codec.decode(packed, codec.encode(packed, edited, {}, Reference(r, axis)))
+    reference = _reference_mxfp4(edited, r, axis, choose)
     fast = codec.decode(packed, codec.encode(packed, edited, {}, Rounding(r, axis)))
     assert float((fast != reference).float().mean()) < 1e-3
     assert _left(fast, r, axis) <= _left(reference, r, axis) * 1.05
