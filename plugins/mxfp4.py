@@ -12,7 +12,7 @@ every value to the nearest e2m1 value, ties to even.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from rewriter.rounding import Rounding
 GROUP = 32
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitudes by 3-bit code; bit 3 is the sign
 BIAS = 127
+CHUNK = 1 << 18  # elements rounded at once: the temporaries stay in cache
 
 
 class MXFP4:
@@ -55,8 +56,7 @@ class MXFP4:
 
     def decode(self, packed: Packed, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         blocks, scales = parts[packed.parts[0]], parts[packed.parts[1]]
-        lut = torch.tensor([*E2M1, *(-v for v in E2M1)], dtype=torch.float32)
-        values = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], -1).flatten(-2)
+        values = torch.stack([_magnitude(blocks & 0x0F), _magnitude(blocks >> 4)], -1).flatten(-2)
         values *= _power_of_two(scales.to(torch.int32) - BIAS)
         return values.flatten(-2).transpose(-1, -2).contiguous()
 
@@ -91,14 +91,15 @@ def _round_rows(tensor: torch.Tensor, rows: torch.Tensor, scaled: torch.Tensor, 
     they are gathered and get their other neighbour, in the stored layout, while what rounding
     to nearest added along ``r`` is summed from the whole tensor's nearest values once. The
     same choices as rounding the whole logical tensor both ways (which took 2.5x as long)."""
-    sign = torch.where(torch.signbit(scaled), -scale, scale)
+    negative = torch.signbit(scaled).to(torch.uint8) << 3
     residual = rounding.residual(tensor)
-    rounding.add_band(residual, _logical(_magnitude(codes).mul_(sign).sub_(rows), tensor.shape), 0)
+    rounding.add_band(residual, _logical(_magnitude(codes | negative).mul_(scale).sub_(rows), tensor.shape), 0)
     at = rounding.rows
-    wanted, near, sign, magnitude = (t.index_select(-3, at) for t in (rows, codes, sign, scaled))
-    other = _magnitude(_other_code(near, magnitude.abs_())).mul_(sign)
+    wanted, near, negative, magnitude, scale = (t.index_select(-3, at) for t in (rows, codes, negative, scaled, scale))
+    other = _magnitude(_other_code(near, magnitude.abs_()) | negative).mul_(scale)
     shape = (*tensor.shape[:-1], len(at))
-    chosen = rounding.choose_at(residual, *(_logical(t, shape) for t in (wanted, _magnitude(near).mul_(sign), other)))
+    chosen = rounding.choose_at(residual, *(_logical(t, shape) for t in (wanted, _magnitude(near | negative).mul_(scale),
+                                                                          other)))
     chosen = chosen.transpose(-1, -2).unflatten(-1, (-1, GROUP))
     codes.index_copy_(-3, at, _round_e2m1(chosen.mul_(unscale.index_select(-3, at)).abs_()))
 
@@ -118,7 +119,15 @@ def _logical(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def _magnitude(codes: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(E2M1, dtype=torch.float32)[codes.long()]
+    """The value of each 4-bit code (bit 3 the sign) as float32, 4x as fast as a table lookup
+    (whose int64 indices cost more than the rest): an e2m1 code is a float16's bits shifted
+    down by 9, sign apart (the same exponent bias but for a factor 2^14, subnormals too)."""
+    def values(part: torch.Tensor) -> torch.Tensor:
+        bits = part.to(torch.int16)
+        bits = ((bits & 0x7) << 9) | ((bits & 0x8) << 12)
+        return bits.view(torch.float16).to(torch.float32).mul_(2.0**14)
+
+    return _in_chunks(values, codes, torch.float32)
 
 
 def _other_code(codes: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
@@ -134,12 +143,26 @@ def _round_e2m1(magnitude: torch.Tensor) -> torch.Tensor:
 
     The grid has steps of 0.5 below 2, of 1 up to 4 and of 2 up to 6, and within each
     range the code is the rounded magnitude over the step plus an offset; torch.round
-    rounds half to even, which is the even code at every tie.
+    rounds half to even, which is the even code at every tie. In chunks (2.7x faster for a
+    gpt-oss expert).
     """
-    fine = torch.round(magnitude * 2)
-    middle = torch.round(magnitude) + 2
-    coarse = (torch.round(magnitude / 2) + 4).clamp_(max=len(E2M1) - 1)
-    return torch.where(magnitude < 2, fine, torch.where(magnitude < 4, middle, coarse)).to(torch.uint8)
+    def codes(m: torch.Tensor) -> torch.Tensor:
+        fine = torch.round(m * 2)
+        middle = torch.round(m) + 2
+        coarse = (torch.round(m / 2) + 4).clamp_(max=len(E2M1) - 1)
+        return torch.where(m < 2, fine, torch.where(m < 4, middle, coarse))
+
+    return _in_chunks(codes, magnitude, torch.uint8)
+
+
+def _in_chunks(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``f`` of ``x``'s elements, ``CHUNK`` at a time into a ``dtype`` tensor shaped like ``x``: the
+    temporaries of an elementwise function of several passes then stay in cache."""
+    out = torch.empty(x.shape, dtype=dtype)
+    flat, into = x.reshape(-1), out.view(-1)
+    for start in range(0, flat.numel(), CHUNK):
+        into[start : start + CHUNK] = f(flat[start : start + CHUNK])
+    return out
 
 
 @hookimpl

@@ -35,6 +35,13 @@ def test_e4m3_other_neighbour_is_the_adjacent_value_beyond() -> None:
     assert bool(((step == 1) | ((lo == 0) & (hi == 0))).all())
 
 
+def test_e2m1_values_are_the_table() -> None:
+    """Every 4-bit code decodes to its table value, sign (of zero too) included, as a lookup did."""
+    table = torch.tensor([*E2M1, *(-v for v in E2M1)])
+    values = _magnitude(torch.arange(16, dtype=torch.uint8))
+    assert torch.equal(values, table) and torch.equal(torch.signbit(values), torch.signbit(table))
+
+
 @pytest.mark.parametrize("kind", ["fp8", "mxfp4"])
 def test_rounding_keeps_the_direction_out(kind: str) -> None:
     torch.manual_seed(0)
