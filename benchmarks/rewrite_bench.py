@@ -4,11 +4,13 @@
     python benchmarks/rewrite_bench.py --sizes 4 --work /dev/shm/bench --workers 1 2   # a fast disk
     python benchmarks/rewrite_bench.py --sizes 4 --fused-experts 32                    # gpt-oss-shaped
     python benchmarks/rewrite_bench.py --sizes 2 --fp8                                 # block FP8
+    python benchmarks/rewrite_bench.py --sizes 2 --fused-experts 32 --mxfp4            # gpt-oss's MXFP4 experts
     python benchmarks/rewrite_bench.py --sizes 4 8 --cold                              # from the disk
     python benchmarks/rewrite_bench.py --sizes 4 --work /dev/shm/bench --cores 1 2     # scaling with cores
 
 For each size: generate a bf16 checkpoint (Gemma-3-12B-shaped, or gpt-oss-shaped with
-``--fused-experts``; block FP8 with ``--fp8``, whose edits decode, edit and re-encode), and
+``--fused-experts``; block FP8 with ``--fp8``, or MXFP4 experts with ``--mxfp4``, whose
+edits decode, edit and re-encode), and
 before each run read it once so that every run finds it equally in the page cache, or with
 ``--cold`` drop the page cache (root) so that every run reads it from the disk; then time, in one run, ``--repeat`` times in alternating order, each after a sync and a few
 seconds' rest (medians: the disk here is shared and noisy, and slows down right after a
@@ -94,6 +96,7 @@ def time_edits(src: Path, repeat: int) -> None:
     import torch
 
     from rewriter.engine.coded import CodedEdit
+    from rewriter.engine.rewrite import slice_entry
     from rewriter.io.safetensors_io import tensor_from_bytes
     from rewriter.pipeline import prepare
     from rewriter.plan import parse_layer_specs
@@ -111,10 +114,10 @@ def time_edits(src: Path, repeat: int) -> None:
         shape = job.ckpt.entry(name).shape
         piece = edit.piece(0) if edit.slices(shape) > 1 else edit
         part = shape[1:] if piece is not edit else shape
-        if isinstance(piece, CodedEdit):  # decode, edit, re-encode, from the stored parts
-            parts = {p: tensor_from_bytes(bytearray(job.ckpt.files.read(job.ckpt.shard_of[p], job.ckpt.entry(p).start,
-                                                                      job.ckpt.entry(p).end)),
-                                          job.ckpt.entry(p), stored=True) for p in piece.parts}
+        if isinstance(piece, CodedEdit):  # decode, edit, re-encode, from the stored parts (slice 0 when stacked)
+            entries = [slice_entry(job.ckpt.entry(p), 0, edit.slices(shape)) for p in piece.parts]
+            parts = {p: tensor_from_bytes(bytearray(job.ckpt.files.read(job.ckpt.shard_of[p], e.start, e.end)), e,
+                                          stored=True) for p, e in zip(piece.parts, entries)}
             nbytes = sum(job.ckpt.entry(p).end - job.ckpt.entry(p).start for p in piece.parts)
             times = _timed(lambda: piece.apply(parts), repeat)  # noqa: B023 (called at once)
             with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
@@ -186,6 +189,7 @@ def main() -> None:
                     help="--edit-threads values to time with each --workers value ('auto': the default)")
     ap.add_argument("--fused-experts", type=int, default=0, metavar="E", help="gpt-oss layers with E fused experts")
     ap.add_argument("--fp8", action="store_true", help="block-FP8 projections: edits decode, edit and re-encode")
+    ap.add_argument("--mxfp4", action="store_true", help="with --fused-experts: MXFP4 experts, as gpt-oss ships them")
     ap.add_argument("--repeat", type=int, default=2, help="alternating runs of each; medians are printed")
     ap.add_argument("--cold", action="store_true",
                     help="drop the page cache before each run (needs root), as the issue measured, instead of "
@@ -200,7 +204,8 @@ def main() -> None:
     startup, baseline = run([sys.executable, "-c", "import torch, safetensors, tqdm, rewriter.cli"])
     tensor = synthetic.largest_edited_fp32_bytes(args.fused_experts)
     shape = f"gpt-oss-shaped, {args.fused_experts} fused experts" if args.fused_experts else "Gemma-3-12B-shaped"
-    print(f"## Rewrite against `cp -r` + `sync` ({shape} {'block FP8' if args.fp8 else 'bf16'}, every layer edited)\n")
+    stored = "block FP8" if args.fp8 else "MXFP4 experts" if args.mxfp4 else "bf16"
+    print(f"## Rewrite against `cp -r` + `sync` ({shape} {stored}, every layer edited)\n")
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine(args.work.parent)}  ")
     print(f"`{' '.join(sys.argv)}`  ")
     print(f"Python + torch start in {startup:.1f} s and {baseline / 2**20:.0f} MiB (in every rewrite's time); "
@@ -218,7 +223,7 @@ def main() -> None:
                 # counts what it inherited at fork
                 made = subprocess.run([sys.executable, str(HERE / "synthetic.py"), str(src), "--gigabytes", str(size),
                                        "--shard-gb", str(shard_gb), "--fused-experts", str(args.fused_experts),
-                                       *(["--fp8"] if args.fp8 else [])],
+                                       *(["--fp8"] if args.fp8 else []), *(["--mxfp4"] if args.mxfp4 else [])],
                                       check=True, capture_output=True, text=True)
                 layers = int(made.stdout.split()[-1])
                 directions = src.with_suffix(".directions.safetensors")
@@ -250,7 +255,7 @@ def main() -> None:
                           f"| {copy_s / cp_s:.2f} | {rw_s:.1f} | {rw_s / cp_s:.2f} | {nbytes / rw_s / 1e6:.0f} "
                           f"| {rss / 2**20:.0f} | {(rss - baseline) / tensor:.2f} |", flush=True)
         assert src is not None
-        edit_table(src, max(args.repeat, 5), args.fp8)
+        edit_table(src, max(args.repeat, 5), args.fp8 or args.mxfp4)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
 

@@ -1,12 +1,14 @@
 """Synthetic checkpoints with realistic shapes (Gemma-3-12B widths by default), for benchmarks.
 
-    python benchmarks/synthetic.py OUT --gigabytes 2 --shard-gb 1 [--fused-experts 32 | --fp8]
+    python benchmarks/synthetic.py OUT --gigabytes 2 --shard-gb 1 [--fused-experts 32 [--mxfp4] | --fp8]
 
 writes OUT and OUT.directions.safetensors and prints the layer count. ``--fused-experts E``
 writes gpt-oss-shaped layers instead (hidden size 2880, fused ``mlp.experts.down_proj``
 ``[E, 2880, 2880]`` edited slice by slice, ``gate_up_proj`` ``[E, 2880, 5760]`` copied).
 ``--fp8`` stores every projection as block FP8 (float8_e4m3fn with a float32
 ``weight_scale_inv`` per 128 x 128 block, ``quant_method: fp8``), as DeepSeek-V3 does.
+``--mxfp4`` with ``--fused-experts`` stores the experts as gpt-oss ships them: MXFP4
+``_blocks`` (uint8 [E, rows, groups, 16]) and ``_scales`` (one e8m0 exponent per group of 32).
 
 Tensor contents are random but reused per shape: timing and memory do not depend on them.
 """
@@ -65,26 +67,33 @@ def shapes(experts: int = 0) -> dict[str, tuple[int, ...]]:
 
 
 BLOCK = 128
+GROUP = 32  # MXFP4 values per e8m0 scale
+FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
-def stored(experts: int = 0, fp8: bool = False) -> dict[str, tuple[str, tuple[int, ...]]]:
+def stored(experts: int = 0, fp8: bool = False, mxfp4: bool = False) -> dict[str, tuple[str, tuple[int, ...]]]:
     """One decoder layer as stored: name -> (dtype code, shape); with ``fp8``, each projection
-    as float8 values and a float32 scale per block."""
+    as float8 values and a float32 scale per block; with ``mxfp4``, each fused expert tensor
+    (logical [E, C, R]) as blocks [E, R, C / 32, 16] and scales [E, R, C / 32]."""
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, shape in shapes(experts).items():
         if fp8 and name.endswith("_proj.weight"):
             out[name] = ("F8_E4M3", shape)
             out[name[: -len("weight")] + "weight_scale_inv"] = ("F32", tuple(-(-n // BLOCK) for n in shape))
+        elif mxfp4 and name.endswith(FUSED):
+            e, c, r = shape
+            out[name + "_blocks"] = ("U8", (e, r, c // GROUP, GROUP // 2))
+            out[name + "_scales"] = ("U8", (e, r, c // GROUP))
         else:
             out[name] = ("BF16", shape)
     return out
 
 
-SIZES = {"BF16": 2, "F8_E4M3": 1, "F32": 4}
+SIZES = {"BF16": 2, "F8_E4M3": 1, "F32": 4, "U8": 1}
 
 
-def layer_bytes(experts: int = 0, fp8: bool = False) -> int:
-    return sum(SIZES[dtype] * math.prod(s) for dtype, s in stored(experts, fp8).values())
+def layer_bytes(experts: int = 0, fp8: bool = False, mxfp4: bool = False) -> int:
+    return sum(SIZES[dtype] * math.prod(s) for dtype, s in stored(experts, fp8, mxfp4).values())
 
 
 def largest_edited_fp32_bytes(experts: int = 0) -> int:
@@ -94,10 +103,11 @@ def largest_edited_fp32_bytes(experts: int = 0) -> int:
     return 4 * D_MODEL * max(D_FF, HEADS * HEAD_DIM)
 
 
-def make(out: Path, layers: int, shard_bytes: int, seed: int = 0, experts: int = 0, fp8: bool = False) -> Path:
+def make(out: Path, layers: int, shard_bytes: int, seed: int = 0, experts: int = 0, fp8: bool = False,
+         mxfp4: bool = False) -> Path:
     """Write a gemma3_text-shaped (or, with ``experts``, gpt_oss-shaped) bf16 checkpoint, or
-    with ``fp8`` a block-FP8 one; one random tensor per dtype and shape is made and reused, so
-    memory does not grow with the layer count."""
+    with ``fp8`` a block-FP8 one, or with ``mxfp4`` gpt-oss's MXFP4 experts; one random tensor
+    per dtype and shape is made and reused, so memory does not grow with the layer count."""
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
@@ -106,6 +116,9 @@ def make(out: Path, layers: int, shard_bytes: int, seed: int = 0, experts: int =
     dtypes = {"BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn, "F32": torch.float32}
 
     def tensor(dtype: str, shape: tuple[int, ...]) -> "torch.Tensor":
+        if (dtype, shape) not in pool and dtype == "U8":  # MXFP4 blocks: any e2m1 pairs; scales 2^-9 to 2^-6
+            pool[dtype, shape] = (torch.randint(0, 256, shape, generator=g) if len(shape) == 4 else
+                                  torch.randint(118, 122, shape, generator=g)).to(torch.uint8)
         if (dtype, shape) not in pool:
             values = torch.rand(shape, generator=g) * 1e-3 + 1e-4 if dtype == "F32" else torch.randn(shape, generator=g)
             pool[dtype, shape] = (values if dtype == "F32" else values * 0.02 * (1 if dtype == "BF16" else 20)
@@ -114,7 +127,7 @@ def make(out: Path, layers: int, shard_bytes: int, seed: int = 0, experts: int =
 
     d = OSS_D if experts else D_MODEL
     items = [("model.embed_tokens.weight", ("BF16", (VOCAB, d)))]
-    items += [(f"model.layers.{i}.{k}", v) for i in range(layers) for k, v in stored(experts, fp8).items()]
+    items += [(f"model.layers.{i}.{k}", v) for i in range(layers) for k, v in stored(experts, fp8, mxfp4).items()]
     items.append(("model.norm.weight", ("BF16", (d,))))
     shards: list[list[tuple[str, tuple[str, tuple[int, ...]]]]] = [[]]
     size = 0
@@ -137,6 +150,9 @@ def make(out: Path, layers: int, shard_bytes: int, seed: int = 0, experts: int =
     if experts:
         config = {"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "hidden_size": OSS_D,
                   "intermediate_size": OSS_D, "num_local_experts": experts}
+    if mxfp4:
+        config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     if fp8:
         config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                          "weight_block_size": [BLOCK, BLOCK]}
@@ -180,9 +196,12 @@ def main() -> None:
     ap.add_argument("--shard-gb", type=float, default=2.0)
     ap.add_argument("--fused-experts", type=int, default=0, metavar="E", help="gpt-oss layers with E fused experts")
     ap.add_argument("--fp8", action="store_true", help="block-FP8 projections (quant_method fp8)")
+    ap.add_argument("--mxfp4", action="store_true", help="with --fused-experts: MXFP4 experts (quant_method mxfp4)")
     args = ap.parse_args()
-    layers = max(1, round(args.gigabytes * 2**30 / layer_bytes(args.fused_experts, args.fp8)))
-    make(args.out, layers, int(args.shard_gb * 2**30), experts=args.fused_experts, fp8=args.fp8)
+    if args.mxfp4 and not args.fused_experts:
+        ap.error("--mxfp4 stores fused experts: give --fused-experts E")
+    layers = max(1, round(args.gigabytes * 2**30 / layer_bytes(args.fused_experts, args.fp8, args.mxfp4)))
+    make(args.out, layers, int(args.shard_gb * 2**30), experts=args.fused_experts, fp8=args.fp8, mxfp4=args.mxfp4)
     directions(args.out.with_suffix(".directions.safetensors"), layers, d=OSS_D if args.fused_experts else D_MODEL)
     print(layers)
 
