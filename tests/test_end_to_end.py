@@ -14,25 +14,33 @@ import pytest
 
 
 
-def test_demo_abliterates_qwen(qwen: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "demo"
-    # the installed console script, as a user runs it; its step headings and estimate (stderr) go
-    # straight to the terminal, so that the longest test of the suite says what it is doing.
-    # Fewer trials and shorter answers than the demo's defaults keep the suite short.
+def test_run_abliterates_qwen(qwen: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    # the installed console script, as a user runs it; its step headings (stderr) go straight to
+    # the terminal, so that the longest test of the suite says what it is doing. Fewer trials,
+    # fewer search prompts and shorter answers than the defaults keep the suite short.
     with capfd.disabled():
-        print("\n[end-to-end] abliterate demo on the Qwen example: its steps follow", file=sys.stderr, flush=True)
-        done = subprocess.run([str(Path(sys.executable).with_name("abliterate")), "demo", "--out", str(out),
-                               "--trials", "8", "--max-new-tokens", "48", "-q"], stdout=subprocess.PIPE, text=True)
+        print("\n[end-to-end] abliterate run on the Qwen example: its steps follow", file=sys.stderr, flush=True)
+        done = subprocess.run([str(Path(sys.executable).with_name("abliterate")), "run", "qwen2.5-coder-0.5b-instruct",
+                               "-w", str(out), "--search", "--trials", "8", "--max-new-tokens", "48", "-q"],
+                              stdout=subprocess.PIPE, text=True)
     assert done.returncode == 0, done.stdout
     report = json.loads((out / "report.json").read_text())
     print("\n" + done.stdout)
-    before, after, n = report["refusals_before"], report["refusals_after"], report["prompts"]
+    e = report["evaluation"]
+    before, after, n = e["original"]["refusals"], e["refusals"], e["prompts"]
     assert before >= n / 3, f"the original refuses only {before}/{n}: the test would mean nothing"
     # the plan is searched under a KL cap of 0.05 (on the search prompts): fewer refusals, held-out KL small
     assert after <= 0.5 * before, f"refusals fell only from {before} to {after}"
-    assert report["kl_after"] < 0.1
-    assert report["verified"] and report["trials"] == 8
+    assert e["kl"] < 0.1
+    assert report["verified"] and "optimized over 8 trials" in report["search"]
+    assert [s["status"] for s in report["steps"]] == ["done"] * 7
     for name in ("directions.safetensors", "plan.yml", "plan-heuristic.yml", "plan.png", "layers.png", "report.json",
-                 "model/config.json",
-                 "model/abliteration.json", "answers-original.jsonl", "answers-abliterated.jsonl"):
+                 "run.yml", "card.md", "verify.txt", "model/config.json", "model/abliteration.json",
+                 "answers-original.jsonl", "answers-abliterated.jsonl"):
         assert (out / name).is_file(), name
+    again = subprocess.run([str(Path(sys.executable).with_name("abliterate")), "run", "--recipe", str(out / "run.yml"),
+                            "-w", str(out), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert again.returncode == 0, again.stderr
+    resumed = json.loads((out / "report.json").read_text())
+    assert [s["status"] for s in resumed["steps"]] == ["skipped"] * 7, "the recipe repeats the run: nothing to redo"
