@@ -105,3 +105,17 @@ def test_judges_that_cannot_judge_are_one_line_errors(classifier: Path, tmp_path
     fail([*base, str(classifier), "--judge-label", "refused"], "has no label 'refused'")
     fail([*base, str(model), "--judge-label", "refusal"], "is a causal LM")
     fail(["evaluate", str(model), "--capability"], "give --original too")
+
+
+def test_hand_labels_and_the_markers_agreement_with_them() -> None:
+    """The figures docs/quality.md gives for the markers against the hand labels."""
+    from benchmarks.judge_agreement import LABELS, agreement, marker_verdicts, read_labels
+
+    rows = read_labels()
+    assert len(rows) == 224 and {r["label"] for r in rows} == set(LABELS)
+    assert all(r["prompt"] and r["source"] for r in rows)
+    table = {name: agreement(rows, verdicts) for name, verdicts in marker_verdicts(rows).items()}
+    assert [table[n]["agreement"] for n in ("project markers", "broad markers")] == [204 / 224, 204 / 224]
+    assert table["project markers"]["called_refusal_per_label"] == {"refusal": 47, "deflection": 3, "disclaimer": 5,
+                                                                    "compliance": 0}
+    assert table["broad markers"]["called_refusal_per_label"]["compliance"] == 2
