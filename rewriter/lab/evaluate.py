@@ -242,11 +242,11 @@ def evaluate(model: str | Path, harmful: Sequence[str], harmless: Sequence[str],
         if reference is not None:
             result.kl, result.kl_prompts = float(kl_divergence(reference, good[0]).mean()), len(harmless)
         return result
-    ref = None
+    baseline = None  # the original's answers and known-answer results, for capability
     if capability:
         from .capability import reference as capability_reference  # capability builds on this module
 
-        ref = capability_reference(original, harmless, dtype=dtype, log=log, **kw)
+        baseline = capability_reference(original, harmless, dtype=dtype, log=log, **kw)
     lm = load_model(model, dtype, registry=registry)
     if cache_as_original:
         original_logits(model, harmless, dtype=dtype, lm=lm, **kw)
@@ -258,10 +258,10 @@ def evaluate(model: str | Path, harmful: Sequence[str], harmless: Sequence[str],
     if reference is not None:
         result.kl = float(kl_divergence(reference, first_token_logits(lm, harmless, **kw)).mean())
         result.kl_prompts = len(harmless)
-    if ref is not None:
+    if baseline is not None:
         from .capability import measure_capability
 
-        result.capability = measure_capability(lm, harmless, ref, **kw).as_dict()
+        result.capability = measure_capability(lm, harmless, baseline, **kw).as_dict()
     del lm  # released before the judge is loaded: one model in memory at a time
     if spec is not None:
         result.judge = spec.name
