@@ -56,8 +56,9 @@ _STREAMING = ("Memory the model may take: 512MB, 1GB, 1GiB (GB = 10^9 bytes). Th
               "shards one decoder layer at a time, decoded through the codec plugin where quantized. A streamed pass "
               "holds about: the process itself (0.5 GB with torch and transformers), the largest decoder layer in "
               "--dtype (its parameters x 4 bytes in float32), the activations of every prompt (prompts x tokens x "
-              "width x 4 bytes, a few times over while a layer runs), the output head in 64 MB pieces, and with "
-              "--refused-only the harmful prompts' vectors (prompts x layers x width x 4 bytes). "
+              "width x 4 bytes, a few times over while a layer runs), the output head in 64 MB pieces, the "
+              "first-token logits (prompts x vocabulary x 4 bytes), and with --refused-only the harmful prompts' "
+              "vectors (prompts x layers x width x 4 bytes); the README works an example. "
               "Default: the memory available now (MemAvailable).")
 
 
