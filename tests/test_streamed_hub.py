@@ -9,7 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from click.testing import CliRunner
 
+from rewriter.cli import main
+from rewriter.directions import Measurements
 from rewriter.lab.measure import measure
 from tests.helpers import tiny_tokenizer
 from tests.hub_server import HubServer
@@ -28,11 +31,17 @@ def test_measure_low_disk_streams_a_hub_model_by_byte_range(hub: HubServer, chec
     cache = Path(os.environ["HF_HUB_CACHE"])
     before = set(cache.rglob("*.safetensors"))
     lines: list[str] = []
-    remote = measure("org/tiny", BAD, GOOD, batch_size=2, progress=False, low_disk=True, refused_only=False,
-                     log=lines.append)
-    assert any("--low-disk: its weights are read from the Hub layer by layer" in line for line in lines)
-    assert any(line.startswith("streamed 4 layers") for line in lines)
+    (tmp_path / "bad.txt").write_text("\n".join(BAD) + "\n")
+    (tmp_path / "good.txt").write_text("\n".join(GOOD) + "\n")
+    out = tmp_path / "d.safetensors"
+    result = CliRunner().invoke(main, ["measure", "org/tiny", "--low-disk", "--harmful", str(tmp_path / "bad.txt"),
+                                       "--harmless", str(tmp_path / "good.txt"), "--batch-size", "2", "-o", str(out),
+                                       "-q"])
+    assert result.exit_code == 0, result.output
+    assert "--low-disk: its weights are read from the Hub layer by layer" in result.output
+    assert "streamed 4 layers" in result.output
     assert set(cache.rglob("*.safetensors")) == before, "no shard is stored"
+    remote = Measurements.load(out)
     local = measure(src, BAD, GOOD, batch_size=2, progress=False)
     for n in local.layers:
         torch.testing.assert_close(remote.harmful[n], local.harmful[n], rtol=0, atol=1e-6)

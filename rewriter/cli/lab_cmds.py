@@ -81,13 +81,16 @@ _STREAMING = ("Memory the model may take: 512MB, 1GB, 1GiB (GB = 10^9 bytes). Th
                    "forward pass): prompts it answers anyway dilute the direction. On Qwen2.5-Coder-0.5B-Instruct "
                    "it took held-out refusals from 8/64 to 1/64 at KL 0.042 (README). A streamed measurement ends "
                    "with the final norm and the head for these logits.")
+@click.option("--low-disk", is_flag=True,
+              help="A Hub MODEL is streamed layer by layer from the Hub by byte range, whatever its size: no shard "
+                   "is ever stored (only its config and tokenizer, in the Hugging Face cache).")
 @max_prompt_tokens_option
 @plugin_option
 @quiet_option
 def measure_cmd(model: str, harmful: str | None, harmless: str | None, column: str, output: Path, batch_size: int,
                 winsorize: float, dtype: str, device: str, max_prompts: int | None, system_prompt: str | None,
-                no_chat_template: bool, max_memory: int | None, refused_only: bool, max_prompt_tokens: int,
-                plugins: tuple[str, ...], quiet: bool) -> None:
+                no_chat_template: bool, max_memory: int | None, refused_only: bool, low_disk: bool,
+                max_prompt_tokens: int, plugins: tuple[str, ...], quiet: bool) -> None:
     """Measure refusal directions of MODEL (a checkpoint directory, an example name, or a Hub
     repo ORG/NAME[@REVISION], downloaded into the Hugging Face cache).
 
@@ -107,7 +110,7 @@ def measure_cmd(model: str, harmful: str | None, harmless: str | None, column: s
     m = measure(model, bad, good, batch_size=batch_size, winsorize_q=winsorize, dtype=dtype, device=device,
                 system_prompt=system_prompt, chat_template=not no_chat_template, progress=not quiet,
                 max_memory=max_memory, refused_only=refused_only, max_prompt_tokens=max_prompt_tokens,
-                log=lambda s: click.echo(s, err=True), registry=Registry(plugins))
+                log=lambda s: click.echo(s, err=True), registry=Registry(plugins), low_disk=low_disk)
     m.save(output)
     click.echo(f"wrote {output}: {len(m.layers)} layers, width {m.width}, {m.harmful_count} harmful and "
                f"{m.harmless_count} harmless prompts")
