@@ -10,7 +10,8 @@ rounding that keeps r out (rewriter.rounding). Printed, as a markdown table: mea
 max |r . w| over columns before the edit, after the fp32 edit and after each
 requantization; the relative (Frobenius) error of each requantized result against the
 fp32 edit; the error of a plain quantize-dequantize round trip of the float weight; and
-seconds per tensor (one thread). Asserts nothing.
+seconds per tensor (CPU time of the process on one torch thread: this project's machine is
+shared, and wall time counted the other jobs' share). Asserts nothing.
 """
 from __future__ import annotations
 
@@ -84,9 +85,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _timed(f: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
-    start = time.perf_counter()
+    start = time.process_time()
     out = f()
-    return out, time.perf_counter() - start
+    return out, time.process_time() - start
 
 
 if __name__ == "__main__":

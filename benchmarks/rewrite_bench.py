@@ -22,7 +22,7 @@ large write; use an even ``--repeat`` so that each goes first equally often):
 - rewrite: ``rewrite --strategy norm-preserving`` over every layer, each shard fsynced.
 
 Peak RSS is the child's own ru_maxrss (os.wait4), the maximum over repeats. A second table
-times the edit of the largest tensors in-process on one torch thread (the rewrite's setting)
+times the edit of the largest tensors in-process on one torch thread (the rewrite's setting; CPU time)
 and gives the bandwidth one core's edits keep up with, and what a 16-core machine (8 workers,
 one per two cores) would need from its disk; a third, for disks of 3, 7 and 14 GB/s, how many
 cores the edits need and how long each piece's edit may take on one of 16 cores. Prints markdown with the date and machine;
@@ -119,14 +119,15 @@ def time_edits(src: Path, repeat: int) -> None:
             parts = {p: tensor_from_bytes(bytearray(job.ckpt.files.read(job.ckpt.shard_of[p], e.start, e.end)), e,
                                           stored=True) for p, e in zip(piece.parts, entries)}
             nbytes = sum(job.ckpt.entry(p).end - job.ckpt.entry(p).start for p in piece.parts)
-            times = _timed(lambda: piece.apply(parts), repeat)  # noqa: B023 (called at once)
+            times = _timed(lambda: piece.apply(parts), repeat, time.process_time)  # noqa: B023 (called at once)
             with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
                 pooled = _timed(lambda: piece.apply(parts, pool=pool), repeat)  # noqa: B023
         else:
             tensor = (torch.randn(part) * 0.02).to(torch.bfloat16)
             work = torch.empty(tensor.numel(), dtype=torch.float32)
             nbytes = job.ckpt.entry(name).end - job.ckpt.entry(name).start
-            times = _timed(lambda: piece.apply(tensor.clone(), torch.float32, in_place=True, workspace=work), repeat)  # noqa: B023
+            times = _timed(lambda: piece.apply(tensor.clone(), torch.float32, in_place=True, workspace=work),  # noqa: B023
+                           repeat, time.process_time)
             with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
                 pooled = _timed(lambda: piece.apply(tensor.clone(), torch.float32, in_place=True,  # noqa: B023
                                                     workspace=work, pool=pool), repeat)  # noqa: B023
@@ -135,12 +136,14 @@ def time_edits(src: Path, repeat: int) -> None:
                           "pooled": statistics.median(pooled), "layers": layers}), flush=True)
 
 
-def _timed(f: Callable[[], object], repeat: int) -> list[float]:
+def _timed(f: Callable[[], object], repeat: int, clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Seconds of each of ``repeat`` calls by ``clock``: the process's CPU time for one thread (on a
+    shared machine wall time counts the other jobs' share), wall time for several."""
     times = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         f()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
@@ -153,7 +156,8 @@ def edit_table(src: Path, repeat: int, quantized: bool) -> None:
     layer_seconds = sum(r["pieces"] * r["seconds"] for r in rows)
     share = rows[0]["layers"] * layer_bytes / sum(p.stat().st_size for p in src.glob("*.safetensors"))
     per_core = layer_bytes / layer_seconds / 1e9
-    print(f"\n## Edit math, one torch thread (in-process, medians of {repeat})\n")
+    print(f"\n## Edit math, one torch thread (in-process, medians of {repeat}; one thread: CPU time, "
+          "edit threads: wall time)\n")
     cores = len(os.sched_getaffinity(0))
     print(f"| tensor | piece shape | pieces | piece ms | piece GB/s (as stored) | piece ms, {cores} edit threads |")
     print("|---|---|---|---|---|---|")
