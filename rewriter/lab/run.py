@@ -91,12 +91,25 @@ class Run:
         files = [(s.name, s.path.stat().st_size, s.path.stat().st_mtime_ns) for s in ckpt.shards]
         return _digest({"config": ckpt.config, "files": files, "index": ckpt.index_name and ckpt.index_bytes().hex()})
 
+    @property
+    def remote(self) -> bool:
+        """A Hub model under --low-disk: streamed from the Hub by byte range, never held on disk."""
+        return bool(self.hub and self.recipe.low_disk)
+
+    @property
+    def lab_model(self) -> str | Path:
+        """What measure and evaluate read: the pinned Hub repo itself under --low-disk, else the local files."""
+        return self.source if self.remote else self.model_path
+
     @cached_property
     def fits(self) -> bool:
         """Whether the model fits in memory whole (else it is streamed: no search, no generation)."""
         from .memory import choose
         from .streamed import logical_view, run_dtype_bytes
 
+        if self.remote:
+            self.log("--low-disk: the model is streamed from the Hub, so it is not loaded whole")
+            return False
         ckpt = Checkpoint.open(self.model_path)
         choice = choose(run_dtype_bytes(ckpt, logical_view(ckpt), "float32"), self.recipe.max_memory)
         self.log(choice.reason)
@@ -114,9 +127,9 @@ class Run:
         self.work.mkdir(parents=True, exist_ok=True)
         with exclusive_lock(self.work):
             self.recipe.with_changes(model=self.source if self.hub else self.recipe.model).save(self.work / RECIPE)
-            if self.hub and self.recipe.low_disk:
-                self.log("note: --low-disk: rewrite and verify hold one shard of the Hub model at a time; measure, "
-                         "optimize and evaluate read it from the Hugging Face cache, whole")
+            if self.remote:
+                self.log("note: --low-disk: rewrite and verify hold one shard of the Hub model at a time; measure "
+                         "streams it from the Hub by byte range; no search (it needs the model whole)")
             self.state = _read_state(self.work / STATE)
             steps = self.steps()
             for i, (name, prepare) in enumerate(steps, 1):
@@ -179,8 +192,8 @@ class Run:
             from .measure import measure
 
             harmful, harmless = self._prompts("measure")
-            m = measure(self.model_path, harmful, harmless, batch_size=r.batch_size, progress=self.progress,
-                        max_memory=r.max_memory, refused_only=r.refused_only, log=self.log)
+            m = measure(self.lab_model, harmful, harmless, batch_size=r.batch_size, progress=self.progress,
+                        max_memory=r.max_memory, refused_only=r.refused_only, log=self.log, low_disk=self.remote)
             m.save(self.work / DIRECTIONS)
             return f"{DIRECTIONS}: {len(m.layers)} layers, width {m.width}, {m.harmful_count} harmful prompts"
 
