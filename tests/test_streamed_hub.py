@@ -8,11 +8,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 
 from rewriter.cli import main
 from rewriter.directions import Measurements
+from rewriter.lab.evaluate import evaluate
 from rewriter.lab.measure import measure
 from tests.helpers import tiny_tokenizer
 from tests.hub_server import HubServer
@@ -46,3 +48,24 @@ def test_measure_low_disk_streams_a_hub_model_by_byte_range(hub: HubServer, chec
     for n in local.layers:
         torch.testing.assert_close(remote.harmful[n], local.harmful[n], rtol=0, atol=1e-6)
         torch.testing.assert_close(remote.harmless[n], local.harmless[n], rtol=0, atol=1e-6)
+
+
+def test_evaluate_low_disk_scores_a_hub_original_streamed(hub: HubServer, checkpoint_factory: Callable[[str], Path],
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate --low-disk --original ORG/NAME: the original streamed from the Hub (its head read by
+    byte range in pieces), its logits the local copy's: the KL of a model against itself is 0, and
+    no shard is stored."""
+    monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "tiny"
+    shutil.copytree(checkpoint_factory("llama"), src)
+    tiny_tokenizer(src)
+    host(hub, "org/tiny", src)
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    before = set(cache.rglob("*.safetensors"))
+    lines: list[str] = []
+    result = evaluate(src, BAD, GOOD, original="org/tiny", low_disk=True, max_new_tokens=2, batch_size=2,
+                      progress=False, log=lines.append)
+    assert any("--low-disk: its weights are read from the Hub layer by layer" in line for line in lines)
+    assert result.refusals is not None, "the local model is evaluated in memory, with generation"
+    assert 0.0 <= result.kl <= 1e-9 and result.kl_prompts == len(GOOD)
+    assert set(cache.rglob("*.safetensors")) == before, "no shard is stored"

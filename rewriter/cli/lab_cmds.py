@@ -199,6 +199,9 @@ def analyze_cmd(directions: Path, chart: Path | None, plan_out: Path | None, min
               help=_STREAMING + " Generation is out of scope for a streamed model: its refusals are not counted "
                                 "(no answers for --show or --save); the refusal score and the KL are computed "
                                 "instead, from one forward pass each. The original may be streamed too.")
+@click.option("--low-disk", is_flag=True,
+              help="A Hub MODEL or ORIGINAL is streamed from the Hub by byte range (no shard stored): scored and "
+                   "compared by one streamed pass, without generation.")
 @max_prompt_tokens_option
 @plugin_option
 @quiet_option
@@ -207,7 +210,7 @@ def evaluate_cmd(model: str, original: str | None, harmful: str | None, harmless
                  system_prompt: str | None, no_chat_template: bool, save: Path | None, show: bool, as_json: bool,
                  max_memory: int | None, max_prompt_tokens: int, plugins: tuple[str, ...], quiet: bool,
                  category_column: str, judge: str | None, judge_label: str | None, judge_batch_size: int,
-                 capability: bool) -> None:
+                 capability: bool, low_disk: bool) -> None:
     """Count refusals of MODEL on harmful prompts (greedy answers judged whole, after any
     think block), its cheap refusal score (mean log-odds of a refusal-opening first
     token, from one forward pass), and with --original the mean KL(original || MODEL) of
@@ -225,11 +228,12 @@ def evaluate_cmd(model: str, original: str | None, harmful: str | None, harmless
     bad = load_tagged(harmful or "harmful-eval", column, category_column)
     result = evaluate(model, bad.texts, _prompt_set(harmless, "harmless-eval", column),
                       categories=bad.categories, judge=judge, judge_label=judge_label,
-                      judge_batch_size=judge_batch_size, capability=capability, original=original, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
+                      judge_batch_size=judge_batch_size, capability=capability, original=original,
+                      max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
                       markers=chosen, marker_set="custom" if markers else marker_set,
                       chat_template=not no_chat_template, system_prompt=system_prompt, progress=not quiet,
                       max_memory=max_memory, max_prompt_tokens=max_prompt_tokens,
-                      log=lambda s: click.echo(s, err=True), registry=Registry(plugins))
+                      log=lambda s: click.echo(s, err=True), registry=Registry(plugins), low_disk=low_disk)
     if save:
         result.save_answers(save, {**MARKER_SETS, **({"custom": chosen} if markers else {})})
     if as_json:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ..errors import AbliterateError
 from ..io.files import cache_root, write_atomic
+from ..io.hub import parse_spec, repo_files
 from .chat import MAX_PROMPT_TOKENS, cap_prompts
 from .models import LoadedModel, batches, format_prompts, load_model, load_tokenizer, resolve_model
 from .prompts import prompts_sha256
@@ -173,22 +174,29 @@ def kl_divergence(original: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
 def original_logits(original: str | Path, prompts: Sequence[str], *, batch_size: int, dtype: str, chat_template: bool,
                     system_prompt: str | None, progress: bool, lm: LoadedModel | None = None,
                     max_memory: int | None = None, log: Callable[[str], None] = lambda s: None,
-                    registry: Registry | None = None) -> torch.Tensor:
-    """The original model's first-response logits, cached by model files and prompts.
+                    registry: Registry | None = None, low_disk: bool = False) -> torch.Tensor:
+    """The original model's first-response logits, cached by model files (a Hub model's commit
+    under ``low_disk``) and prompts.
 
     ``lm``, when given, is the original already loaded (it is used rather than loaded again).
-    A model that does not fit (``max_memory``, else the memory available) is streamed layer by layer.
+    A model that does not fit (``max_memory``, else the memory available) is streamed layer by layer;
+    with ``low_disk``, a Hub model always is, by byte range.
     """
-    path = resolve_model(original)
-    weights = sorted(path.glob("*.safetensors"))
-    ident = "|".join([str(path.resolve()), *(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights),
-                      prompts_sha256(list(prompts)), dtype, str(chat_template), system_prompt or ""])
+    hub = parse_spec(str(original)) if low_disk else None
+    if hub:
+        path: str | Path = f"{hub[0]}@{repo_files(*hub)[0]}"
+        files = [path]
+    else:
+        path = resolve_model(original)
+        files = [str(path.resolve()), *(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}"
+                                        for w in sorted(path.glob("*.safetensors")))]
+    ident = "|".join([*files, prompts_sha256(list(prompts)), dtype, str(chat_template), system_prompt or ""])
     cache = cache_root() / "logits" / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".safetensors")
     if cache.is_file():
         return load_file(cache)["logits"]
     kw = dict(batch_size=batch_size, chat_template=chat_template, system_prompt=system_prompt, progress=progress)
     streamed = None if lm is not None else streamed_if_needed(path, dtype, max_memory, log=log, logits=True,
-                                                              registry=registry)
+                                                              registry=registry, low_disk=low_disk)
     if streamed is not None:
         logits = streamed_first_token_logits(streamed, [prompts], log=log, **kw)[0]
     else:
@@ -204,7 +212,8 @@ def evaluate(model: str | Path, harmful: Sequence[str], harmless: Sequence[str],
              max_memory: int | None = None, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
              log: Callable[[str], None] = lambda s: None, registry: Registry | None = None,
              categories: Sequence[str] | None = None, judge: str | Path | JudgeSpec | None = None,
-             judge_label: str | None = None, judge_batch_size: int = 8, capability: bool = False) -> Evaluation:
+             judge_label: str | None = None, judge_batch_size: int = 8, capability: bool = False,
+             low_disk: bool = False) -> Evaluation:
     """Refusals of ``model`` on ``harmful`` and its cheap refusal score; with ``original``, the
     mean KL on ``harmless`` too. ``cache_as_original`` also caches this model's logits on
     ``harmless`` while it is loaded, so that a later evaluation against it loads it no more.
@@ -217,6 +226,7 @@ def evaluate(model: str | Path, harmful: Sequence[str], harmless: Sequence[str],
     A model that does not fit (``max_memory``, else the memory available) is streamed layer by
     layer: one pass over its weights gives the refusal score and the KL; nothing is generated,
     so refusals are not counted (None), nothing is judged and capability is not measured.
+    With ``low_disk``, a Hub model (this one or the original) is always streamed, by byte range.
     Prompts longer than ``max_prompt_tokens`` are cut (``cap_prompts``, with this model's
     tokenizer: the original sees the same text)."""
     spec = check_judge(judge, judge_label) if judge is not None and not isinstance(judge, JudgeSpec) else judge
@@ -224,13 +234,14 @@ def evaluate(model: str | Path, harmful: Sequence[str], harmless: Sequence[str],
         raise AbliterateError("capability is measured against the original: give --original too")
     if categories is not None and len(categories) != len(harmful):
         raise AbliterateError(f"{len(categories)} categories for {len(harmful)} harmful prompts")
-    tok = load_tokenizer(resolve_model(model))
+    mem = dict(max_memory=max_memory, log=log, registry=registry, low_disk=low_disk)
+    streamed = streamed_if_needed(model, dtype, logits=True, **mem)
+    tok = streamed.tokenizer if streamed is not None else load_tokenizer(resolve_model(model))
     harmful = cap_prompts(tok, harmful, max_prompt_tokens, "harmful", log)
     harmless = cap_prompts(tok, harmless, max_prompt_tokens, "harmless", log)
     kw = dict(batch_size=batch_size, chat_template=chat_template, system_prompt=system_prompt, progress=progress)
-    mem = dict(max_memory=max_memory, log=log, registry=registry)
     reference = original_logits(original, harmless, dtype=dtype, **mem, **kw) if original is not None else None
-    if (streamed := streamed_if_needed(model, dtype, logits=True, **mem)) is not None:
+    if streamed is not None:
         if cache_as_original:  # a pass of its own: rare, and cached after
             original_logits(model, harmless, dtype=dtype, **mem, **kw)
         sets = [harmful] if reference is None else [harmful, harmless]

@@ -311,9 +311,9 @@ class Run:
 
             harmful, harmless = self._prompts("eval")
             kw = dict(max_new_tokens=r.max_new_tokens, batch_size=r.batch_size, progress=self.progress,
-                      max_memory=r.max_memory, log=self.log)
-            before = evaluate(self.model_path, harmful, harmless, cache_as_original=True, **kw)
-            after = evaluate(self.work / MODEL, harmful, harmless, original=self.model_path, **kw)
+                      max_memory=r.max_memory, log=self.log, low_disk=self.remote)
+            before = evaluate(self.lab_model, harmful, harmless, cache_as_original=True, **kw)
+            after = evaluate(self.work / MODEL, harmful, harmless, original=self.lab_model, **kw)
             for name, result in zip(ANSWERS, (before, after)):
                 if result.refusals is not None:
                     result.save_answers(self.work / name, dict(MARKER_SETS))
