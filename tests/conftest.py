@@ -72,9 +72,10 @@ def qwen_directions(qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="session")
 def chat_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny qwen2 with a word-level tokenizer and a chat template, and directions for it
-    (tests that change it work on a copy)."""
-    path = write_checkpoint(build_model("qwen2"), tmp_path_factory.mktemp("chat") / "m", "qwen2")
+    """A tiny llama with a word-level tokenizer and a chat template, and directions for it
+    (tests that change it work on a copy). Not qwen2: transformers 5 gives a qwen2 its own BPE
+    tokenizer, which reads these words as nothing, so every prompt would be the same."""
+    path = write_checkpoint(build_model("llama"), tmp_path_factory.mktemp("chat") / "m", "llama")
     tiny_tokenizer(path)
     directions = path.parent / "d.safetensors"
     random_measurements(TEXT["hidden_size"], TEXT["num_hidden_layers"]).save(directions)

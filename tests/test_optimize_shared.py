@@ -33,8 +33,10 @@ def args(chat_model: tuple[Path, Path], plan: Path, study: str, *extra: str) -> 
 def test_two_workers_finish_one_study_and_a_report_chooses_the_same(chat_model: tuple[Path, Path], tmp_path: Path,
                                                                      where: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the study's path is relative, as a shared folder's often is
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))  # the workers import the plugin
+    # trials slowed to about a second (tests/slow_plugin.py): both workers start before the study is done
     result = CliRunner().invoke(main, args(chat_model, tmp_path / "plan.yml", where, "--jobs", "2", "--trials", "12",
-                                           "--strategy", "standard"))
+                                           "--strategy", "slow-standard", "-p", "tests.slow_plugin"))
     assert result.exit_code == 0, result.output
     storage = parse_storage(where).open(optuna)
     trials = optuna.load_study(study_name=STUDY_NAME, storage=storage).trials
@@ -45,7 +47,7 @@ def test_two_workers_finish_one_study_and_a_report_chooses_the_same(chat_model: 
     points = [json.dumps(t.params, sort_keys=True) for t in done]
     assert len(set(points)) == 12, "no plan was scored twice (the 3 seeded ones by one worker each)"
     report = CliRunner().invoke(main, args(chat_model, tmp_path / "again.yml", where, "--report", "--trials", "12",
-                                           "--strategy", "standard"))
+                                           "--strategy", "slow-standard", "-p", "tests.slow_plugin"))
     assert report.exit_code == 0, report.output
     assert len([t for t in optuna.load_study(study_name=STUDY_NAME, storage=storage).trials]) == len(trials)
     chosen = [line for line in result.output.splitlines() if line.startswith("chosen:")]
