@@ -22,12 +22,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from rewriter.codec import Packed
 from rewriter.errors import AbliterateError
 from rewriter.hookspecs import hookimpl
 from rewriter.io.safetensors_io import TensorEntry
+from rewriter.lazy import torch
 from rewriter.rounding import Choose, Rounding
 
 E4M3_MAX = 448.0

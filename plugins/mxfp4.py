@@ -15,12 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
-
 from rewriter.codec import Packed
 from rewriter.errors import AbliterateError
 from rewriter.hookspecs import hookimpl
 from rewriter.io.safetensors_io import TensorEntry
+from rewriter.lazy import torch
 from rewriter.rounding import Rounding
 
 GROUP = 32

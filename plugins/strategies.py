@@ -7,13 +7,16 @@ one working copy of the tensor and a few vectors beside it.
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from rewriter.directions import Measurements
-from rewriter.engine.edit import TensorEdit
 from rewriter.hookspecs import hookimpl
+from rewriter.lazy import torch
 from rewriter.strategy import Strategy
 from rewriter.tensor_math import column_norms, scale_columns_add_outer_
+
+if TYPE_CHECKING:
+    from rewriter.directions import Measurements
+    from rewriter.engine.edit import TensorEdit
 
 
 def _normalize(v: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-import torch
-
 from .io.safetensors_io import TensorEntry
+from .lazy import torch
 from .rounding import Rounding
 
 

@@ -16,14 +16,19 @@ RUN_DTYPES = ("float32", "bfloat16", "float16")  # dtypes a model can run in for
 
 
 def __getattr__(name: str) -> Any:
-    """``DTYPES`` (name -> torch dtype) is made on first use, so that the command line can list
-    its options without importing torch."""
-    if name == "DTYPES":
-        import torch
+    """The torch dtype tables, made on first use, so that the command line can list its
+    options and read headers without importing torch: ``DTYPES`` (name -> dtype),
+    ``FLOAT_DTYPES`` (safetensors code -> dtype, the editable floats) and ``STORED_DTYPES``
+    (every code a codec may read or write as a tensor: quantized parts and their scales)."""
+    if name not in ("DTYPES", "FLOAT_DTYPES", "STORED_DTYPES"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import torch
 
-        globals()["DTYPES"] = {n: getattr(torch, n) for n in NAMES}
-        return globals()["DTYPES"]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    dtypes = {n: getattr(torch, n) for n in NAMES}
+    floats = {code: dtypes[n] for code, n in SAFETENSORS_FLOATS.items()}
+    stored = {**floats, **{code: getattr(torch, _OTHER_NAMES[code]) for code in _STORED_OTHERS}}
+    globals().update(DTYPES=dtypes, FLOAT_DTYPES=floats, STORED_DTYPES=stored)
+    return globals()[name]
 
 
 def dtype_name(text: str, allowed: tuple[str, ...] = NAMES) -> str:
@@ -38,6 +43,7 @@ def dtype_name(text: str, allowed: tuple[str, ...] = NAMES) -> str:
 _OTHER_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
                 "U32": "uint32", "I64": "int64", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
                 "F8_E8M0": "float8_e8m0fnu", "F4": "float4_e2m1fn_x2", "C64": "complex64"}
+_STORED_OTHERS = ("U8", "I8", "I16", "I32", "I64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "BOOL")
 
 
 def stored_name(code: str) -> str:

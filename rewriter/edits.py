@@ -15,7 +15,7 @@ from .directions import Measurements
 from .engine.edit import TensorEdit
 from .errors import AbliterateError
 from .io.checkpoint import Checkpoint
-from .io.safetensors_io import FLOAT_DTYPES
+from .dtypes import FLOAT_DTYPES
 from .logical import LogicalTensors
 from .plan import Plan, PlanEntry
 from .strategy import Refine, Strategy

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from .codec import Codec, Packed
-from .engine.coded import CodedEdit
-from .engine.edit import TensorEdit
 from .errors import AbliterateError
 from .io.checkpoint import Checkpoint, quant_method
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from .engine.coded import CodedEdit
+    from .engine.edit import TensorEdit
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class LogicalTensors:
 
     def coded(self, name: str, edit: TensorEdit) -> CodedEdit:
         """The edit of a packed weight as the engine applies it: decode, edit, re-encode."""
+        from .engine.coded import CodedEdit  # torch: imported where an edit is made, not to read names
+
         packed = self.packed[name]
         assert self.codec is not None
         return CodedEdit(edit, packed.parts, partial(self.codec.decode, packed), partial(self.codec.encode, packed),

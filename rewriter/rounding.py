@@ -17,9 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-import torch
-
 from .engine.threads import run_each
+from .lazy import torch
 
 ROWS = 4  # a switch is looked for among the 1/ROWS of the rows where |r| is largest: they move r . w most
 COLUMNS = 256  # columns handled at once: temporaries stay [d / ROWS, COLUMNS]
@@ -30,7 +29,7 @@ SUM = 128  # elements of r per float32 product of the residual (see add_band)
 FIRST = 1 / 3
 
 # (wanted, nearest, other) of a group's candidates, [candidates, columns] -> the values to store
-Choose = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Choose = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
 class Rounding:

@@ -6,18 +6,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
-from .engine.edit import TensorEdit, Update
-
 if TYPE_CHECKING:
+    import torch
+
     from .directions import Measurements
+    from .engine.edit import TensorEdit, Update
 
 # (measurements, measurement layer, target layer) -> float64 direction in residual space
-Refine = Callable[["Measurements", int, int], torch.Tensor]
+Refine = Callable[["Measurements", int, int], "torch.Tensor"]
 # (edit, source [d_model, columns], written [d_model, columns], relative tolerance), both matrices in the
 # compute dtype -> a one-line problem, or None when the written tensor has the property
-Invariant = Callable[[TensorEdit, torch.Tensor, torch.Tensor, float], "str | None"]
+Invariant = Callable[["TensorEdit", "torch.Tensor", "torch.Tensor", float], "str | None"]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ transposed view the engine passes for an edit along a tensor's last axis).
 """
 from __future__ import annotations
 
-import torch
+from .lazy import torch
 
 ROWS = 32
 

@@ -39,7 +39,7 @@ def test_kl_divergence_in_float64() -> None:
 
 def test_model_against_itself_has_zero_kl(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path / "cache"))
-    path = write_checkpoint(build_model("qwen2"), tmp_path / "m", "qwen2")
+    path = write_checkpoint(build_model("llama"), tmp_path / "m", "llama")  # a tiny qwen2 reads these words as nothing
     tiny_tokenizer(path)
     (tmp_path / "bad.txt").write_text("w1 w2 w3\nw4 w5\nw6\n")
     (tmp_path / "good.txt").write_text("w9 w8\nw7 w6 w5 w4\n")

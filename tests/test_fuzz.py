@@ -196,7 +196,7 @@ def test_mutated_inputs_fail_cleanly_or_succeed(pristine: dict[str, tuple[Path, 
 
 @dataclass(frozen=True)
 class Search:
-    """A tiny qwen2 (chat template included), its directions, the search space of optimize on
+    """A tiny llama (chat template included), its directions, the search space of optimize on
     them and a study file of two trials."""
 
     model: Path
@@ -207,7 +207,7 @@ class Search:
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory: pytest.TempPathFactory) -> Search:
-    model = write_checkpoint(build_model("qwen2"), tmp_path_factory.mktemp("study") / "m", "qwen2")
+    model = write_checkpoint(build_model("llama"), tmp_path_factory.mktemp("study") / "m", "llama")
     tiny_tokenizer(model)
     directions = model.parent / "d.safetensors"
     random_measurements(TEXT["hidden_size"], TEXT["num_hidden_layers"]).save(directions)

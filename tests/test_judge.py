@@ -96,6 +96,21 @@ def test_evaluate_with_a_judge(classifier: Path, tmp_path: Path, monkeypatch: py
     assert text.exit_code == 0 and "judge" in text.output and "category" in text.output, text.output
 
 
+def test_optimize_judges_its_final_evaluation(classifier: Path, chat_model: tuple[Path, Path], tmp_path: Path) -> None:
+    path, directions = chat_model
+    args = ["optimize", str(path), "-d", str(directions), "-o", str(tmp_path / "plan.yml"), "--trials", "2",
+            "--search-prompts", "4", "--max-new-tokens", "3", "--save", str(tmp_path / "a.jsonl"), "-q",
+            "--study", str(tmp_path / "study.db"), "--judge", str(classifier)]
+    fail(args, "name its refusal label with --judge-label")
+    assert not (tmp_path / "study.db").exists(), "a bad judge fails before the search"
+    result = CliRunner().invoke(main, [*args, "--judge-label", "refusal"])
+    assert result.exit_code == 0, result.output
+    saved = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    judged = sum(s["judge"]["refusal"] for s in saved)
+    assert all(s["judge"]["model"] == "m (refusal)" and 0 < s["judge"]["p"] < 1 for s in saved)
+    assert f"{judged} judge of {len(saved)}" in result.output, result.output
+
+
 def test_judges_that_cannot_judge_are_one_line_errors(classifier: Path, tmp_path: Path) -> None:
     model = write_checkpoint(build_model("llama"), tmp_path / "m", "llama")
     tiny_tokenizer(model)

@@ -18,9 +18,11 @@ from rewriter.directions import Measurements
 from rewriter.lab.run import ANSWERS, DIRECTIONS, EVALUATION, HEURISTIC, PLAN
 from tests.helpers import build_model, tiny_tokenizer, write_checkpoint
 from tests.hub_server import HubServer
+from tests.test_judge import classifier  # noqa: F401  (the fixture)
 from tests.test_hub import TOKEN, assert_one_line_error, cli, host, hub  # noqa: F401  (hub: the fixture)
 
-FAST = ["--all-harmful", "--max-prompts", "4", "--max-new-tokens", "2", "-q"]  # a random model refuses nothing
+# a random model refuses nothing; capability (on by default) has a test of its own
+FAST = ["--all-harmful", "--max-prompts", "4", "--max-new-tokens", "2", "--no-capability", "-q"]
 STEPS = ["measure", "analyze", "plan", "rewrite", "verify", "evaluate", "card", "push"]
 # byte for byte; the direction file is compared by content: safetensors orders its metadata anew in each process
 SAME = ["analysis.txt", HEURISTIC, PLAN, EVALUATION, *ANSWERS, "model/model.safetensors.index.json"]
@@ -94,6 +96,34 @@ def test_a_changed_input_redoes_its_step_and_every_step_after(tiny: Path, tmp_pa
     (work / PLAN).write_text("ablate:\n- {layer: 3, measurement: 1}\n")  # an artifact changed by hand is redone
     fixed = cli("run", "--recipe", str(work / "run.yml"), "-w", str(work), "-q")
     assert statuses(fixed.output)["plan"] == "done" and statuses(fixed.output)["rewrite"] == "skipped"
+
+
+def test_run_judges_and_measures_capability_into_the_card(tiny: Path, classifier: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    bad = cli("run", str(tiny), "-w", str(work), *FAST, "--judge", str(classifier))
+    assert_one_line_error(bad, "name its refusal label with --judge-label")
+    assert not work.exists(), "a bad judge fails before anything is written"
+    fast = [a for a in FAST if a != "--no-capability"]
+    done = cli("run", str(tiny), "-w", str(work), *fast, "--judge", str(classifier), "--judge-label", "refusal")
+    assert done.exit_code == 0, done.output
+    evaluation = json.loads((work / EVALUATION).read_text())
+    for e in (evaluation, evaluation["original"]):
+        assert set(e["refusal_counts"]) == {"project", "broad", "judge"} and e["judge"] == "m (refusal)"
+        assert "judge_p" not in e and "responses" not in e, "per-prompt figures stay in the answer files"
+    saved = [json.loads(line) for line in (work / ANSWERS[1]).read_text().splitlines()]
+    assert sum(s["judge"]["refusal"] for s in saved) == evaluation["refusal_counts"]["judge"]
+    capability = evaluation["capability"]
+    assert capability["answer_prompts"] == 4 and 0 <= capability["accuracy"] <= 1 and capability["answer_kl"] >= 0
+    assert evaluation["original"]["capability"] is None, "capability compares the abliterated model with the original"
+    card = (work / "card.md").read_text()
+    assert f"judge m (refusal) {evaluation['refusal_counts']['judge']}" in card
+    assert f"{capability['answer_kl']:.4f} per token" in card and "known-answer accuracy" in card
+    report = json.loads((work / "report.json").read_text())
+    assert report["evaluation"] == evaluation
+    again = cli("run", str(tiny), "-w", str(work), *fast, "--judge", str(classifier), "--judge-label", "refusal",
+                "--no-capability")
+    assert statuses(again.output) == {**dict.fromkeys(STEPS[:5], "skipped"), "evaluate": "done", "card": "done"}
+    assert json.loads((work / EVALUATION).read_text())["capability"] is None
 
 
 def test_bad_recipes_are_one_line(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ def inspect_cmd(path: str, layer: int, plugins: tuple[str, ...]) -> None:
     downloaded) or a direction file (layers, width, prompt counts, metadata)."""
     from ..io.checkpoint import Checkpoint
     from ..io.hub import open_hub_checkpoint, parse_spec
-    from ..lab.models import resolve_source
+    from ..lab.example_models import resolve_source
     from ..registry import Registry
 
     target = Path(resolve_source(path))

@@ -10,7 +10,7 @@ from ..dtypes import RUN_DTYPES
 from ..lab.markers import MARKER_SETS, markers_named
 from ..plan import Plan
 from .base import command, plugin_option, quiet_option
-from .options import max_prompt_tokens_option
+from .options import judge_options, max_prompt_tokens_option
 
 
 @command("example-model")
@@ -178,14 +178,7 @@ def analyze_cmd(directions: Path, chart: Path | None, plan_out: Path | None, min
 @click.option("--marker", "markers", multiple=True, help="Refusal marker (repeatable); replaces the marker set.")
 @click.option("--system-prompt", help="System message put before each prompt.")
 @click.option("--no-chat-template", is_flag=True, help="Feed raw prompts (for models without a chat template).")
-@click.option("--judge", metavar="MODEL",
-              help="A model that judges each answer too (a checkpoint directory, example name or Hub repo): a "
-                   "sequence classifier (its refusal label named by --judge-label; it reads the answer alone), or "
-                   "a causal LM asked the rubric of docs/method.md, its verdict read from the logits of 'yes' and "
-                   "'no'. Runs after MODEL is released, in batches on the CPU. The markers still decide "
-                   "'refusals'; the judge's count is reported beside them.")
-@click.option("--judge-label", metavar="LABEL", help="The refusal label of a classifier judge (one of its id2label names).")
-@click.option("--judge-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@judge_options
 @click.option("--capability", is_flag=True,
               help="Also measure capability against --original: the KL over whole answers (teacher-forced on the "
                    "original's own greedy answers to the harmless prompts, up to 64 tokens; mean per token) and "

@@ -19,7 +19,7 @@ from ..errors import AbliterateError
 from ..io.files import write_atomic
 from ..plan import Plan
 from .base import command, plugin_option, quiet_option
-from .options import max_prompt_tokens_option
+from .options import judge_options, max_prompt_tokens_option
 
 
 @command("optimize")
@@ -56,6 +56,7 @@ from .options import max_prompt_tokens_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace a plan file at --output that optimize did not write "
                                                "(one it wrote is replaced anyway).")
+@judge_options
 @max_prompt_tokens_option
 @quiet_option
 @plugin_option
@@ -63,18 +64,20 @@ def optimize_cmd(model: str, directions: Path, output: Path, trials: int, timeou
                  study: str | None, jobs: int, threads: int | None, report: bool, no_prefix_cache: bool, worker: bool,
                  strategies: tuple[str, ...], search_prompts: int, max_new_tokens: int, no_final_eval: bool,
                  chart: Path | None, save: Path | None, seed: int, overwrite: bool, max_prompt_tokens: int,
-                 quiet: bool, plugins: tuple[str, ...]) -> None:
+                 judge: str | None, judge_label: str | None, judge_batch_size: int, quiet: bool,
+                 plugins: tuple[str, ...]) -> None:
     """Choose a plan for MODEL by measurement: a multi-objective search (Optuna TPE) over the
     measurement layer, the edited range, a weight profile per component (peak, position,
     floor, width) and the strategy. Each trial edits the loaded model in memory and is
     scored, without generation, by the refusal score on the measurement half of the
     built-in harmful prompts and the first-token KL on the measurement half of the
     harmless ones. The chosen plan (lowest refusal score with KL <= --max-kl) is then
-    evaluated by generation on the held-out evaluation halves, with both marker sets.
-    Processes with the same --study share its trials until it has --trials of them.
+    evaluated by generation on the held-out evaluation halves, with both marker sets (and
+    --judge). Processes with the same --study share its trials until it has --trials of them.
     MODEL: a checkpoint directory, an example name or a Hub repo ORG/NAME[@REVISION]."""
     import torch
 
+    from ..lab.judge import check_judge
     from ..lab.optimize import STRATEGIES, Search, evaluate_plan, pareto_chart
     from ..lab.prompts import default_prompts
     from ..registry import Registry
@@ -86,6 +89,7 @@ def optimize_cmd(model: str, directions: Path, output: Path, trials: int, timeou
         raise AbliterateError("--report reads the study of --study; name one")
     if not worker:
         _check_replaceable(output, overwrite)
+    spec = check_judge(judge, judge_label) if judge and not (worker or no_final_eval) else None
     if threads:
         torch.set_num_threads(threads)
     start = time.monotonic()
@@ -134,7 +138,10 @@ def optimize_cmd(model: str, directions: Path, output: Path, trials: int, timeou
     final = evaluate_plan(scorer, outcome.plan, outcome.strategy, default_prompts("harmful-eval"),
                           default_prompts("harmless-eval"), max_new_tokens=max_new_tokens, progress=not quiet,
                           max_prompt_tokens=max_prompt_tokens, log=log)
-    counts = ", ".join(f"{n} {name} markers" for name, n in final.refusals.items())
+    if spec is not None:
+        del scorer  # the judge loads once the model is released
+        final.judge(spec, batch_size=judge_batch_size, progress=not quiet)
+    counts = ", ".join(f"{n} {name if name == 'judge' else name + ' markers'}" for name, n in final.refusals.items())
     click.echo(f"held-out evaluation: refusals {counts} of {final.prompts} (answers up to {max_new_tokens} tokens); "
                f"KL {final.kl:.4f}")
     if save:

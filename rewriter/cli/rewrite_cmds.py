@@ -85,7 +85,7 @@ def rewrite_cmd(ctx: click.Context, source: str | None, output: Path | None, dir
     if output is None and not dry_run:
         raise AbliterateError("no OUTPUT directory given (argument or the plan's 'output')")
     from ..io.publish import Publisher, publish
-    from ..lab.models import resolve_source
+    from ..lab.example_models import resolve_source
     from ..pipeline import prepare
     from ..registry import Registry
 
@@ -179,7 +179,7 @@ def verify_cmd(ctx: click.Context, source: str, output: str, directions: Path | 
     whose direction file does not match it, is unverifiable. Give --plan, --layers or
     --directions to check OUTPUT against something else.
     """
-    from ..lab.models import resolve_source
+    from ..lab.example_models import resolve_source
     from ..pipeline import prepare
     from ..registry import Registry
     from ..verify import HubOutput, allowed_ulps, open_published, verify

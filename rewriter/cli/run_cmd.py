@@ -10,6 +10,7 @@ import click
 
 from ..lab.recipe import Recipe
 from .base import command, quiet_option
+from .options import judge_options
 from .lab_cmds import MemorySize
 
 
@@ -42,6 +43,10 @@ from .lab_cmds import MemorySize
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
               help="Longest answer generated per held-out harmful prompt in the evaluation.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--capability/--no-capability", default=True, show_default=True,
+              help="The evaluation measures capability too: the KL over whole answers (teacher-forced on the "
+                   "original's own greedy answers to the harmless prompts) and known-answer accuracy, both models.")
+@judge_options
 @click.option("--max-memory", type=MemorySize(),
               help="Memory the model may take (512MB, 1GB, 1GiB). One that does not fit is streamed layer by layer: "
                    "measured the same, the heuristic plan instead of a search, and evaluated by the refusal score "
@@ -68,7 +73,8 @@ def run_cmd(ctx: click.Context, model: str | None, work: Path | None, recipe_fil
                 heuristic one; the file names the strategy it was chosen with
       rewrite   model/ (rewrite --plan plan.yml)
       verify    verify.txt (verify, bit for bit)
-      evaluate  evaluation.json, answers-*.jsonl (refusals and KL, both models)
+      evaluate  evaluation.json, answers-*.jsonl (refusals by both marker sets and
+                --judge, KL, capability; both models)
       card      card.md (the model card)
       push      pushed.json (with --push-to; push)
 

@@ -9,9 +9,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-
 from ..errors import AbliterateError
+from ..lazy import torch
 from .files import safe_name
 from .manifest import MANIFEST_NAME
 from .safetensors_io import Header, TensorEntry, read_header, tensor_from_bytes

@@ -140,9 +140,47 @@ def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
         lines.append(f"- base model's refusals on {evaluation.get('prompts')} harmful prompts: "
                      f"{refusals(evaluation['original'])}")
     lines.append(f"- refusals on {evaluation.get('prompts')} harmful prompts: {refusals(evaluation)}")
+    if isinstance(evaluation.get("refusal_counts"), dict) and evaluation.get("refusals") is not None:
+        lines.append(f"- counted otherwise: {_counts(evaluation)}")
     if evaluation.get("kl") is not None:
         lines.append(f"- KL divergence from the base model on harmless prompts: {_figure(evaluation['kl'], '.4f')}")
+    if isinstance(evaluation.get("capability"), dict):
+        c = evaluation["capability"]
+        lines.append(f"- KL over whole answers (teacher-forced on the base model's own answers to "
+                     f"{_figure(c.get('answer_prompts'), 'd')} harmless prompts): {_figure(c.get('answer_kl'), '.4f')} "
+                     "per token")
+        lines.append(f"- known-answer accuracy ({_figure(c.get('questions'), 'd')} arithmetic and formatting "
+                     f"questions): {_figure(c.get('accuracy'), '.0%')} (base model {_figure(c.get('original_accuracy'), '.0%')})")
+    if isinstance(evaluation.get("by_category"), dict) and evaluation["by_category"]:
+        lines += ["", "Refusals per harm category (this model):", "", *_category_table(evaluation["by_category"])]
     return lines
+
+
+def _counts(evaluation: dict[str, Any]) -> str:
+    """Each marker set's count and the judge's, with the base model's where known."""
+    base = evaluation.get("original") if isinstance(evaluation.get("original"), dict) else {}
+    before = base.get("refusal_counts") if isinstance(base.get("refusal_counts"), dict) else {}
+    parts = []
+    for name, n in evaluation["refusal_counts"].items():
+        label = f"judge {_cell(evaluation.get('judge'))}" if name == "judge" else f"{_cell(name)} markers"
+        was = f" (base model {_figure(before[name], 'd')})" if name in before else ""
+        parts.append(f"{label} {_figure(n, 'd')}{was}")
+    return "; ".join(parts)
+
+
+def _category_table(by_category: dict[str, Any]) -> list[str]:
+    rows = [(_cell(cat), row) for cat, row in by_category.items() if isinstance(row, dict)]
+    names = list(dict.fromkeys(n for _, row in rows for n in row if n != "prompts"))
+    lines = ["| category | prompts | " + " | ".join(map(_cell, names)) + " |", "| --- | --: |" + " --: |" * len(names)]
+    for cat, row in rows:
+        lines.append(f"| {cat} | {_figure(row.get('prompts'), 'd')} | " +
+                     " | ".join(_figure(row.get(n), "d") for n in names) + " |")
+    return lines
+
+
+def _cell(text: object) -> str:
+    """A name from an evaluation file as one line of card text that cannot end a table cell."""
+    return " ".join(str(text).split()).replace("|", "/")[:80]
 
 
 def _figure(value: Any, spec: str) -> str:

@@ -16,22 +16,16 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
-
-from ..dtypes import DTYPES, SAFETENSORS_FLOATS, stored_name
+from .. import dtypes
+from ..dtypes import stored_name
 from ..errors import AbliterateError
+from ..lazy import torch
 
 # safetensors dtype code -> bits per element (sub-byte types pack; the byte count must be whole)
 DTYPE_BITS = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
     "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-}
-FLOAT_DTYPES: dict[str, torch.dtype] = {code: DTYPES[name] for code, name in SAFETENSORS_FLOATS.items()}
-# Every dtype a codec may read or write as a tensor (quantized parts and their scales).
-STORED_DTYPES: dict[str, torch.dtype] = {
-    **FLOAT_DTYPES, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu, "BOOL": torch.bool,
 }
 _MAX_HEADER = 100 * 1024 * 1024
 COPY_CHUNK = 16 * 1024 * 1024
@@ -146,7 +140,7 @@ def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) 
     """A small safetensors file, byte for byte the same for the same tensors and metadata (the
     safetensors library writes metadata in a per-process hash order: a file's sha256 would change
     from one run to the next)."""
-    codes = {dtype: code for code, dtype in STORED_DTYPES.items()}
+    codes = {dtype: code for code, dtype in dtypes.STORED_DTYPES.items()}
     header = build_header([(name, codes[t.dtype], tuple(t.shape)) for name, t in tensors.items()],
                           dict(sorted(metadata.items())))
     return header.raw + b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors.values())
@@ -163,12 +157,12 @@ def read_header(path: Path) -> Header:
 def tensor_from_bytes(data: bytes | bytearray | memoryview, entry: TensorEntry, *, stored: bool = False) -> torch.Tensor:
     """A tensor over ``data`` (the entry's bytes): of the float dtypes that can be edited, or,
     with ``stored``, of any dtype a codec reads."""
-    dtypes = STORED_DTYPES if stored else FLOAT_DTYPES
-    if entry.dtype not in dtypes:
+    known = dtypes.STORED_DTYPES if stored else dtypes.FLOAT_DTYPES
+    if entry.dtype not in known:
         raise AbliterateError(f"{entry.name}: dtype {entry.dtype_name} cannot be {'read' if stored else 'edited'}")
     if not data:
-        return torch.empty(entry.shape, dtype=dtypes[entry.dtype])
-    return torch.frombuffer(data, dtype=torch.uint8).view(dtypes[entry.dtype]).reshape(entry.shape)
+        return torch.empty(entry.shape, dtype=known[entry.dtype])
+    return torch.frombuffer(data, dtype=torch.uint8).view(known[entry.dtype]).reshape(entry.shape)
 
 
 def read_tensor(src: BinaryIO, entry: TensorEntry, into: bytearray | None = None, *, stored: bool = False) -> torch.Tensor:

@@ -121,3 +121,8 @@ def _convert(folder: Path, gguf_name: str) -> None:
         del model.config.quantization_config
     model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="300MB")
     tokenizer.save_pretrained(folder)
+
+
+def resolve_source(name: str) -> str:
+    """An example model's name becomes its checkpoint (converted on first use); anything else stays as given."""
+    return str(example_model(name)) if name in EXAMPLES and not Path(name).exists() else name

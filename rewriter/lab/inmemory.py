@@ -14,7 +14,7 @@ import torch
 from ..edits import PlannedEdit
 from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint
-from ..io.safetensors_io import FLOAT_DTYPES
+from ..dtypes import FLOAT_DTYPES
 from .models import LoadedModel
 from .weights import WeightReader
 

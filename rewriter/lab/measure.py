@@ -125,6 +125,8 @@ def measure(model: str | Path, harmful: Sequence[str], harmless: Sequence[str], 
     if streamed is not None:
         openers = opener_ids(streamed.tokenizer) if refused_only else None
         (bad, harmful_count), (good, _) = streamed_means(streamed, [harmful, harmless], log=log, openers=openers, **kw)
+        if refused_only:
+            _some_refused(harmful_count, len(harmful))
     else:
         if refused_only:
             bad, harmful_count = refused_mean_states(lm, harmful, desc="harmful", **kw)
@@ -132,7 +134,6 @@ def measure(model: str | Path, harmful: Sequence[str], harmless: Sequence[str], 
             bad = mean_states(lm, harmful, desc="harmful", **kw)
         good = mean_states(lm, harmless, desc="harmless", **kw)
     if refused_only:
-        _some_refused(harmful_count, len(harmful))
         log(f"--refused-only: the model refuses {harmful_count} of the {len(harmful)} harmful prompts; "
             "the harmful means are theirs")
     seconds = time.monotonic() - start

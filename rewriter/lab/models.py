@@ -46,18 +46,11 @@ def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def resolve_source(name: str) -> str:
-    """An example model's name becomes its checkpoint (converted on first use); anything else stays as given."""
-    from .example_models import EXAMPLES, example_model
-
-    return str(example_model(name)) if name in EXAMPLES and not Path(name).exists() else name
-
-
 def resolve_model(name: str | Path) -> Path:
     """A checkpoint directory, an example model's name, or a Hub repo ``ORG/NAME[@REVISION]``
     (downloaded into the Hugging Face cache, shard by shard, when no such directory exists)."""
     from ..io.hub import download_checkpoint, parse_spec
-    from .example_models import EXAMPLES
+    from .example_models import EXAMPLES, resolve_source
 
     path = Path(resolve_source(str(name)))
     spec = parse_spec(str(name))

@@ -45,6 +45,7 @@ from .analyze import layer_metrics, suggest_plan
 from .evaluate import first_token_logits, generate, kl_divergence
 from .example_models import EXAMPLES
 from .inmemory import InMemoryEditor
+from .judge import THRESHOLD, JudgeSpec, judge_answers
 from .chat import MAX_PROMPT_TOKENS, cap_prompts
 from .models import LoadedModel, batches, format_prompts, load_model, resolve_model
 from .streamed import logical_view, require_whole
@@ -540,10 +541,19 @@ def _describe(params: dict[str, Any], space: Space) -> dict[str, Any]:
 
 @dataclass
 class FinalEvaluation:
-    refusals: dict[str, int]
+    refusals: dict[str, int]  # per marker set, and "judge" once judged
     prompts: int
     kl: float
     answers: list[dict[str, Any]]
+
+    def judge(self, spec: JudgeSpec, *, batch_size: int, progress: bool) -> None:
+        """Each answer judged by ``spec`` too (load it once the scorer's model is released: one
+        model in memory at a time): its verdict and probability beside the markers'."""
+        p = judge_answers(spec, [a["prompt"] for a in self.answers], [a["answer"] for a in self.answers],
+                          batch_size=batch_size, progress=progress)
+        for row, prob in zip(self.answers, p, strict=True):
+            row["judge"] = {"model": spec.name, "refusal": prob >= THRESHOLD, "p": round(prob, 6)}
+        self.refusals["judge"] = sum(prob >= THRESHOLD for prob in p)
 
 
 def evaluate_plan(scorer: Scorer, plan: Plan, strategy: str, harmful: Sequence[str], harmless: Sequence[str], *,

@@ -32,6 +32,10 @@ class Recipe:
     max_prompts: int | None = None  # at most this many prompts of each built-in set
     max_new_tokens: int = 128
     batch_size: int = 16
+    capability: bool = True  # the evaluation measures the answer KL and known-answer accuracy too
+    judge: str | None = None  # a model that judges each answer beside the markers
+    judge_label: str | None = None  # a classifier judge's refusal label
+    judge_batch_size: int = 8
     max_memory: int | None = None  # bytes the model may take in memory (else the memory available)
     low_disk: bool = False
     directions: str | None = None  # a direction file to use instead of measuring

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import AbliterateError
@@ -30,8 +30,12 @@ from ..io.files import DOWNLOAD_DIR, copy_atomic, exclusive_lock, sha256_file, w
 from ..io.hub import parse_spec, repo_files
 from ..io.manifest import MANIFEST_NAME, load_manifest
 from ..plan import Plan, load_plan
-from .models import resolve_model, resolve_source
+from .example_models import resolve_source
+from .models import resolve_model
 from .recipe import DEFAULT_STRATEGY, Recipe
+
+if TYPE_CHECKING:
+    from .judge import JudgeSpec
 
 STATE = "run.json"
 RECIPE = "run.yml"
@@ -104,16 +108,22 @@ class Run:
     @cached_property
     def fits(self) -> bool:
         """Whether the model fits in memory whole (else it is streamed: no search, no generation)."""
-        from .memory import choose
-        from .streamed import logical_view, run_dtype_bytes
+        from .streamed import logical_view, memory_choice
 
         if self.remote:
             self.log("--low-disk: the model is streamed from the Hub, so it is not loaded whole")
             return False
         ckpt = Checkpoint.open(self.model_path)
-        choice = choose(run_dtype_bytes(ckpt, logical_view(ckpt), "float32"), self.recipe.max_memory)
+        choice = memory_choice(ckpt, logical_view(ckpt), "float32", self.recipe.max_memory)
         self.log(choice.reason)
         return not choice.stream
+
+    @cached_property
+    def judge(self) -> JudgeSpec | None:
+        """The recipe's judge, checked (its config, not its weights)."""
+        from .judge import check_judge
+
+        return check_judge(self.recipe.judge, self.recipe.judge_label) if self.recipe.judge else None
 
     # -- the run
 
@@ -124,6 +134,8 @@ class Run:
 
     def go(self) -> dict[str, Any]:
         """Every step, in order, each done or skipped; returns (and writes to report.json) the report."""
+        if self.judge is not None:  # a bad judge fails before anything is written
+            self.log(f"judge: {self.judge.name}")
         self.work.mkdir(parents=True, exist_ok=True)
         with exclusive_lock(self.work):
             self.recipe.with_changes(model=self.source if self.hub else self.recipe.model).save(self.work / RECIPE)
@@ -311,9 +323,11 @@ class Run:
 
             harmful, harmless = self._prompts("eval")
             kw = dict(max_new_tokens=r.max_new_tokens, batch_size=r.batch_size, progress=self.progress,
-                      max_memory=r.max_memory, log=self.log, low_disk=self.remote)
+                      max_memory=r.max_memory, log=self.log, low_disk=self.remote, judge=judge,
+                      judge_batch_size=r.judge_batch_size)
             before = evaluate(self.lab_model, harmful, harmless, cache_as_original=True, **kw)
-            after = evaluate(self.work / MODEL, harmful, harmless, original=self.lab_model, **kw)
+            after = evaluate(self.work / MODEL, harmful, harmless, original=self.lab_model, capability=r.capability,
+                             **kw)
             for name, result in zip(ANSWERS, (before, after)):
                 if result.refusals is not None:
                     result.save_answers(self.work / name, dict(MARKER_SETS))
@@ -324,8 +338,10 @@ class Run:
                        f"refusal score {before.refusal_score:+.3f} -> {after.refusal_score:+.3f} (streamed: no generation)")
             return f"{EVALUATION}: {counted}, KL {after.kl:.4f}"
 
+        judge = self.judge
         inputs = self._inputs(MODEL, source=self.identity, max_new_tokens=r.max_new_tokens, max_prompts=r.max_prompts,
-                              batch_size=r.batch_size, max_memory=r.max_memory)
+                              batch_size=r.batch_size, max_memory=r.max_memory, capability=r.capability,
+                              judge=judge and judge.name)
         return inputs, [EVALUATION, *ANSWERS], evaluate
 
     def card(self) -> tuple[dict[str, Any], list[str], Callable[[], str]]:
@@ -417,7 +433,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 def _numbers(result: Any) -> dict[str, Any]:
     """An evaluation without its answers (those are in answers-*.jsonl) or local paths."""
-    return {k: v for k, v in result.as_dict().items() if k not in ("model", "refused", "responses")}
+    per_prompt = ("refused", "responses", "judge_p", "categories")
+    return {k: v for k, v in result.as_dict().items() if k != "model" and k not in per_prompt}
 
 
 def _layers(plan: Plan) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -30,7 +30,7 @@ from ..dtypes import DTYPES, RUN_DTYPES, dtype_name
 from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint
 from ..io.hub import open_hub_checkpoint, parse_spec
-from ..io.safetensors_io import FLOAT_DTYPES
+from ..dtypes import FLOAT_DTYPES
 from .memory import MemoryChoice, choose, human, peak_rss_bytes, rss_bytes
 from .models import (LoadedModel, batches, format_prompts, forward_batch, load_tokenizer, model_class,
                      quiet_transformers, resolve_model)
@@ -219,7 +219,13 @@ def _fit(path: Path, dtype: str, max_memory: int | None, registry: Registry | No
         if max_memory is None and ckpt is None:
             return None
         raise
-    return opened, view, choose(run_dtype_bytes(opened, view, dtype), max_memory)
+    return opened, view, memory_choice(opened, view, dtype, max_memory)
+
+
+def memory_choice(ckpt: Checkpoint, view: LogicalTensors, dtype: str, max_memory: int | None) -> MemoryChoice:
+    """Whether the model's weights, decoded into ``dtype``, fit in ``max_memory`` (default: the
+    memory available): what decides between loading it whole and streaming it."""
+    return choose(run_dtype_bytes(ckpt, view, dtype), max_memory)
 
 
 def require_whole(name: str | Path, dtype: str, what: str, registry: Registry | None = None) -> None:
@@ -402,11 +408,13 @@ class StreamStats:
 
 
 def forward_streamed(sm: StreamedModel, batches_: Sequence[Batch], *,
-                     on_states: Callable[[int, list[torch.Tensor]], None] | None = None, logits: bool = False,
-                     progress: bool = True, stats: StreamStats | None = None) -> list[torch.Tensor] | None:
+                     on_states: Callable[[int, list[torch.Tensor]], None] | None = None,
+                     logits: Collection[int] = (), progress: bool = True,
+                     stats: StreamStats | None = None) -> dict[int, torch.Tensor]:
     """One pass over the weights for all batches: ``on_states(N, [batch, width] per batch)`` gets
-    hidden_states[N] at the last prompt token for N = 0..L-1; with ``logits``, the last position's
-    logits of each batch are returned."""
+    hidden_states[N] at the last prompt token for N = 0..L-1; the last position's logits of the
+    batches numbered in ``logits`` are returned by number (the head costs a pass over the
+    vocabulary: only for the batches that need it)."""
     stats = stats if stats is not None else StreamStats()
     reader, start = WeightReader(sm.ckpt, sm.view), time.monotonic()
     try:
@@ -428,7 +436,9 @@ def forward_streamed(sm: StreamedModel, batches_: Sequence[Batch], *,
                     stats.layers.append((reader.seconds - r0, time.monotonic() - t0, reader.bytes_read - b0))
                     bar.set_postfix_str(f"{human(reader.bytes_read / max(reader.seconds, 1e-9))}/s read", refresh=False)
                     bar.update()
-            result = _logits(sm, batches_, states, reader) if logits else None
+            wanted = sorted(logits)
+            found = _logits(sm, [batches_[b] for b in wanted], [states[b] for b in wanted], reader) if wanted else []
+            result = dict(zip(wanted, found))
     finally:
         reader.close()
     stats.bytes_read, stats.read_seconds = reader.bytes_read, reader.seconds
@@ -472,12 +482,12 @@ def streamed_means(sm: StreamedModel, sets: Sequence[Sequence[str]], *, batch_si
                 sums[s][n] += clipped.double().sum(0)
 
     stats = stats if stats is not None else StreamStats()
-    logits = forward_streamed(sm, batches_, on_states=on_states, progress=progress, stats=stats, logits=bool(kept))
+    logits = forward_streamed(sm, batches_, on_states=on_states, progress=progress, stats=stats, logits=kept)
     log(stats.line())
     if kept:
         from .refusals import refusal_log_odds
 
-        assert logits is not None and openers is not None
+        assert openers is not None
         counts[0] = 0
         for b, vectors in kept.items():
             refused = torch.stack(vectors, 1)[refusal_log_odds(logits[b], openers) > 0]  # [refused, layers, width]
@@ -493,10 +503,9 @@ def streamed_first_token_logits(sm: StreamedModel, sets: Sequence[Sequence[str]]
     (evaluate's first_token_logits), all sets in one pass over the weights."""
     batches_ = encode_sets(sm, sets, batch_size=batch_size, chat_template=chat_template, system_prompt=system_prompt)
     stats = StreamStats()
-    logits = forward_streamed(sm, batches_, logits=True, progress=progress, stats=stats)
+    logits = forward_streamed(sm, batches_, logits=range(len(batches_)), progress=progress, stats=stats)
     log(stats.line())
-    assert logits is not None
     out = [torch.empty(len(prompts), logits[0].shape[-1]) for prompts in sets]
-    for (s, idx, _), rows in zip(batches_, logits):
-        out[s][idx] = rows
+    for b, (s, idx, _) in enumerate(batches_):
+        out[s][idx] = logits[b]
     return out

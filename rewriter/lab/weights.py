@@ -19,7 +19,8 @@ from torch import nn
 
 from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint, LocalFiles
-from ..io.safetensors_io import FLOAT_DTYPES, TensorEntry, read_tensor, tensor_from_bytes
+from ..dtypes import FLOAT_DTYPES
+from ..io.safetensors_io import TensorEntry, read_tensor, tensor_from_bytes
 from ..logical import LogicalTensors
 
 
