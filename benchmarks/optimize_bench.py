@@ -5,6 +5,7 @@ skeptic would: held-out prompts, answers up to 128 tokens, both marker sets, KL,
         [--optimized [S ...]] [--no-original] [--rank-plans 20 --rank-prompts 32] [--no-table]
         [--threads 2] [--out DIR]
     python benchmarks/optimize_bench.py --workers 1x2 2x1 [--trials 60] [--search-prompts 32] [--directions D]
+        [--all-harmful]
 
 Table: the original; the heuristic plan (``analyze --suggest-plan``) with each --heuristic
 strategy; the plan the study chose or, with --optimized S..., the best plan of each strategy
@@ -55,7 +56,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=60)
     ap.add_argument("--study", type=Path, help="study file (default: DIR/study.db); an existing one is reused")
-    ap.add_argument("--directions", type=Path, help="direction file (default: measured into DIR)")
+    ap.add_argument("--directions", type=Path, help="direction file (default: measured into DIR, as measure "
+                                                   "--refused-only does)")
+    ap.add_argument("--all-harmful", action="store_true", help="measure the harmful mean over every harmful prompt")
     ap.add_argument("--heuristic", nargs="*", default=list(reversed(STRATEGIES)), help="strategies of heuristic rows")
     ap.add_argument("--optimized", nargs="*", help="strategies of optimized rows (default: the study's choice)")
     ap.add_argument("--no-original", action="store_true", help="no row for the original")
@@ -73,7 +76,8 @@ def main() -> None:
     source = example_model(MODEL)
     directions = args.directions or args.out / "directions.safetensors"
     if not directions.is_file():
-        measure(source, default_prompts("harmful-measure"), default_prompts("harmless-measure"), progress=False).save(directions)
+        measure(source, default_prompts("harmful-measure"), default_prompts("harmless-measure"), progress=False,
+                refused_only=not args.all_harmful).save(directions)
     if args.workers:
         workers_table(source, directions, args)
         return
