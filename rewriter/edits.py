@@ -12,10 +12,10 @@ import torch
 
 from .architecture import Architecture, Config, DeclaresLayer, ResidualWriter
 from .directions import Measurements
+from .dtypes import FLOAT_DTYPES
 from .engine.edit import TensorEdit
 from .errors import AbliterateError
 from .io.checkpoint import Checkpoint
-from .dtypes import FLOAT_DTYPES
 from .logical import LogicalTensors
 from .plan import Plan, PlanEntry
 from .strategy import Refine, Strategy

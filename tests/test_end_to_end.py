@@ -22,8 +22,8 @@ def test_run_abliterates_qwen(qwen: Path, tmp_path: Path, capfd: pytest.CaptureF
     with capfd.disabled():
         print("\n[end-to-end] abliterate run on the Qwen example: its steps follow", file=sys.stderr, flush=True)
         done = subprocess.run([str(Path(sys.executable).with_name("abliterate")), "run", "qwen2.5-coder-0.5b-instruct",
-                               "-w", str(out), "--search", "--trials", "8", "--max-new-tokens", "48", "--max-prompts", "32",
-                               "--no-capability", "-q"],
+                               "-w", str(out), "--search", "--trials", "8", "--max-new-tokens", "48",
+                               "--max-prompts", "32", "--no-capability", "-q"],
                               stdout=subprocess.PIPE, text=True)
     assert done.returncode == 0, done.stdout
     report = json.loads((out / "report.json").read_text())

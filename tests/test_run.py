@@ -18,8 +18,8 @@ from rewriter.directions import Measurements
 from rewriter.lab.run import ANSWERS, DIRECTIONS, EVALUATION, HEURISTIC, PLAN
 from tests.helpers import build_model, tiny_tokenizer, write_checkpoint
 from tests.hub_server import HubServer
-from tests.test_judge import classifier  # noqa: F401  (the fixture)
 from tests.test_hub import TOKEN, assert_one_line_error, cli, host, hub  # noqa: F401  (hub: the fixture)
+from tests.test_judge import classifier  # noqa: F401  (the fixture)
 
 # a random model refuses nothing; capability (on by default) has a test of its own
 FAST = ["--all-harmful", "--max-prompts", "4", "--max-new-tokens", "2", "--no-capability", "-q"]

@@ -10,8 +10,8 @@ import click
 
 from ..lab.recipe import Recipe
 from .base import command, quiet_option
-from .options import judge_options
 from .lab_cmds import MemorySize
+from .options import judge_options
 
 
 @command("run")

@@ -34,7 +34,7 @@ from ..io.hub import parse_spec, repo_files
 from .chat import MAX_PROMPT_TOKENS, cap_prompts
 from .models import LoadedModel, batches, format_prompts, load_model, load_tokenizer, resolve_model
 from .prompts import prompts_sha256
-from .judge import THRESHOLD, JudgeSpec, check_judge, judge_answers
+from .judge import THRESHOLD, JudgeSpec, check_judge, judge_answers, verdict
 from .markers import MARKER_SETS, PROJECT_MARKERS, markers_in
 from .refusals import opener_ids, refusal_log_odds
 from .streamed import streamed_first_token_logits, streamed_if_needed
@@ -77,8 +77,7 @@ class Evaluation:
             if prompt in self.categories:
                 line["category"] = self.categories[prompt]
             if prompt in self.judge_p:
-                line["judge"] = {"model": self.judge, "refusal": self.judge_p[prompt] >= THRESHOLD,
-                                 "p": round(self.judge_p[prompt], 6)}
+                line["judge"] = verdict(self.judge, self.judge_p[prompt])
             lines.append(json.dumps(line, ensure_ascii=False))
         write_atomic(path, ("\n".join(lines) + "\n").encode())
 

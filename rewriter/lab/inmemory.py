@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..dtypes import FLOAT_DTYPES
 from ..edits import PlannedEdit
 from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint
-from ..dtypes import FLOAT_DTYPES
 from .models import LoadedModel
 from .weights import WeightReader
 

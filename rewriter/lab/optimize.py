@@ -45,7 +45,7 @@ from .analyze import layer_metrics, suggest_plan
 from .evaluate import first_token_logits, generate, kl_divergence
 from .example_models import EXAMPLES
 from .inmemory import InMemoryEditor
-from .judge import THRESHOLD, JudgeSpec, judge_answers
+from .judge import THRESHOLD, JudgeSpec, judge_answers, verdict
 from .chat import MAX_PROMPT_TOKENS, cap_prompts
 from .models import LoadedModel, batches, format_prompts, load_model, resolve_model
 from .streamed import logical_view, require_whole
@@ -552,7 +552,7 @@ class FinalEvaluation:
         p = judge_answers(spec, [a["prompt"] for a in self.answers], [a["answer"] for a in self.answers],
                           batch_size=batch_size, progress=progress)
         for row, prob in zip(self.answers, p, strict=True):
-            row["judge"] = {"model": spec.name, "refusal": prob >= THRESHOLD, "p": round(prob, 6)}
+            row["judge"] = verdict(spec.name, prob)
         self.refusals["judge"] = sum(prob >= THRESHOLD for prob in p)
 
 

@@ -433,8 +433,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 def _numbers(result: Any) -> dict[str, Any]:
     """An evaluation without its answers (those are in answers-*.jsonl) or local paths."""
-    per_prompt = ("refused", "responses", "judge_p", "categories")
-    return {k: v for k, v in result.as_dict().items() if k != "model" and k not in per_prompt}
+    left_out = ("model", "refused", "responses", "judge_p", "categories")  # a path, and per-prompt figures
+    return {k: v for k, v in result.as_dict().items() if k not in left_out}
 
 
 def _layers(plan: Plan) -> str:

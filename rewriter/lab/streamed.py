@@ -26,11 +26,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..dtypes import DTYPES, RUN_DTYPES, dtype_name
+from ..dtypes import DTYPES, FLOAT_DTYPES, RUN_DTYPES, dtype_name
 from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint
 from ..io.hub import open_hub_checkpoint, parse_spec
-from ..dtypes import FLOAT_DTYPES
 from .memory import MemoryChoice, choose, human, peak_rss_bytes, rss_bytes
 from .models import (LoadedModel, batches, format_prompts, forward_batch, load_tokenizer, model_class,
                      quiet_transformers, resolve_model)

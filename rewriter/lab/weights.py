@@ -17,9 +17,9 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
+from ..dtypes import FLOAT_DTYPES
 from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint, LocalFiles
-from ..dtypes import FLOAT_DTYPES
 from ..io.safetensors_io import TensorEntry, read_tensor, tensor_from_bytes
 from ..logical import LogicalTensors
 
