@@ -50,6 +50,48 @@ def test_a_quantized_rewrite_is_compute_bound(monkeypatch: pytest.MonkeyPatch, c
     assert (workers, threads.auto_edit_threads(workers, compute_bound=True)) == (expected_workers, expected_threads)
 
 
+@pytest.mark.parametrize("memory, expected", [
+    (64 << 30, 16),  # every edit thread takes a slice
+    (8 << 30, 4),  # half the memory (4 GiB), less two workers' 1 GiB buffers, holds four 0.5 GiB slices
+    (2 << 30, 1),  # not even one beside the buffers: one at a time, its chunks on the threads
+    (None, 16),
+])
+def test_auto_lanes(monkeypatch: pytest.MonkeyPatch, memory: int | None, expected: int) -> None:
+    monkeypatch.setattr(threads, "available_memory", lambda: memory)
+    assert threads.auto_lanes(16, 2, 1 << 30, 1 << 29) == expected
+
+
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_map_ordered_keeps_order_and_bounds_what_runs(ahead: int) -> None:
+    """Results come in the items' order; no more than ``ahead`` items are submitted and not yet
+    yielded; after a failure the running items finish before the error reaches the caller."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock, live, most, finished = threading.Lock(), [0], [0], []
+
+    def work(i: int) -> int:
+        with lock:
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+        time.sleep(0.01 * (i % 3))
+        with lock:
+            live[0] -= 1
+        if i == 7:
+            raise ValueError("seven")
+        finished.append(i)
+        return i * i
+
+    with ThreadPoolExecutor(4) as pool:
+        got = []
+        with pytest.raises(ValueError, match="seven"):
+            got.extend(threads.map_ordered(pool, work, range(10), ahead))
+        assert live[0] == 0  # nothing left running once the error is raised
+    assert got == [i * i for i in range(7)]
+    assert most[0] <= ahead
+
+
 def test_the_machine_is_read() -> None:
     assert threads.usable_cores() >= 1
     memory = threads.available_memory()

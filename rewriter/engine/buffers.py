@@ -35,6 +35,7 @@ class Scratch:
 
     def __init__(self, edits: Mapping[str, TensorEdit], ckpt: Checkpoint, compute: torch.dtype) -> None:
         self._pool: Executor | None = None  # threads that edit column chunks, shared by the workers
+        self.lanes = 1  # slices of a stacked quantized weight each worker has in flight on the pool
         # A stacked edit (fused experts) streams one slice at a time: buffers fit a slice.
         pieces = [(ckpt.entry(name), edit.slices(ckpt.entry(name).shape)) for name, edit in edits.items()]
         self.read_bytes = max(((e.end - e.start) // n for e, n in pieces), default=0)
@@ -71,14 +72,15 @@ class Scratch:
         return work
 
     @contextmanager
-    def edit_threads(self, threads: int) -> Iterator[None]:
-        """Edits inside the block run their column chunks on ``threads`` threads in all (1: inline)."""
+    def edit_threads(self, threads: int, lanes: int = 1) -> Iterator[None]:
+        """Edits inside the block run their column chunks on ``threads`` threads in all (1: inline),
+        and each worker up to ``lanes`` slices of a stacked quantized weight at once, one per thread."""
         if threads <= 1:
             yield
             return
         with ThreadPoolExecutor(threads, thread_name_prefix="edit") as pool:
-            self._pool = pool
+            self._pool, self.lanes = pool, lanes
             try:
                 yield
             finally:
-                self._pool = None
+                self._pool, self.lanes = None, 1

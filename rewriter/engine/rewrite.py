@@ -34,7 +34,7 @@ from .buffers import Scratch
 from .coded import CodedEdit
 from .edit import TensorEdit
 from .layout import Reshape, ShardLayout
-from .threads import auto_edit_threads, auto_workers
+from .threads import auto_edit_threads, auto_lanes, auto_workers, map_ordered
 
 SAME = Reshape({}, {})
 AnyEdit = TensorEdit | CodedEdit
@@ -116,6 +116,7 @@ def rewrite(
         # thread, 5.7-8.5 s on two).
         scratch = Scratch({n: e for n, e in edits.items() if isinstance(e, TensorEdit)}, ckpt, compute)
         coded = [e.working_bytes for e in edits.values() if isinstance(e, CodedEdit)]
+        stacked = [e.working_bytes for e in edits.values() if isinstance(e, CodedEdit) and coded_slices(ckpt, e) > 1]
         if workers is None:
             workers = auto_workers(len(ckpt.shards), scratch.worker_bytes + max(coded, default=0), bool(coded))
         if edit_threads is None:
@@ -123,7 +124,9 @@ def rewrite(
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            with scratch.edit_threads(workers * edit_threads):
+            threads_all = workers * edit_threads
+            lanes = auto_lanes(threads_all, workers, scratch.worker_bytes, max(stacked, default=0))
+            with scratch.edit_threads(threads_all, lanes):
                 summary = _rewrite(ckpt, output, edits, manifest, copies, scratch, progress, workers, on_shard,
                                    reshape)
         except OSError as exc:
@@ -353,10 +356,19 @@ def _write_coded(ckpt: Checkpoint, shard: Shard, src: BinaryIO, edit: CodedEdit,
     """
     here = [shard.header.entry(p) for p in edit.parts if p in shard.header.by_name]
     n = coded_slices(ckpt, edit)
-    zeroed = 0
-    for i, parts in enumerate(part_slices(ckpt, shard, src, edit.parts, n)):
+    # a stacked weight's slices run side by side, one per edit thread, each single-threaded: most
+    # of a slice's decoding and re-encoding is one thread's work, which column chunks do not split
+    lanes = scratch.lanes if n > 1 else 1
+    inner = scratch.pool if lanes <= 1 else None
+
+    def apply(item: tuple[int, dict[str, torch.Tensor]]) -> tuple[int, dict[str, torch.Tensor], int]:
+        i, parts = item
         piece = edit.piece(i) if n > 1 else edit
-        new, z = piece.apply(parts, scratch.compute, scratch.pool, scratch.workspace(math.prod(piece.shape)))
+        new, z = piece.apply(parts, scratch.compute, inner, scratch.workspace(math.prod(piece.shape)))
+        return i, new, z
+
+    zeroed = 0
+    for i, new, z in map_ordered(scratch.pool, apply, enumerate(part_slices(ckpt, shard, src, edit.parts, n)), lanes):
         zeroed += z
         for e in here:
             writer.write_at(slice_entry(e, i, n).start, new[e.name])

@@ -13,8 +13,9 @@ about 30 times as long as writing it), so its writers idle and it gets one worke
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, wait
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, wait
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -53,6 +54,16 @@ def auto_edit_threads(workers: int, compute_bound: bool = False) -> int:
     return max(1, (usable_cores() - (0 if compute_bound else workers)) // workers)
 
 
+def auto_lanes(threads: int, workers: int, worker_bytes: int, slice_bytes: int) -> int:
+    """Slices of a stacked quantized weight each worker may have in flight: as many as there are
+    edit threads in all (a worker left alone then fills every core), fewer where one running slice
+    each (``slice_bytes``) would not fit, beside the workers' own buffers, in half the memory."""
+    memory = available_memory()
+    if memory is None or slice_bytes <= 0:
+        return threads
+    return max(1, min(threads, (memory // 2 - workers * worker_bytes) // slice_bytes))
+
+
 def run_each(pool: Executor | None, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """``work`` of every item, in order: on ``pool``'s threads when given, else inline. Every
     item finishes before a failed one raises, so none writes into a buffer the caller reuses."""
@@ -61,3 +72,25 @@ def run_each(pool: Executor | None, work: Callable[[T], R], items: Sequence[T]) 
     futures = [pool.submit(work, item) for item in items]
     wait(futures)
     return [f.result() for f in futures]
+
+
+def map_ordered(pool: Executor | None, work: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
+    """``work`` of each item, yielded in order, with up to ``ahead`` items running on ``pool``'s
+    threads at once (inline when there is no pool): each holds its own memory until yielded,
+    so ``ahead`` bounds it. After a failure every running item finishes before the error
+    is raised, as in ``run_each``."""
+    if pool is None or ahead <= 1:
+        yield from map(work, items)
+        return
+    running: deque[Future[R]] = deque()
+    try:
+        for item in items:
+            running.append(pool.submit(work, item))
+            if len(running) >= ahead:
+                yield running.popleft().result()
+        while running:
+            yield running.popleft().result()
+    finally:
+        for future in running:
+            future.cancel()
+        wait(running)
