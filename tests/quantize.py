@@ -105,9 +105,9 @@ CASES = [
     Case("fp8-partial-blocks-apart", "llama", {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                                "weight_block_size": [48, 40]}, "fp8", loads=False, tolerance=0.05,
          scale_dtype=torch.bfloat16, apart=lambda name: name.startswith("model.layers.1.") and "scale" in name),
-    Case("compressed-channel", "llama", compressed("channel"), "compressed-tensors-fp8", loads=False, tolerance=0.05,
+    Case("compressed-channel", "llama", compressed("channel"), "compressed-tensors-fp8", loads=True, tolerance=0.05,
          scale_dtype=torch.bfloat16, input_scale=True),
-    Case("compressed-tensor", "llama", compressed("tensor"), "compressed-tensors-fp8", loads=False, tolerance=0.08,
+    Case("compressed-tensor", "llama", compressed("tensor"), "compressed-tensors-fp8", loads=True, tolerance=0.08,
          scalar_scale=True),
     Case("mxfp4-experts", "gpt_oss", {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}, "mxfp4",

@@ -112,13 +112,16 @@ def _check_fidelity(case: Case, job: RewriteJob, before: dict[str, Any], after: 
 
 
 def _check_transformers_loads(job: RewriteJob, out: Path, after: dict[str, Any]) -> None:
-    """transformers dequantizes the output on CPU into the values the codec decodes."""
+    """transformers dequantizes the output on CPU into the values the codec decodes (compressed-tensors
+    through its own package, told to decompress: it keeps the codes as the weight otherwise)."""
     import transformers as tf
 
-    model = tf.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    params = dict(model.named_parameters())
     c = job.view.codec
     assert c is not None
+    extra = ({"quantization_config": tf.CompressedTensorsConfig(run_compressed=False)}
+             if c.name == "compressed-tensors-fp8" else {})
+    model = tf.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **extra).eval()
+    params = dict(model.named_parameters())
     for name in job.edits:
         packed = job.view.packed.get(name)
         ours = c.decode(packed, {p: after[p][1] for p in packed.parts}) if packed else after[name][1].float()

@@ -110,6 +110,30 @@ def test_second_run_on_the_same_output_fails_at_once_naming_the_holder(src: Path
     assert not (out / ".abliterate.lock").exists()
 
 
+def test_a_second_conversion_of_an_example_waits_for_the_first_and_takes_its_result(tmp_path: Path) -> None:
+    """Two processes asking for the same example (optimize workers, parallel tests) must not both
+    write its .partial folder: the second waits on the lock and returns what the first made."""
+    import threading
+    import time
+
+    from rewriter.lab import example_models
+
+    out, told, got = tmp_path / "examples" / "qwen2.5-coder-0.5b-instruct", [], []
+    out.parent.mkdir()
+    second = threading.Thread(target=lambda: got.append(example_models.example_model(out.name, out, told.append)))
+    with exclusive_lock(out.parent):
+        second.start()
+        deadline = time.monotonic() + 10
+        while not told and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert told and f"pid {os.getpid()} on " in told[0], told
+        out.mkdir()  # the first conversion finishes while the second waits
+        (out / example_models.READY).write_text("done\n")
+    second.join(10)
+    assert got == [out]
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no .partial, no lock left
+
+
 # -- publish only what the rewrite produced -------------------------------------------------
 
 def test_overwrite_refuses_foreign_files_and_removes_stale_shards(src: Path, directions_file: Path, tmp_path: Path) -> None:

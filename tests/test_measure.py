@@ -41,8 +41,9 @@ def test_qwen_directions_separate_held_out_prompts(qwen: Path, qwen_directions: 
     r = m.direction(best)
     r = r / r.norm()
     kw = dict(batch_size=16, q=0.995, chat_template=True, system_prompt=None, desc="", progress=False)
-    bad = mean_states(lm, default_prompts("harmful-eval"), **kw)[best]
-    good = mean_states(lm, default_prompts("harmless-eval"), **kw)[best]
+    # 32 of each held-out set: a mean over 32 prompts separates as clearly as over all of them
+    bad = mean_states(lm, default_prompts("harmful-eval")[:32], **kw)[best]
+    good = mean_states(lm, default_prompts("harmless-eval")[:32], **kw)[best]
     print(f"held-out projections on r at layer {best}: harmful {float(bad @ r):.3f}, harmless {float(good @ r):.3f}")
     assert float(bad @ r) > float(good @ r) + 0.5 * float(m.direction(best).norm())
 

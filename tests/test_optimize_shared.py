@@ -125,3 +125,32 @@ def test_the_prefix_cache_scores_as_full_passes_do(chat_model: tuple[Path, Path]
                                 "measurement": 2, "center": 1.0, "half_width": 0.5, "strategy": "standard"},
                                search.space)
     assert cached.score(*nothing) == full.score(*nothing)
+
+
+def test_running_trials_of_a_dead_process_here_are_failed_and_queued_again() -> None:
+    """A trial left running by a killed worker on this machine is failed and its parameters queued
+    again; one of a live process, of another machine, or with a worker attribute that is not a
+    host and process id (the study is hostile input) is left to go stale."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from rewriter.lab.optimize import release_dead_trials
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    workers = [f"{host}:{gone.pid}", f"{host}:{os.getppid()}", f"elsewhere:{gone.pid}", f"{host}:99999999999",
+               f"{host}:-1", "no colon", f"{host}:{os.getpid()}"]
+    for worker in workers:
+        trial = study.ask()
+        trial.suggest_int("layer", 0, 10)
+        trial.set_user_attr("worker", worker)
+    assert release_dead_trials(study) == 1
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states[0] == optuna.trial.TrialState.FAIL
+    assert states[1 : len(workers)] == [optuna.trial.TrialState.RUNNING] * (len(workers) - 1)
+    queued = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"] for t in queued] == [study.trials[0].params]

@@ -151,6 +151,46 @@ def run_until(args: list[str], env: dict[str, str], heading: str | None) -> int:
     return proc.returncode
 
 
+def test_a_search_killed_midway_resumes_with_the_trials_it_finished(tiny: Path, tmp_path: Path) -> None:
+    """`run --search` keeps its study in the work folder: killed after some trials, a rerun keeps
+    them, runs the trial the killed process left running again (its parameters queued anew)
+    at once, and stops at the same count."""
+    import sqlite3
+    import time
+
+    work = tmp_path / "work"
+    args = [str(tiny), "-w", str(work), "--search", "--trials", "30", *FAST]
+    proc = subprocess.Popen([sys.executable, "-c", "from rewriter.cli import main; main()", "run", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def trials(state: str) -> dict[int, str]:
+        """number -> start time of the study's trials in ``state``, read-only from its SQLite file."""
+        found = list(work.glob("study-*.db"))
+        if not found:
+            return {}
+        try:
+            with sqlite3.connect(f"file:{found[0]}?mode=ro", uri=True) as db:
+                return dict(db.execute("SELECT number, datetime_start FROM trials WHERE state = ?", (state,)))
+        except sqlite3.OperationalError:  # not created yet, or locked by the writer this moment
+            return {}
+
+    deadline = time.monotonic() + 300
+    while len(trials("COMPLETE")) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL, "the search ended before it could be killed"
+    finished, left_running = trials("COMPLETE"), trials("RUNNING")
+    assert 3 <= len(finished) < 30
+    resumed = cli("run", *args)
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming the search in study-" in resumed.output
+    after = trials("COMPLETE")
+    assert len(after) == 30 and all(after[n] == start for n, start in finished.items()), "finished trials were redone"
+    assert set(trials("FAIL")) == set(left_running), "the killed process's running trial is not failed"
+    assert not trials("RUNNING")
+    assert len(list(work.glob("study-*.db"))) == 1
+
+
 def test_a_run_killed_in_each_step_resumes_to_the_same_bytes(hub: HubServer, tiny: Path, tmp_path: Path) -> None:
     host(hub, "org/tiny", tiny)
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN}

@@ -17,7 +17,7 @@ import shutil
 import socket
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -161,11 +161,12 @@ def is_no_space(exc: BaseException) -> bool:
 
 
 @contextmanager
-def exclusive_lock(folder: Path) -> Iterator[None]:
+def exclusive_lock(folder: Path, waiting: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` for the block, through a lock file inside it that
-    names the holder and is removed on release. A second run fails at once, naming the holder."""
+    names the holder and is removed on release. A second run fails at once, naming the holder;
+    given ``waiting``, it is told the holder (``waiting(holder)``) and waits for the lock instead."""
     path = folder / LOCK_NAME
-    fd = _lock_file(path)
+    fd = _lock_file(path, waiting)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
@@ -175,7 +176,7 @@ def exclusive_lock(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _lock_file(path: Path) -> int:
+def _lock_file(path: Path, waiting: Callable[[str], None] | None) -> int:
     for _ in range(3):
         try:
             if not stat.S_ISREG(os.lstat(path).st_mode):
@@ -187,9 +188,12 @@ def _lock_file(path: Path) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise AbliterateError(f"{path.parent} is being written by another run ({holder}); "
-                                  "wait for it to finish or choose another output") from None
+            if waiting is None:
+                os.close(fd)
+                raise AbliterateError(f"{path.parent} is being written by another run ({holder}); "
+                                      "wait for it to finish or choose another output") from None
+            waiting(holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd

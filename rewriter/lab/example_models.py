@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AbliterateError
-from ..io.files import FILE_MODE, cache_root, sha256_file
+from ..io.files import FILE_MODE, cache_root, exclusive_lock, sha256_file
 
 READY = ".abliterate-example-ready"
 
@@ -79,10 +79,18 @@ def example_model(name: str, out: Path | None = None, log: Callable[[str], None]
     """The checkpoint directory of example ``name``, converted on first use."""
     if name not in EXAMPLES:
         raise AbliterateError(f"unknown example model '{name}'; known: {', '.join(EXAMPLES)}")
-    ex = EXAMPLES[name]
     out = Path(out) if out else cache_root() / "examples" / name
     if (out / READY).is_file():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one conversion at a time: a second process (an optimize worker, a parallel test) waits
+    # for the first and takes its result, where both would have written the same .partial folder
+    with exclusive_lock(out.parent, lambda holder: log(f"waiting for {holder}, which is converting an example")):
+        return out if (out / READY).is_file() else _convert_example(EXAMPLES[name], out, log)
+
+
+def _convert_example(ex: Example, out: Path, log: Callable[[str], None]) -> Path:
+    """Assemble, check and convert ``ex`` into ``out`` (through ``out``.partial, renamed at the end)."""
     if out.exists() and any(out.iterdir()):
         raise AbliterateError(f"{out} exists and is not a finished example checkpoint; remove it or choose --out")
     work = out.with_name(out.name + ".partial")
@@ -104,7 +112,6 @@ def example_model(name: str, out: Path | None = None, log: Callable[[str], None]
             f.chmod(FILE_MODE)  # one rule for every file the tool writes
     if out.exists():
         out.rmdir()
-    out.parent.mkdir(parents=True, exist_ok=True)
     work.replace(out)
     return out
 

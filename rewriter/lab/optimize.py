@@ -422,6 +422,7 @@ class Search:
             trial.set_user_attr("worker", worker)
             return scorer.score(*plan_from_params(suggest(trial, self.space), self.space))
 
+        release_dead_trials(self.study)
         run_trials(self.study, objective, trials, timeout, progress, max_kl)
 
     def outcome(self, max_kl: float, seconds: float) -> Outcome:
@@ -465,6 +466,33 @@ def optimize(model: str | Path, directions: Path, harmful: Sequence[str], harmle
                            max_prompt_tokens=max_prompt_tokens, log=log)
     search.run(scorer, trials, timeout, progress, max_kl)
     return search.outcome(max_kl, time.monotonic() - start), scorer
+
+
+PID_MAX = 1 << 22  # the largest process id Linux gives
+
+
+def release_dead_trials(study: Any) -> int:
+    """Fail the running trials of workers on this machine whose process is gone (a killed
+    ``optimize`` or ``run --search``), and queue their parameters again: a resumed search then
+    runs them at once, where it would wait for them to go stale (``STALE_S``). Returns how many.
+    The worker attribute comes from the study, so it is parsed as hostile input."""
+    optuna = _optuna()
+    host, released = socket.gethostname(), 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        name, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if name != host or not pid.isdigit() or not 0 < int(pid) < PID_MAX or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or reused by another process: it goes stale in time)
+        except PermissionError:
+            continue  # alive, another user's
+        except ProcessLookupError:
+            pass
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(dict(trial.params))
+        released += 1
+    return released
 
 
 POLL_S = 2.0  # how often a worker with nothing left to start looks at the others' trials

@@ -42,6 +42,7 @@ RECIPE = "run.yml"
 DIRECTIONS, HEURISTIC, PLAN, MODEL = "directions.safetensors", "plan-heuristic.yml", "plan.yml", "model"
 EVALUATION, CARD, PUSHED, REPORT = "evaluation.json", "card.md", "pushed.json", "report.json"
 ANSWERS = ("answers-original.jsonl", "answers-abliterated.jsonl")
+STUDY_PREFIX = "study-"  # the search's study: study-KEY.db (sqlite), resumed by a rerun
 SEARCH_PROMPTS = 32  # of each measurement set, for optimize's search (its held-out sets stay apart)
 
 
@@ -262,7 +263,7 @@ class Run:
         strategies = (r.strategy,) if r.strategy else (DEFAULT_STRATEGY,)
         outcome, scorer = optimize(self.model_path, self.work / DIRECTIONS, harmful, harmless, trials=r.trials,
                                    timeout=None, max_kl=r.max_kl, strategies=strategies, batch_size=r.batch_size,
-                                   progress=self.progress, log=self.log)
+                                   study=self._study(strategies), progress=self.progress, log=self.log)
         heuristic = load_plan(self.work / HEURISTIC)
         score, kl = scorer.score(heuristic, outcome.strategy)
         del scorer  # the model it holds is not needed any more
@@ -273,6 +274,20 @@ class Run:
         self.log(f"{'optimized':<10} {outcome.refusal_score:>+13.3f} {outcome.kl:>8.4f}  {_layers(plan)}")
         self._chart(lambda path: pareto_chart(outcome, path, r.max_kl), "plan.png")
         return f"{PLAN}: optimized over {r.trials} trials, {_layers(plan)}, {plan.strategy}; plan.png"
+
+    def _study(self, strategies: tuple[str, ...]) -> Path:
+        """The search's study file, named by what the study depends on (the model, the directions,
+        the strategies), so that a killed search resumes with the trials it finished, and a
+        changed input starts a study of its own; studies of earlier inputs are removed."""
+        key = _digest({"source": self.identity, "directions": self._identity(DIRECTIONS), "strategies": strategies,
+                       "tool": __version__})[:16]
+        study = self.work / f"{STUDY_PREFIX}{key}.db"
+        for old in self.work.glob(f"{STUDY_PREFIX}*.db"):
+            if old != study and old.is_file() and not old.is_symlink():
+                old.unlink()
+        if study.is_file():
+            self.log(f"resuming the search in {study.name}")
+        return study
 
     def rewrite(self) -> tuple[dict[str, Any], list[str], Callable[[], str]]:
         def rewrite() -> str:
