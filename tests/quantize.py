@@ -1,7 +1,9 @@
 """Quantized copies of tiny float checkpoints, laid out as the formats' publishers lay them out.
 
 The values come from the codecs' own encoders; that transformers reads them as intended is
-what the tests that load the outputs check.
+what the tests that load the outputs check. The cases marked ``by_library`` are made by the
+format's own producer instead: compressed-tensors' ``ModelCompressor`` with its own scale
+rule (``calculate_qparams``), saved by transformers' ``save_pretrained``.
 """
 from __future__ import annotations
 
@@ -91,6 +93,7 @@ class Case:
     scalar_scale: bool = False
     input_scale: bool = False
     apart: Callable[[str], bool] = field(default=lambda name: False)
+    by_library: bool = False  # made by the format's own library (compressed-tensors), not by the codec
 
 
 def compressed(strategy: str, **extra: Any) -> dict[str, Any]:
@@ -109,6 +112,10 @@ CASES = [
          scale_dtype=torch.bfloat16, input_scale=True),
     Case("compressed-tensor", "llama", compressed("tensor"), "compressed-tensors-fp8", loads=True, tolerance=0.08,
          scalar_scale=True),
+    Case("compressed-channel-by-library", "llama", compressed("channel"), "compressed-tensors-fp8", loads=True,
+         tolerance=0.05, by_library=True),
+    Case("compressed-tensor-by-library", "llama", compressed("tensor"), "compressed-tensors-fp8", loads=True,
+         tolerance=0.08, by_library=True),
     Case("mxfp4-experts", "gpt_oss", {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}, "mxfp4",
          loads=True, tolerance=0.2, apart=lambda name: name.startswith("model.layers.2.") and name.endswith("_scales")),
@@ -125,6 +132,9 @@ def _float_source(base: str, path: Path) -> tuple[Path, int, int]:
 
 def quantized(case: Case, tmp: Path) -> tuple[Path, int, int]:
     """``case``'s tiny model quantized into ``tmp/quantized``; its width and layer count."""
+    if case.by_library:
+        return by_compressed_tensors(case.quantization["config_groups"]["group_0"]["weights"]["strategy"],
+                                     tmp / "quantized"), TEXT["hidden_size"], TEXT["num_hidden_layers"]
     src, width, layers = _float_source(case.base, tmp / "float")
     c = codec(case.codec)
 
@@ -139,3 +149,40 @@ def quantized(case: Case, tmp: Path) -> tuple[Path, int, int]:
         return parts
 
     return quantize(src, tmp / "quantized", case.quantization, convert, case.apart), width, layers
+
+
+def by_compressed_tensors(strategy: str, path: Path) -> Path:
+    """The tiny llama's linear layers (not ``lm_head``) in compressed-tensors FP8 with one scale per
+    output channel or per tensor, as its library quantizes and compresses them, in sharded files."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 QuantizationStatus, apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    model = build_model("llama").float()
+    args = QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True, dynamic=False)
+    apply_quantization_config(model, QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["lm_head"],
+        quantization_status=QuantizationStatus.INITIALIZED))
+    for module in model.modules():
+        if getattr(module, "quantization_scheme", None) is not None:  # what an observer sees: min and max
+            w = module.weight.data
+            lo, hi = (w.amin(1, keepdim=True), w.amax(1, keepdim=True)) if strategy == "channel" else (w.min(), w.max())
+            scale, zero = calculate_qparams(lo.reshape(-1), hi.reshape(-1), args)
+            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+            module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="float-quantized")
+    compressor.compress_model(model)
+    write_checkpoint(model, path, "llama")
+    compressor.update_config(path)
+    return path
+
+
+def loading_options(codec_name: str) -> dict[str, Any]:
+    """What ``from_pretrained`` needs to dequantize a checkpoint of this codec on CPU: a
+    compressed-tensors model keeps its codes as the weight unless told to decompress."""
+    if codec_name != "compressed-tensors-fp8":
+        return {}
+    import transformers as tf
+
+    return {"quantization_config": tf.CompressedTensorsConfig(run_compressed=False)}

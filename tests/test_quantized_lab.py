@@ -29,7 +29,9 @@ BAD = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9 w10", "w11", "w12 w13"]
 GOOD = ["w9 w8", "w7 w6 w5 w4", "w3", "w20 w21 w22"]
 KW = dict(batch_size=2, chat_template=True, system_prompt=None)
 USED = [c for c in CASES if c.id in ("fp8-block", "compressed-channel", "mxfp4-experts")]
-LOADED_BY_TRANSFORMERS = [c for c in USED if c.loads]
+# compressed-tensors decompresses in the scale's dtype (bfloat16 in its case here), a rounding away from the
+# codec's float32 decode; tests/test_codecs.py compares its loads within that
+LOADED_BY_TRANSFORMERS = [c for c in USED if c.loads and c.codec != "compressed-tensors-fp8"]
 
 
 def _model(case: Case, tmp_path: Path) -> tuple[Path, int, int]:
