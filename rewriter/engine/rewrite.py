@@ -7,7 +7,8 @@ byte for byte. Memory: each worker holds two stored-dtype tensor buffers (one be
 written, one being edited) and its own working copy in the compute dtype, about twice
 the largest edited tensor in float32, where a stacked tensor (fused experts) counts as
 one slice; a quantized weight is decoded, edited and re-encoded with about five float32
-copies of itself (or of one expert slice).
+copies of itself (or of one expert slice per edit thread: a stacked weight's slices run
+side by side).
 """
 from __future__ import annotations
 
