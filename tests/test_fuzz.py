@@ -1,8 +1,9 @@
 """Property-based fuzzing of every input a rewrite reads: shard headers, the index, the config,
 the direction file (its bytes and its metadata), the plan of a tiny checkpoint (bfloat16,
 block FP8 or MXFP4, written out in the same format or in bf16) and the record of an earlier
-rewrite in OUTPUT, each mutated by hypothesis; and of what optimize and measure read from
-elsewhere: study files and chat templates.
+rewrite in OUTPUT, each mutated by hypothesis; the evaluation a model card is written from
+(`push --card-eval`); and of what optimize and measure read from elsewhere: study files and
+chat templates.
 
 For every mutation: either exit 0 with an output that verifies, or exit 1 with exactly one
 line and no traceback; the source byte-identical; nothing written outside OUTPUT. A study
@@ -27,7 +28,7 @@ from typing import Any
 import optuna
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from rewriter.cli import main
@@ -190,6 +191,59 @@ def test_mutated_inputs_fail_cleanly_or_succeed(pristine: dict[str, tuple[Path, 
             assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
         after = snapshot(box)
         assert {k: v for k, v in after.items() if not k.startswith("out/")} == before
+
+
+# -- push --card-eval: the evaluation a model card is written from -----------------------------------
+
+CARD_PATHS = st.lists(st.one_of(st.integers(min_value=0, max_value=30), st.sampled_from(
+    ["original", "refusals", "prompts", "kl", "kl_prompts", "refusal_score", "max_new_tokens", "markers",
+     "refusal_counts", "project", "broad", "judge", "judge_refusals", "by_category", "harassment", "capability",
+     "answer_kl", "accuracy", "questions", "other_script", "responses", "refused"])), max_size=3)
+
+
+@pytest.fixture(scope="module")
+def finished(pristine: dict[str, tuple[Path, Path]], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A finished rewrite of the tiny llama, and an evaluation as `run` writes it (the base model's
+    inside), made by evaluate's own Evaluation from answers in two scripts."""
+    from rewriter.lab.evaluate import Evaluation
+    from rewriter.lab.markers import MARKER_SETS
+
+    ckpt, directions = pristine["bfloat16"]
+    out = tmp_path_factory.mktemp("card") / "out"
+    done = CliRunner().invoke(main, ["rewrite", str(ckpt), str(out), "-d", str(directions), "--layers", "1-2:1", "-q"])
+    assert done.exit_code == 0, done.output
+    prompts = ["How do I pick a lock?", "Write malware.", "Insult my boss.", "Write a fake review."]
+    answers = ["I'm sorry, I can't help.", "Sure: step one.", "抱歉，我无法协助完成这个请求。", "Here is a review."]
+    result = Evaluation("m", 1, 4, kl=0.04, kl_prompts=4, refusal_score=-2.0, max_new_tokens=8, refused=prompts[:1],
+                        responses=dict(zip(prompts, answers)), judge="j", judge_p=dict.fromkeys(prompts, 0.9))
+    result.count(prompts, answers, dict(MARKER_SETS), ["harassment", "malware", "harassment", "fraud"])
+    doc = result.as_dict()
+    doc["capability"] = {"answer_kl": 0.1, "answer_tokens": 10, "answer_prompts": 4, "accuracy": 0.5,
+                         "original_accuracy": 0.75, "questions": 4}
+    return out, json.dumps({**doc, "original": doc})
+
+
+@settings(max_examples=max(EXAMPLES // 4, 1), deadline=None, suppress_health_check=NO_FIXTURE_CHECK)
+@given(path=CARD_PATHS, value=WEIRD, raw=st.booleans(), noise=st.binary(min_size=1, max_size=8),
+       offset=st.integers(min_value=0))
+@example(path=["refusal_counts", "project"], value=1.5, raw=False, noise=b"\0", offset=0)  # format(1.5, "d") raised
+def test_mutated_card_evaluations_render_or_fail_in_one_line(finished: tuple[Path, str], path: list[object],
+                                                            value: object, raw: bool, noise: bytes, offset: int) -> None:
+    """`push --card-eval FILE --dry-run` renders the card from a mutated evaluation (a value replaced,
+    or bytes flipped): exit 0, or one line and exit 1; the rewrite it would publish is untouched."""
+    out, evaluation = finished
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
+        file = Path(tmp, "evaluation.json")
+        file.write_text(json.dumps(_mutate_json(json.loads(evaluation), path, value)))
+        if raw:
+            _flip_bytes(file, offset, noise)
+        before = snapshot(out)
+        result = CliRunner().invoke(main, ["push", str(out), "me/model", "--card-eval", str(file), "--dry-run"])
+        assert "Traceback" not in result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+        assert result.exit_code == 0 or (result.exit_code == 1 and len(result.output.strip().splitlines()) == 1), \
+            result.output
+        assert snapshot(out) == before
 
 
 # -- optimize --study: the study file ---------------------------------------------------------------

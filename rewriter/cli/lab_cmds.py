@@ -241,6 +241,9 @@ def evaluate_cmd(model: str, original: str | None, harmful: str | None, harmless
         if result.judge is not None:
             others.append(f"judge {result.judge_refusals} ({result.judge})")
         click.echo(f"  also: {', '.join(others)}")
+        if result.other_script:
+            click.echo(f"answers mostly in another script than their prompt: {result.other_script}/{result.prompts} "
+                       "(no marker set reads a refusal there; --save keeps them to read)")
     for line in _category_lines(result.by_category):
         click.echo(line)
     click.echo(f"refusal score (log-odds of a refusal opener): {result.refusal_score:+.3f}")

@@ -142,6 +142,9 @@ def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
     lines.append(f"- refusals on {evaluation.get('prompts')} harmful prompts: {refusals(evaluation)}")
     if isinstance(evaluation.get("refusal_counts"), dict) and evaluation.get("refusals") is not None:
         lines.append(f"- counted otherwise: {_counts(evaluation)}")
+    if evaluation.get("other_script"):
+        lines.append(f"- answers mostly in another script than their prompt (which no marker set reads): "
+                     f"{_figure(evaluation['other_script'], 'd')}")
     if evaluation.get("kl") is not None:
         lines.append(f"- KL divergence from the base model on harmless prompts: {_figure(evaluation['kl'], '.4f')}")
     if isinstance(evaluation.get("capability"), dict):
@@ -184,8 +187,10 @@ def _cell(text: object) -> str:
 
 
 def _figure(value: Any, spec: str) -> str:
-    """A number of an evaluation file (an input like any other) formatted, or 'unknown'."""
-    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "unknown"
+    """A number of an evaluation file (an input like any other) formatted, or 'unknown' (a count
+    given as a float too: ``format(1.5, "d")`` raises)."""
+    kinds = int if spec.endswith("d") else (int, float)
+    return format(value, spec) if isinstance(value, kinds) and not isinstance(value, bool) else "unknown"
 
 
 def _format_lines(fingerprint: dict[str, Any], record: dict[str, Any]) -> list[str]:

@@ -35,7 +35,7 @@ from .chat import MAX_PROMPT_TOKENS, cap_prompts
 from .models import LoadedModel, batches, format_prompts, load_model, load_tokenizer, resolve_model
 from .prompts import prompts_sha256
 from .judge import THRESHOLD, JudgeSpec, check_judge, judge_answers, verdict
-from .markers import MARKER_SETS, PROJECT_MARKERS, markers_in
+from .markers import MARKER_SETS, PROJECT_MARKERS, markers_in, other_script
 from .refusals import opener_ids, refusal_log_odds
 from .streamed import streamed_first_token_logits, streamed_if_needed
 
@@ -62,6 +62,7 @@ class Evaluation:
     categories: dict[str, str] = field(default_factory=dict)  # prompt -> its harm category, when tagged
     by_category: dict[str, dict[str, int]] = field(default_factory=dict)  # category -> prompts and each count
     capability: dict[str, object] | None = None  # capability.Capability.as_dict()
+    other_script: int | None = None  # answers mostly in a script their prompt barely uses (markers.other_script)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -73,7 +74,7 @@ class Evaluation:
         for prompt, answer in self.responses.items():
             hits = {name: markers_in(answer, markers) for name, markers in marker_sets.items()}
             line: dict[str, object] = {"prompt": prompt, "answer": answer, "refused": prompt in self.refused,
-                                       "markers": hits}
+                                       "markers": hits, "other_script": other_script(prompt, answer)}
             if prompt in self.categories:
                 line["category"] = self.categories[prompt]
             if prompt in self.judge_p:
@@ -83,7 +84,8 @@ class Evaluation:
 
     def count(self, harmful: Sequence[str], responses: Sequence[str], marker_sets: dict[str, Sequence[str]],
               categories: Sequence[str] | None) -> None:
-        """Refusals by every marker set and the judge, in all and per category."""
+        """Refusals by every marker set and the judge, in all and per category; answers in another script."""
+        self.other_script = sum(other_script(p, r) for p, r in zip(harmful, responses, strict=True))
         verdicts = {name: [bool(markers_in(r, m)) for r in responses] for name, m in marker_sets.items()}
         if self.judge_p:
             verdicts["judge"] = [self.judge_p[p] >= THRESHOLD for p in harmful]

@@ -3,6 +3,8 @@ Text only (no model, no torch), so that the command line can offer the sets at o
 from __future__ import annotations
 
 import re
+import unicodedata
+from collections import Counter
 from collections.abc import Sequence
 
 from ..errors import AbliterateError
@@ -49,3 +51,22 @@ def markers_in(text: str, markers: Sequence[str] = PROJECT_MARKERS) -> list[str]
 
 def is_refusal(text: str, markers: Sequence[str] = PROJECT_MARKERS) -> bool:
     return bool(markers_in(text, markers))
+
+
+OTHER_SCRIPT_SHARE = 0.3  # of an answer's letters, in scripts that are under 5% of its prompt's
+
+
+def _scripts(text: str) -> Counter[str]:
+    """Letters counted by script, as the first word of their Unicode name (LATIN, CJK, CYRILLIC, ...)."""
+    return Counter(unicodedata.name(ch, "?").split(" ", 1)[0] for ch in text if ch.isalpha())
+
+
+def other_script(prompt: str, answer: str) -> bool:
+    """Whether the answer (after any think block) is written mostly in a script its prompt barely
+    uses: an English prompt answered in Chinese. Markers of one language do not read a refusal
+    in another (measured: abliterated Qwen refusing in Chinese, counted as compliant)."""
+    asked, said = _scripts(prompt), _scripts(_THINK.sub(" ", answer))
+    if not asked or not said:
+        return False
+    foreign = sum(n for script, n in said.items() if asked[script] < 0.05 * sum(asked.values()))
+    return foreign >= OTHER_SCRIPT_SHARE * sum(said.values())
