@@ -163,9 +163,11 @@ def test_a_search_killed_midway_resumes_with_the_trials_it_finished(tiny: Path, 
     proc = subprocess.Popen([sys.executable, "-c", "from rewriter.cli import main; main()", "run", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
+    mine, stale = work / "study-mine.db", work / "study-0123456789abcdef.db"  # put there before the rerun
+
     def trials(state: str) -> dict[int, str]:
         """number -> start time of the study's trials in ``state``, read-only from its SQLite file."""
-        found = list(work.glob("study-*.db"))
+        found = [p for p in work.glob("study-*.db") if p not in (mine, stale)]
         if not found:
             return {}
         try:
@@ -181,6 +183,8 @@ def test_a_search_killed_midway_resumes_with_the_trials_it_finished(tiny: Path, 
     assert proc.wait() == -signal.SIGKILL, "the search ended before it could be killed"
     finished, left_running = trials("COMPLETE"), trials("RUNNING")
     assert 3 <= len(finished) < 30
+    mine.write_text("a user's file: kept")
+    stale.write_text("a study of earlier inputs: removed")
     resumed = cli("run", *args)
     assert resumed.exit_code == 0, resumed.output
     assert "resuming the search in study-" in resumed.output
@@ -188,7 +192,8 @@ def test_a_search_killed_midway_resumes_with_the_trials_it_finished(tiny: Path, 
     assert len(after) == 30 and all(after[n] == start for n, start in finished.items()), "finished trials were redone"
     assert set(trials("FAIL")) == set(left_running), "the killed process's running trial is not failed"
     assert not trials("RUNNING")
-    assert len(list(work.glob("study-*.db"))) == 1
+    assert len(list(work.glob("study-*.db"))) == 2 and mine.read_text() == "a user's file: kept"
+    assert not stale.exists()
 
 
 def test_a_run_killed_in_each_step_resumes_to_the_same_bytes(hub: HubServer, tiny: Path, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -282,8 +283,9 @@ class Run:
         key = _digest({"source": self.identity, "directions": self._identity(DIRECTIONS), "strategies": strategies,
                        "tool": __version__})[:16]
         study = self.work / f"{STUDY_PREFIX}{key}.db"
-        for old in self.work.glob(f"{STUDY_PREFIX}*.db"):
-            if old != study and old.is_file() and not old.is_symlink():
+        for old in self.work.glob(f"{STUDY_PREFIX}*.db"):  # only names of this form: a user's files stay
+            if old != study and re.fullmatch(STUDY_PREFIX + "[0-9a-f]{16}[.]db", old.name) and not old.is_symlink() \
+                    and old.is_file():
                 old.unlink()
         if study.is_file():
             self.log(f"resuming the search in {study.name}")
