@@ -2,9 +2,10 @@
 
 Tiny models from transformers' classes are quantized by the tests (block sizes that do not
 divide the shapes included, scales in another shard than their weights) or by the format's
-own library (compressed-tensors), rewritten by the CLI, and then checked: the dequantized output is the fp32 edit of the dequantized input
-within the format's error, the edit removed the direction, every other byte is unchanged,
-``verify`` passes, and transformers loads the output where it can load the format on CPU.
+own library (compressed-tensors), rewritten by the CLI, and then checked: the dequantized
+output is the fp32 edit of the dequantized input within the format's error, the edit removed
+the direction, every other byte is unchanged, ``verify`` passes, and transformers loads the
+output where it can load the format on CPU.
 """
 from __future__ import annotations
 

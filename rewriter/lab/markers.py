@@ -68,5 +68,6 @@ def other_script(prompt: str, answer: str) -> bool:
     asked, said = _scripts(prompt), _scripts(_THINK.sub(" ", answer))
     if not asked or not said:
         return False
-    foreign = sum(n for script, n in said.items() if asked[script] < 0.05 * sum(asked.values()))
+    rare = 0.05 * sum(asked.values())
+    foreign = sum(n for script, n in said.items() if asked[script] < rare)
     return foreign >= OTHER_SCRIPT_SHARE * sum(said.values())

@@ -479,11 +479,12 @@ def release_dead_trials(study: Any) -> int:
     optuna = _optuna()
     host, released = socket.gethostname(), 0
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        name, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if name != host or not pid.isdigit() or not 0 < int(pid) < PID_MAX or int(pid) == os.getpid():
+        name, _, digits = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        pid = int(digits) if digits.isdigit() else 0
+        if name != host or not 0 < pid < PID_MAX or pid == os.getpid():
             continue
         try:
-            os.kill(int(pid), 0)
+            os.kill(pid, 0)
             continue  # alive (or reused by another process: it goes stale in time)
         except PermissionError:
             continue  # alive, another user's

@@ -43,7 +43,7 @@ RECIPE = "run.yml"
 DIRECTIONS, HEURISTIC, PLAN, MODEL = "directions.safetensors", "plan-heuristic.yml", "plan.yml", "model"
 EVALUATION, CARD, PUSHED, REPORT = "evaluation.json", "card.md", "pushed.json", "report.json"
 ANSWERS = ("answers-original.jsonl", "answers-abliterated.jsonl")
-STUDY_PREFIX = "study-"  # the search's study: study-KEY.db (sqlite), resumed by a rerun
+STUDY = re.compile(r"study-[0-9a-f]{16}\.db")  # the search's study, study-KEY.db (sqlite): resumed by a rerun
 SEARCH_PROMPTS = 32  # of each measurement set, for optimize's search (its held-out sets stay apart)
 
 
@@ -282,10 +282,9 @@ class Run:
         changed input starts a study of its own; studies of earlier inputs are removed."""
         key = _digest({"source": self.identity, "directions": self._identity(DIRECTIONS), "strategies": strategies,
                        "tool": __version__})[:16]
-        study = self.work / f"{STUDY_PREFIX}{key}.db"
-        for old in self.work.glob(f"{STUDY_PREFIX}*.db"):  # only names of this form: a user's files stay
-            if old != study and re.fullmatch(STUDY_PREFIX + "[0-9a-f]{16}[.]db", old.name) and not old.is_symlink() \
-                    and old.is_file():
+        study = self.work / f"study-{key}.db"
+        for old in self.work.glob("study-*.db"):  # only names of STUDY's form: a user's files stay
+            if old != study and STUDY.fullmatch(old.name) and not old.is_symlink() and old.is_file():
                 old.unlink()
         if study.is_file():
             self.log(f"resuming the search in {study.name}")
