@@ -12,6 +12,7 @@ every value to the nearest e2m1 value, ties to even.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -55,21 +56,24 @@ class MXFP4:
 
     def decode(self, packed: Packed, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         blocks, scales = parts[packed.parts[0]], parts[packed.parts[1]]
-        values = torch.stack([_magnitude(blocks & 0x0F), _magnitude(blocks >> 4)], -1).flatten(-2)
+        # each byte's two values at once, as one int64 of two float32 (the low nibble's first,
+        # as the bytes lie): one lookup with int32 indices, 2x as fast as decoding each nibble
+        values = _pairs().index_select(0, blocks.reshape(-1).to(torch.int32)).view(torch.float32)
+        values = values.view(*blocks.shape[:-1], GROUP)
         values *= _power_of_two(scales.to(torch.int32) - BIAS)
         return values.flatten(-2).transpose(-1, -2).contiguous()
 
     def encode(self, packed: Packed, tensor: torch.Tensor, like: Mapping[str, torch.Tensor],
                rounding: Rounding | None = None) -> dict[str, torch.Tensor]:
         rows = _groups(tensor)
-        amax = rows.abs().amax(-1)
+        amax = torch.maximum(rows.amax(-1), rows.amin(-1).neg_())  # no tensor-sized temporary of |rows|
         exponent = torch.where(amax > 0, torch.ceil(torch.log2(amax / E2M1[-1])), torch.full_like(amax, -BIAS))
         exponent = exponent.clamp_(-BIAS, BIAS).to(torch.int32)
         scale, unscale = _power_of_two(exponent), _power_of_two(-exponent)
         scaled = rows * unscale
-        codes = _round_e2m1(scaled.abs())
+        codes, negative = _round_e2m1(scaled), _negative(scaled)
         if rounding is not None and rounding.axis % tensor.dim() == tensor.dim() - 1:
-            _round_rows(tensor, rows, scaled, codes, scale, unscale, rounding)
+            _round_rows(tensor, rows, scaled, codes, negative, scale, unscale, rounding)
         elif rounding is not None:  # the other neighbour of every element, then the choice at the candidates
             sign = torch.where(torch.signbit(scaled), -scale, scale)
             nearest, other = (_logical(_magnitude(c) * sign, tensor.shape) for c in (codes, _other_code(codes, scaled.abs())))
@@ -77,20 +81,19 @@ class MXFP4:
             chosen = nearest.index_copy_(axis, rounding.rows,
                                          rounding.choose(tensor, nearest, other.index_select(axis, rounding.rows)))
             scaled = _groups(chosen) * unscale
-            codes = _round_e2m1(scaled.abs())
-        codes |= torch.signbit(scaled).to(torch.uint8) << 3
+            codes, negative = _round_e2m1(scaled), _negative(scaled)
+        codes |= negative
         blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
         return {packed.parts[0]: blocks.contiguous(), packed.parts[1]: (exponent + BIAS).to(torch.uint8)}
 
 
 def _round_rows(tensor: torch.Tensor, rows: torch.Tensor, scaled: torch.Tensor, codes: torch.Tensor,
-                scale: torch.Tensor, unscale: torch.Tensor, rounding: Rounding) -> None:
+                negative: torch.Tensor, scale: torch.Tensor, unscale: torch.Tensor, rounding: Rounding) -> None:
     """Re-round ``codes`` (nearest, [..., R, G, 32]) where ``r`` runs along the stored rows (the
     logical last axis: gpt-oss's ``down_proj``): the candidates are whole stored rows, so only
     they are gathered and get their other neighbour, in the stored layout, while what rounding
     to nearest added along ``r`` is summed from the whole tensor's nearest values once. The
     same choices as rounding the whole logical tensor both ways (which took 2.5x as long)."""
-    negative = torch.signbit(scaled).to(torch.uint8) << 3
     residual = rounding.residual(tensor)
     rounding.add_band(residual, _logical(_magnitude(codes | negative).mul_(scale).sub_(rows), tensor.shape), 0)
     at = rounding.rows
@@ -100,7 +103,14 @@ def _round_rows(tensor: torch.Tensor, rows: torch.Tensor, scaled: torch.Tensor, 
     chosen = rounding.choose_at(residual, *(_logical(t, shape) for t in (wanted, _magnitude(near | negative).mul_(scale),
                                                                           other)))
     chosen = chosen.transpose(-1, -2).unflatten(-1, (-1, GROUP))
-    codes.index_copy_(-3, at, _round_e2m1(chosen.mul_(unscale.index_select(-3, at)).abs_()))
+    codes.index_copy_(-3, at, _round_e2m1(chosen.mul_(unscale.index_select(-3, at))))
+
+
+@functools.cache
+def _pairs() -> torch.Tensor:
+    """[256] int64: the float32 values of a byte's two codes, low nibble then high, in one int64."""
+    byte = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    return torch.stack([_magnitude(byte & 0x0F), _magnitude(byte >> 4)], -1).view(torch.int64).squeeze(1)
 
 
 def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
@@ -133,25 +143,36 @@ def _other_code(codes: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """The magnitude code next to ``codes`` on the other side of ``magnitude`` (the same where it is on the grid)."""
     value = _magnitude(codes)
     up = (magnitude > value) & (codes < len(E2M1) - 1)
-    down = magnitude < value
-    return torch.where(up, codes + 1, torch.where(down, codes - 1, codes))
+    # a step up or down, in integer arithmetic (torch.where is slower here)
+    return (codes + up).sub_((magnitude < value).to(torch.uint8))
 
 
-def _round_e2m1(magnitude: torch.Tensor) -> torch.Tensor:
-    """The 3-bit code of the nearest e2m1 magnitude, ties to the even code, saturating at 6.
+def _round_e2m1(values: torch.Tensor) -> torch.Tensor:
+    """The 3-bit code of the e2m1 magnitude nearest each value's magnitude, ties to the even
+    code, saturating at 6 (the sign is ``_negative``'s).
 
-    The grid has steps of 0.5 below 2, of 1 up to 4 and of 2 up to 6, and within each
-    range the code is the rounded magnitude over the step plus an offset; torch.round
-    rounds half to even, which is the even code at every tie. In chunks (2.7x faster for a
-    gpt-oss expert).
+    From 1 up, e2m1 is a float with one mantissa bit whose exponent and mantissa fields,
+    read together, are the code plus 252 in a float32's top bits: rounding the 22 bits below
+    to nearest, ties to even, is an integer add, and the shift gives the code. Below 1 the
+    grid is fixed-point (steps of 0.5): twice the magnitude rounded by the float32 add of
+    2^23, ties to even, whose low bits are then the code. Integer passes only, in chunks:
+    2.1x as fast as the three float roundings it replaces, and the same code for every
+    float32 from 0 to 16 (checked exhaustively when written; the tests check every tie).
     """
-    def codes(m: torch.Tensor) -> torch.Tensor:
-        fine = torch.round(m * 2)
-        middle = torch.round(m) + 2
-        coarse = (torch.round(m / 2) + 4).clamp_(max=len(E2M1) - 1)
-        return torch.where(m < 2, fine, torch.where(m < 4, middle, coarse))
+    def codes(part: torch.Tensor) -> torch.Tensor:
+        m = part.abs()  # here, in cache: a whole tensor's magnitudes cost an allocation and a pass
+        bits = m.view(torch.int32)
+        high = (bits >> 22).bitwise_and_(1).add_(bits).add_(0x1FFFFF).bitwise_right_shift_(22)
+        low = (m * 2).add_(2.0**23).view(torch.int32).sub_(0x4B000000)
+        # low where m < 1, else high: an integer blend, as exact and 6x as fast as torch.where here
+        return high.sub_(252).clamp_(max=len(E2M1) - 1).sub_(low).mul_(m >= 1).add_(low)
 
-    return _in_chunks(codes, magnitude, torch.uint8)
+    return _in_chunks(codes, values, torch.uint8)
+
+
+def _negative(scaled: torch.Tensor) -> torch.Tensor:
+    """Bit 3 of each value's code: its sign."""
+    return torch.signbit(scaled).to(torch.uint8) << 3
 
 
 def _in_chunks(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -14,8 +14,12 @@ from rewriter.rounding import Choose, Rounding
 
 
 def test_e2m1_rounds_to_nearest_with_ties_to_even() -> None:
-    m = torch.linspace(0, 7, 7001)
+    """Against the grid itself: each magnitude's nearest value, the even code at a tie. Every
+    midpoint (a tie) and the float32 on either side of it are checked, and values past 6."""
     grid = torch.tensor(E2M1)
+    ties = torch.cat([(grid[:-1] + grid[1:]) / 2, grid, torch.tensor([6.5, 7.0, 1e3])])
+    m = torch.cat([torch.linspace(0, 7, 7001), ties, torch.nextafter(ties, torch.tensor(0.0)),
+                   torch.nextafter(ties, torch.tensor(1e9))])
     distance = (m.unsqueeze(1) - grid).abs()
     nearest = distance == distance.min(1, keepdim=True).values
     even = nearest & (torch.arange(len(E2M1)) % 2 == 0)
