@@ -243,7 +243,7 @@ def evaluate_cmd(model: str, original: str | None, harmful: str | None, harmless
         click.echo(f"  also: {', '.join(others)}")
         if result.other_script:
             click.echo(f"answers mostly in another script than their prompt: {result.other_script}/{result.prompts} "
-                       "(no marker set reads a refusal there; --save keeps them to read)")
+                       "(the markers read English and Chinese only; --save keeps them to read)")
     for line in _category_lines(result.by_category):
         click.echo(line)
     click.echo(f"refusal score (log-odds of a refusal opener): {result.refusal_score:+.3f}")

@@ -143,7 +143,7 @@ def _evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
     if isinstance(evaluation.get("refusal_counts"), dict) and evaluation.get("refusals") is not None:
         lines.append(f"- counted otherwise: {_counts(evaluation)}")
     if evaluation.get("other_script"):
-        lines.append(f"- answers mostly in another script than their prompt (which no marker set reads): "
+        lines.append(f"- answers mostly in another script than their prompt (markers read English and Chinese only): "
                      f"{_figure(evaluation['other_script'], 'd')}")
     if evaluation.get("kl") is not None:
         lines.append(f"- KL divergence from the base model on harmless prompts: {_figure(evaluation['kl'], '.4f')}")
