@@ -27,7 +27,7 @@ from rewriter.errors import AbliterateError
 from rewriter.hookspecs import hookimpl
 from rewriter.io.safetensors_io import TensorEntry
 from rewriter.lazy import torch
-from rewriter.rounding import Choose, Rounding
+from rewriter.rounding import Choose, Rounding, pick
 
 E4M3_MAX = 448.0
 SCALE_DTYPES = ("F32", "BF16", "F16")
@@ -181,7 +181,7 @@ def _other_e4m3(near: torch.Tensor, near_value: torch.Tensor, y: torch.Tensor) -
     wanted, held = y.abs(), near_value.abs()
     away = (wanted > held) & (magnitude < 0x7E)
     step = away.to(torch.uint8) - (wanted < held).to(torch.uint8)  # 1, 0 or 255 (uint8: -1)
-    sign = torch.where(magnitude == 0, torch.signbit(y).to(torch.uint8) << 7, bits & 0x80)
+    sign = pick(magnitude == 0, torch.signbit(y).to(torch.uint8) << 7, bits & 0x80)
     return (sign | (magnitude + step)).view(torch.float8_e4m3fn)
 
 

@@ -19,15 +19,17 @@ def __getattr__(name: str) -> Any:
     """The torch dtype tables, made on first use, so that the command line can list its
     options and read headers without importing torch: ``DTYPES`` (name -> dtype),
     ``FLOAT_DTYPES`` (safetensors code -> dtype, the editable floats) and ``STORED_DTYPES``
-    (every code a codec may read or write as a tensor: quantized parts and their scales)."""
-    if name not in ("DTYPES", "FLOAT_DTYPES", "STORED_DTYPES"):
+    (every code a codec may read or write as a tensor: quantized parts and their scales);
+    ``BITS`` (element size in bytes -> the signed integer dtype that views a tensor's bits)."""
+    if name not in ("DTYPES", "FLOAT_DTYPES", "STORED_DTYPES", "BITS"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import torch
 
     dtypes = {n: getattr(torch, n) for n in NAMES}
     floats = {code: dtypes[n] for code, n in SAFETENSORS_FLOATS.items()}
     stored = {**floats, **{code: getattr(torch, _OTHER_NAMES[code]) for code in _STORED_OTHERS}}
-    globals().update(DTYPES=dtypes, FLOAT_DTYPES=floats, STORED_DTYPES=stored)
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    globals().update(DTYPES=dtypes, FLOAT_DTYPES=floats, STORED_DTYPES=stored, BITS=bits)
     return globals()[name]
 
 

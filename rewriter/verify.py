@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, Protocol
 import torch
 from tqdm import tqdm
 
+from . import dtypes
 from .engine.coded import CodedEdit
 from .engine.edit import TensorEdit
 from .engine.layout import ShardLayout
@@ -356,11 +357,8 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(t if t.element_size() > 1 else t.to(torch.float32))
 
 
-_INT_OF = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(_INT_OF[t.element_size()]).to(torch.int64)
+    return t.contiguous().view(dtypes.BITS[t.element_size()]).to(torch.int64)
 
 
 def _ordered(bits: torch.Tensor, size: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from rewriter.errors import AbliterateError
 from rewriter.plugins.fp8 import CODECS, _other_e4m3
 from rewriter.plugins.mxfp4 import (E2M1, MXFP4, _groups, _logical, _magnitude, _other_code, _power_of_two,
                                     _round_e2m1)
-from rewriter.rounding import Choose, Rounding
+from rewriter.rounding import Choose, Rounding, pick
 
 
 def test_e2m1_rounds_to_nearest_with_ties_to_even() -> None:
@@ -236,3 +236,15 @@ def test_fp8_stack_rounds_each_matrix_as_alone(axis: int) -> None:
     r = torch.ones(2, dtype=torch.float64) / 2**0.5
     with pytest.raises(AbliterateError, match="along axis 0"):
         encoded(w, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.uint8, torch.int64])
+def test_pick_is_torch_where_bit_for_bit(dtype: torch.dtype) -> None:
+    """The bitwise select keeps every bit of the value it picks: -0.0, NaN payloads, inf."""
+    torch.manual_seed(4)
+    raw = torch.randint(0, 256, (2, 333, 8), dtype=torch.uint8)
+    a, b = (raw[i].view(dtype) for i in range(2))
+    mask = torch.rand(a.shape) < 0.5
+    a_bytes, b_bytes = (t.unsqueeze(-1).view(torch.uint8) for t in (a, b))  # [..., bytes per element]
+    expected = torch.where(mask.unsqueeze(-1), a_bytes, b_bytes)
+    assert torch.equal(pick(mask, a, b).unsqueeze(-1).view(torch.uint8), expected)
