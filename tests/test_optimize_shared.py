@@ -127,15 +127,19 @@ def test_the_prefix_cache_scores_as_full_passes_do(chat_model: tuple[Path, Path]
     assert cached.score(*nothing) == full.score(*nothing)
 
 
-def test_running_trials_of_a_dead_process_here_are_failed_and_queued_again() -> None:
+def test_running_trials_of_a_dead_process_here_are_failed_and_queued_again(monkeypatch) -> None:
     """A trial left running by a killed worker on this machine is failed and its parameters queued
     again; one of a live process, of another machine, or with a worker attribute that is not a
-    host and process id (the study is hostile input) is left to go stale."""
+    host and process id (the study is hostile input) is left to go stale. One that names no
+    worker (its process was killed as it began it) is released once it is ORPHAN_S old: a
+    young one is waited for."""
     import os
     import socket
     import subprocess
     import sys
+    import time
 
+    from rewriter.lab import optimize as optimize_module
     from rewriter.lab.optimize import release_dead_trials
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -148,9 +152,14 @@ def test_running_trials_of_a_dead_process_here_are_failed_and_queued_again() -> 
         trial = study.ask()
         trial.suggest_int("layer", 0, 10)
         trial.set_user_attr("worker", worker)
-    assert release_dead_trials(study) == 1
+    unnamed = study.ask()
+    unnamed.suggest_int("layer", 0, 10)
+    monkeypatch.setattr(optimize_module, "ORPHAN_S", 0.5)
+    start = time.monotonic()
+    assert release_dead_trials(study) == 2
+    assert time.monotonic() - start >= 0.4, "the unnamed trial was released before it was ORPHAN_S old"
     states = [t.state for t in study.get_trials(deepcopy=False)]
-    assert states[0] == optuna.trial.TrialState.FAIL
+    assert states[0] == states[len(workers)] == optuna.trial.TrialState.FAIL
     assert states[1 : len(workers)] == [optuna.trial.TrialState.RUNNING] * (len(workers) - 1)
     queued = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-    assert [t.system_attrs["fixed_params"] for t in queued] == [study.trials[0].params]
+    assert [t.system_attrs["fixed_params"] for t in queued] == [study.trials[0].params, unnamed.params]

@@ -414,12 +414,8 @@ class Search:
         return Scorer(lm, self.ckpt, self.meas, self.registry, harmful, harmless, batch_size, prefix_cache)
 
     def run(self, scorer: Scorer, trials: int, timeout: float | None, progress: bool, max_kl: float) -> None:
-        """This worker's share of the trials (``run_trials``), scored by ``scorer``; each trial
-        records which worker (host:process) ran it."""
-        worker = f"{socket.gethostname()}:{os.getpid()}"
-
+        """This worker's share of the trials (``run_trials``), scored by ``scorer``."""
         def objective(trial: Any) -> tuple[float, float]:
-            trial.set_user_attr("worker", worker)
             return scorer.score(*plan_from_params(suggest(trial, self.space), self.space))
 
         release_dead_trials(self.study)
@@ -475,28 +471,52 @@ def release_dead_trials(study: Any) -> int:
     """Fail the running trials of workers on this machine whose process is gone (a killed
     ``optimize`` or ``run --search``), and queue their parameters again: a resumed search then
     runs them at once, where it would wait for them to go stale (``STALE_S``). Returns how many.
-    The worker attribute comes from the study, so it is parsed as hostile input."""
+
+    A worker names itself on a trial as it starts it, but the trial exists a moment before:
+    one that names no worker ``ORPHAN_S`` after it started was left by a process killed in
+    that moment, and is released too (waiting for a young one to come of that age). The
+    worker attribute comes from the study, so it is parsed as hostile input."""
     optuna = _optuna()
+    running = (optuna.trial.TrialState.RUNNING,)
+    unnamed = [_age(t) for t in study.get_trials(deepcopy=False, states=running) if "worker" not in t.user_attrs]
+    if unnamed and min(unnamed) < ORPHAN_S:
+        time.sleep(ORPHAN_S - max(0.0, min(unnamed)))
     host, released = socket.gethostname(), 0
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        name, _, digits = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        pid = int(digits) if digits.isdigit() else 0
-        if name != host or not 0 < pid < PID_MAX or pid == os.getpid():
+    for trial in study.get_trials(deepcopy=False, states=running):
+        if "worker" not in trial.user_attrs:
+            if _age(trial) < ORPHAN_S:
+                continue
+        elif not _dead_here(str(trial.user_attrs["worker"]), host):
             continue
-        try:
-            os.kill(pid, 0)
-            continue  # alive (or reused by another process: it goes stale in time)
-        except PermissionError:
-            continue  # alive, another user's
-        except ProcessLookupError:
-            pass
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(dict(trial.params))
         released += 1
     return released
 
 
+def _age(trial: Any) -> float:
+    """Seconds since ``trial`` started (0 for a start time that is not a time)."""
+    start = trial.datetime_start
+    return (datetime.datetime.now() - start).total_seconds() if isinstance(start, datetime.datetime) else 0.0
+
+
+def _dead_here(worker: str, host: str) -> bool:
+    """Whether ``worker`` (host:process id) names a process of this machine that is gone."""
+    name, _, digits = worker.rpartition(":")
+    pid = int(digits) if digits.isdigit() else 0
+    if name != host or not 0 < pid < PID_MAX or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+        return False  # alive (or reused by another process: it goes stale in time)
+    except PermissionError:
+        return False  # alive, another user's
+    except ProcessLookupError:
+        return True
+
+
 POLL_S = 2.0  # how often a worker with nothing left to start looks at the others' trials
+ORPHAN_S = 10.0  # a running trial that names no worker this long after it started has none alive
 STALE_S = 600.0  # a trial running this long (or 10x the slowest finished one) is taken for a dead worker's
 
 
@@ -506,7 +526,8 @@ def run_trials(study: Any, objective: Callable[[Any], tuple[float, float]], tria
     starts only while finished and running ones are fewer; of trials started at once past
     that count, those of higher number stand down (pruned, not scored). Then wait for the
     others' running trials, so the study is whole when this worker reports; a trial that
-    fails elsewhere is run again here. ``timeout``: no trial starts, and no waiting, after it."""
+    fails elsewhere is run again here. Each trial records the worker (host:process) that ran
+    it. ``timeout``: no trial starts, and no waiting, after it."""
     optuna = _optuna()
     deadline = math.inf if timeout is None else time.monotonic() + timeout
     running, complete = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE
@@ -522,6 +543,7 @@ def run_trials(study: Any, objective: Callable[[Any], tuple[float, float]], tria
         return len(done), len(live)
 
     def claimed(trial: Any) -> tuple[float, float]:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # first: see release_dead_trials
         if sum(counts(trial.number)) > trials:
             study.stop()
             raise optuna.TrialPruned("the study has its trials")
