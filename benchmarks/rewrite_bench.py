@@ -34,6 +34,7 @@ import argparse
 import datetime
 import itertools
 import json
+import math
 import os
 import platform
 import shutil
@@ -119,9 +120,10 @@ def time_edits(src: Path, repeat: int) -> None:
             parts = {p: tensor_from_bytes(bytearray(job.ckpt.files.read(job.ckpt.shard_of[p], e.start, e.end)), e,
                                           stored=True) for p, e in zip(piece.parts, entries)}
             nbytes = sum(job.ckpt.entry(p).end - job.ckpt.entry(p).start for p in piece.parts)
-            times = _timed(lambda: piece.apply(parts), repeat, time.process_time)  # noqa: B023 (called at once)
+            work = torch.empty(math.prod(piece.shape), dtype=torch.float32)  # reused, as the engine's scratch is
+            times = _timed(lambda: piece.apply(parts, workspace=work), repeat, time.process_time)  # noqa: B023
             with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-                pooled = _timed(lambda: piece.apply(parts, pool=pool), repeat)  # noqa: B023
+                pooled = _timed(lambda: piece.apply(parts, pool=pool, workspace=work), repeat)  # noqa: B023
         else:
             tensor = (torch.randn(part) * 0.02).to(torch.bfloat16)
             work = torch.empty(tensor.numel(), dtype=torch.float32)
