@@ -142,7 +142,8 @@ def _balance(x: torch.Tensor, q: torch.Tensor, o: torch.Tensor, r: torch.Tensor,
     # added squared error (o-x)^2 - (q-x)^2 = flip (o + q - 2x) >= 0, per unit of |gain|
     cost = (o + q - 2 * x).mul_(flip.sign_()).div_(r.abs().clamp_min(torch.finfo(x.dtype).tiny))
     wanted = residual.to(x.dtype)
-    cost = pick(gain * wanted >= 0, torch.full_like(cost, torch.inf), cost)  # a switch that moves the wrong way, or not at all
+    # a switch that moves the wrong way, or not at all, is never made
+    cost = pick(gain * wanted >= 0, torch.full_like(cost, torch.inf), cost)
     # one column per row from here: selecting along contiguous memory is 1.5x faster
     cost, gain, o, out_t = cost.t().contiguous(), gain.t(), o.t(), out.t()
     out_t.copy_(q.t())
@@ -179,4 +180,3 @@ def pick(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     bits = dtypes.BITS[a.element_size()]
     x, y = a.view(bits), b.view(bits)
     return (x ^ y).bitwise_and_(mask.to(bits).neg_()).bitwise_xor_(y).view(a.dtype)
-

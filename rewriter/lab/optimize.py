@@ -478,11 +478,13 @@ def release_dead_trials(study: Any) -> int:
     worker attribute comes from the study, so it is parsed as hostile input."""
     optuna = _optuna()
     running = (optuna.trial.TrialState.RUNNING,)
-    unnamed = [_age(t) for t in study.get_trials(deepcopy=False, states=running) if "worker" not in t.user_attrs]
-    if unnamed and min(unnamed) < ORPHAN_S:
-        time.sleep(ORPHAN_S - max(0.0, min(unnamed)))
+    trials = study.get_trials(deepcopy=False, states=running)
+    youngest = min((_age(t) for t in trials if "worker" not in t.user_attrs), default=ORPHAN_S)
+    if youngest < ORPHAN_S:
+        time.sleep(ORPHAN_S - max(0.0, youngest))
+        trials = study.get_trials(deepcopy=False, states=running)
     host, released = socket.gethostname(), 0
-    for trial in study.get_trials(deepcopy=False, states=running):
+    for trial in trials:
         if "worker" not in trial.user_attrs:
             if _age(trial) < ORPHAN_S:
                 continue
@@ -531,6 +533,7 @@ def run_trials(study: Any, objective: Callable[[Any], tuple[float, float]], tria
     optuna = _optuna()
     deadline = math.inf if timeout is None else time.monotonic() + timeout
     running, complete = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE
+    worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def counts(upto: float = math.inf) -> tuple[int, int]:
         """(finished, live running of number <= upto) trials of the study."""
@@ -543,7 +546,7 @@ def run_trials(study: Any, objective: Callable[[Any], tuple[float, float]], tria
         return len(done), len(live)
 
     def claimed(trial: Any) -> tuple[float, float]:
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # first: see release_dead_trials
+        trial.set_user_attr("worker", worker)  # first: see release_dead_trials
         if sum(counts(trial.number)) > trials:
             study.stop()
             raise optuna.TrialPruned("the study has its trials")
