@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from rewriter.codec import Packed
 from rewriter.errors import AbliterateError
@@ -28,6 +28,9 @@ from rewriter.hookspecs import hookimpl
 from rewriter.io.safetensors_io import TensorEntry
 from rewriter.lazy import torch
 from rewriter.rounding import Choose, Rounding, pick
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 E4M3_MAX = 448.0
 SCALE_DTYPES = ("F32", "BF16", "F16")
@@ -100,19 +103,33 @@ class BlockScaledFP8:
             raise AbliterateError(f"{packed.name}: an edit along axis {rounding.axis % tensor.dim()} of a "
                                   f"{tensor.dim()}-D block-FP8 weight; the rounding works along one of its last two")
         grid = torch.empty(_as_grid(s_like, q_like.shape).shape, dtype=s_like.dtype)
-        for rows, grid_rows in _bands(tensor, grid, packed.block[0]):
+
+        def scale_band(band: tuple[torch.Tensor, torch.Tensor]) -> None:
+            rows, grid_rows = band
             amax = _block_amax(rows, packed.block)
             grid_rows.copy_(torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)))
+
+        _each(rounding, scale_band, _bands(tensor, grid, packed.block[0]))
         q = torch.empty(tensor.shape, dtype=q_like.dtype)
-        residual = rounding.residual(tensor) if rounding is not None else None
-        for start, ((rows, grid_rows), (q_rows, _)) in enumerate(zip(_bands(tensor, grid, packed.block[0]),
-                                                                     _bands(q, grid, packed.block[0]), strict=True)):
-            q_rows.copy_(_scaled(rows, grid_rows, packed.block))  # nearest
-            if residual is not None:  # what that rounding added along r, while the band is at hand
-                blocks, scale = _by_block(_e4m3_values(q_rows), grid_rows, packed.block)
-                rounding.add_band(residual, blocks.mul_(scale).view(rows.shape).sub_(rows),
-                                  start * _band_height(packed.block[0]))
-        if rounding is not None and residual is not None:
+        height = _band_height(packed.block[0])
+
+        def nearest_band(band: tuple[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+            """Round one band to nearest; with a rounding, return what that added along r (while
+            the band is in cache)."""
+            index, (rows, grid_rows) = band
+            q_rows = q.narrow(-2, index * height, rows.shape[-2])
+            q_rows.copy_(_scaled(rows, grid_rows, packed.block))
+            if rounding is None:
+                return None
+            blocks, scale = _by_block(_e4m3_values(q_rows), grid_rows, packed.block)
+            return rounding.band_total(blocks.mul_(scale).view(rows.shape).sub_(rows), index * height)
+
+        totals = _each(rounding, nearest_band, list(enumerate(_bands(tensor, grid, packed.block[0]))))
+        if rounding is not None:
+            residual = rounding.residual(tensor)
+            for index, total in enumerate(totals):  # in band order: the same bits on any number of threads
+                if total is not None:
+                    rounding.add_total(residual, total, index * height)
             self._round_candidates(packed, tensor, grid, q, rounding, residual)
         return {packed.parts[0]: q, packed.parts[1]: grid.reshape(s_like.shape)}
 
@@ -126,6 +143,11 @@ class BlockScaledFP8:
         for lead in itertools.product(*map(range, tensor.shape[:-2])):
             _round_matrix(tensor[lead], scale[lead], q[lead].view(torch.uint8), packed.block, axis - len(lead),
                           rounding, residual[lead])
+
+
+def _each(rounding: Rounding | None, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``work`` of every item, on the rounding's edit threads when there is a rounding (an edit)."""
+    return rounding.each(work, items) if rounding is not None else [work(item) for item in items]
 
 
 def _round_matrix(tensor: torch.Tensor, scale: torch.Tensor, q: torch.Tensor, block: tuple[int, ...], axis: int,

@@ -14,11 +14,11 @@ else in a quantized edit, and the other rows keep their nearest value.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
 from . import dtypes
-from .engine.threads import run_each
+from .engine.threads import R, T, run_each
 from .lazy import torch
 
 ROWS = 4  # a switch is looked for among the 1/ROWS of the rows where |r| is largest: they move r . w most
@@ -69,26 +69,47 @@ class Rounding:
 
     def add_band(self, residual: torch.Tensor, diff: torch.Tensor, start: int) -> None:
         """Add ``r . diff`` over ``axis`` to ``residual``, for ``diff`` (rounded minus wanted) the
-        tensor's rows ``start`` on along axis -2 (all of them: start 0 and the whole tensor).
+        tensor's rows ``start`` on along axis -2 (all of them: start 0 and the whole tensor)."""
+        self.add_total(residual, self.band_total(diff, start), start)
+
+    def band_total(self, diff: torch.Tensor, start: int) -> torch.Tensor:
+        """``r . diff`` over ``axis`` of one band (as ``add_band``), to be added by ``add_total``:
+        bands computed on several threads are then added in their order, so that the sums'
+        bits do not depend on which thread finished first.
 
         Summed as float32 products of ``SUM`` elements of ``r`` at a time, added up in float64:
         converting ``diff`` to float64 took longer than the rest of the rounding, and these
         sums differ from a float64 product's by less than 1e-7 of a few hundred terms, far
         below the smallest switch (the switches made are the same but for ties)."""
-        axis = self.axis % diff.dim()
-        last, rows = diff.dim() - 1, slice(start, start + diff.shape[-2])
-        r = (self._r[rows] if axis == last - 1 else self._r).to(diff.dtype)
-        total = torch.zeros(residual[..., rows].shape if axis == last else
-                            residual.shape if axis == last - 1 else residual[..., rows, :].shape, dtype=torch.float64)
+        axis, last = self.axis % diff.dim(), diff.dim() - 1
+        r = (self._r[start : start + diff.shape[-2]] if axis == last - 1 else self._r).to(diff.dtype)
+        total: torch.Tensor | None = None
         for at in range(0, r.numel(), SUM):
             part, piece = diff.narrow(axis, at, min(SUM, r.numel() - at)), r[at : at + SUM]
             if axis == last:
-                total += torch.matmul(part, piece)
+                product = torch.matmul(part, piece)
             elif axis == last - 1:
-                total += torch.matmul(piece, part)
+                product = torch.matmul(piece, part)
             else:
-                total += torch.tensordot(part, piece, dims=([axis], [0]))
-        (residual[..., rows] if axis == last else residual if axis == last - 1 else residual[..., rows, :]).add_(total)
+                product = torch.tensordot(part, piece, dims=([axis], [0]))
+            total = product.double() if total is None else total.add_(product)
+        assert total is not None
+        return total
+
+    def add_total(self, residual: torch.Tensor, total: torch.Tensor, start: int) -> None:
+        """Add a ``band_total`` of the band at rows ``start`` on to ``residual``."""
+        axis, last = self.axis % (residual.dim() + 1), residual.dim()
+        if axis == last:
+            residual[..., start : start + total.shape[-1]].add_(total)
+        elif axis == last - 1:
+            residual.add_(total)
+        else:
+            residual[..., start : start + total.shape[-2], :].add_(total)
+
+    def each(self, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """``work`` of every item, in order, on the rounding's threads: for a codec's independent
+        passes (bands of rows) around the rounding, so that they too use every edit thread."""
+        return run_each(self._pool, work, items)
 
     def choose_at(self, residual: torch.Tensor, wanted: torch.Tensor, nearest: torch.Tensor,
                   other: torch.Tensor) -> torch.Tensor:
@@ -144,33 +165,43 @@ def _balance(x: torch.Tensor, q: torch.Tensor, o: torch.Tensor, r: torch.Tensor,
     wanted = residual.to(x.dtype)
     # a switch that moves the wrong way, or not at all, is never made
     cost = pick(gain * wanted >= 0, torch.full_like(cost, torch.inf), cost)
-    # one column per row from here: selecting along contiguous memory is 1.5x faster
-    cost, gain, o, out_t = cost.t().contiguous(), gain.t(), o.t(), out.t()
+    # one column per row from here: selecting along contiguous memory is 1.5x faster, and
+    # selecting integers that order as the costs do 1.6x faster than selecting the floats
+    order, gain, o, out_t = sort_key(cost.t().contiguous()), gain.t(), o.t(), out.t()
+    never = sort_key(torch.full((1,), torch.inf, dtype=cost.dtype))  # a switch that may not be made
     out_t.copy_(q.t())
-    first = min(cost.shape[1], max(1, int(cost.shape[1] * FIRST)))
-    short = _switch(out_t, o, gain, cost, wanted.abs(), first)
-    if first < cost.shape[1] and bool(short.any()):
+    first = min(order.shape[1], max(1, int(order.shape[1] * FIRST)))
+    short = _switch(out_t, o, gain, order, never, wanted.abs(), first)
+    if first < order.shape[1] and bool(short.any()):
         cols = short.nonzero().squeeze(1)
         redone = out_t[cols]
-        _switch(redone, o[cols], gain[cols], cost[cols], wanted[cols].abs(), cost.shape[1])
+        _switch(redone, o[cols], gain[cols], order[cols], never, wanted[cols].abs(), order.shape[1])
         out_t[cols] = redone
 
 
-def _switch(out: torch.Tensor, o: torch.Tensor, gain: torch.Tensor, cost: torch.Tensor, wanted: torch.Tensor,
-            first: int) -> torch.Tensor:
-    """Make in ``out`` ([columns, candidates], as ``o``, ``gain``, ``cost``) the switches taken among
-    each column's ``first`` cheapest; returns the columns whose residual those do not cover
-    (some later switch might be taken)."""
-    if first < cost.shape[1]:
-        best, idx = torch.topk(cost, first, dim=1, largest=False, sorted=True)
+def _switch(out: torch.Tensor, o: torch.Tensor, gain: torch.Tensor, order: torch.Tensor, never: torch.Tensor,
+            wanted: torch.Tensor, first: int) -> torch.Tensor:
+    """Make in ``out`` ([columns, candidates], as ``o``, ``gain`` and the costs' ``order``) the
+    switches taken among each column's ``first`` cheapest; returns the columns whose residual
+    those do not cover (some later switch might be taken)."""
+    if first < order.shape[1]:
+        best, idx = torch.topk(order, first, dim=1, largest=False, sorted=True)
     else:
-        best, idx = torch.sort(cost, dim=1)
-    g = gain.gather(1, idx).abs_().mul_(torch.isfinite(best))  # no gain from a switch that may not be made
+        best, idx = torch.sort(order, dim=1)
+    g = gain.gather(1, idx).abs_().mul_(best < never)  # no gain from a switch that may not be made
     total = g.cumsum(1)
     before = total - g
     take = (before + g / 2 < wanted.unsqueeze(1)) & (g > 0)
     out.scatter_(1, idx, pick(take, o.gather(1, idx), out.gather(1, idx)))
     return total[:, -1] < wanted
+
+
+def sort_key(x: torch.Tensor) -> torch.Tensor:
+    """Signed integers, in place of ``x``'s bits, that order as the floats ``x`` do (-0.0 just
+    below +0.0; NaN apart): a float's bits read as an integer order the positive values, and
+    flipping all but the sign bit of the negative ones orders those too."""
+    bits = x.view(dtypes.BITS[x.element_size()])
+    return bits.bitwise_xor_((bits >> (8 * x.element_size() - 1)).bitwise_and_(~(-1 << (8 * x.element_size() - 1))))
 
 
 def pick(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
