@@ -5,12 +5,13 @@
     python benchmarks/rewrite_bench.py --sizes 4 --fused-experts 32                    # gpt-oss-shaped
     python benchmarks/rewrite_bench.py --sizes 2 --fp8                                 # block FP8
     python benchmarks/rewrite_bench.py --sizes 2 --fused-experts 32 --mxfp4            # gpt-oss's MXFP4 experts
+    python benchmarks/rewrite_bench.py --sizes 8 --fused-experts 128 --qwen3-moe       # Qwen3-MoE-shaped
     python benchmarks/rewrite_bench.py --sizes 4 8 --cold                              # from the disk
     python benchmarks/rewrite_bench.py --sizes 4 --work /dev/shm/bench --cores 1 2     # scaling with cores
 
 For each size: generate a bf16 checkpoint (Gemma-3-12B-shaped, or gpt-oss-shaped with
-``--fused-experts``; block FP8 with ``--fp8``, or MXFP4 experts with ``--mxfp4``, whose
-edits decode, edit and re-encode), and
+``--fused-experts``, Qwen3-MoE-shaped with ``--qwen3-moe`` too; block FP8 with ``--fp8``,
+or MXFP4 experts with ``--mxfp4``, whose edits decode, edit and re-encode), and
 before each run read it once so that every run finds it equally in the page cache, or with
 ``--cold`` drop the page cache (root) so that every run reads it from the disk; then time, in one run, ``--repeat`` times in alternating order, each after a sync and a few
 seconds' rest (medians: the disk here is shared and noisy, and slows down right after a
@@ -196,6 +197,8 @@ def main() -> None:
     ap.add_argument("--fused-experts", type=int, default=0, metavar="E", help="gpt-oss layers with E fused experts")
     ap.add_argument("--fp8", action="store_true", help="block-FP8 projections: edits decode, edit and re-encode")
     ap.add_argument("--mxfp4", action="store_true", help="with --fused-experts: MXFP4 experts, as gpt-oss ships them")
+    ap.add_argument("--qwen3-moe", action="store_true",
+                    help="with --fused-experts: Qwen3-MoE-shaped layers (d_model on axis 1 of the fused down_proj)")
     ap.add_argument("--repeat", type=int, default=2, help="alternating runs of each; medians are printed")
     ap.add_argument("--cold", action="store_true",
                     help="drop the page cache before each run (needs root), as the issue measured, instead of "
@@ -208,8 +211,9 @@ def main() -> None:
         return
     exe = shutil.which("abliterate") or sys.exit("abliterate is not installed")
     startup, baseline = run([sys.executable, "-c", "import torch, safetensors, tqdm, rewriter.cli"])
-    tensor = synthetic.largest_edited_fp32_bytes(args.fused_experts)
-    shape = f"gpt-oss-shaped, {args.fused_experts} fused experts" if args.fused_experts else "Gemma-3-12B-shaped"
+    tensor = synthetic.largest_edited_fp32_bytes(args.fused_experts, args.qwen3_moe)
+    family = "Qwen3-MoE" if args.qwen3_moe else "gpt-oss"
+    shape = f"{family}-shaped, {args.fused_experts} fused experts" if args.fused_experts else "Gemma-3-12B-shaped"
     stored = "block FP8" if args.fp8 else "MXFP4 experts" if args.mxfp4 else "bf16"
     print(f"## Rewrite against `cp -r` + `sync` ({shape} {stored}, every layer edited)\n")
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine(args.work.parent)}  ")
@@ -229,7 +233,8 @@ def main() -> None:
                 # counts what it inherited at fork
                 made = subprocess.run([sys.executable, str(HERE / "synthetic.py"), str(src), "--gigabytes", str(size),
                                        "--shard-gb", str(shard_gb), "--fused-experts", str(args.fused_experts),
-                                       *(["--fp8"] if args.fp8 else []), *(["--mxfp4"] if args.mxfp4 else [])],
+                                       *(["--fp8"] if args.fp8 else []), *(["--mxfp4"] if args.mxfp4 else []),
+                                       *(["--qwen3-moe"] if args.qwen3_moe else [])],
                                       check=True, capture_output=True, text=True)
                 layers = int(made.stdout.split()[-1])
                 directions = src.with_suffix(".directions.safetensors")

@@ -1,6 +1,6 @@
 """Synthetic checkpoints with realistic shapes (Gemma-3-12B widths by default), for benchmarks.
 
-    python benchmarks/synthetic.py OUT --gigabytes 2 --shard-gb 1 [--fused-experts 32 [--mxfp4] | --fp8]
+    python benchmarks/synthetic.py OUT --gigabytes 2 --shard-gb 1 [--fused-experts 32 [--mxfp4 | --qwen3-moe] | --fp8]
 
 writes OUT and OUT.directions.safetensors and prints the layer count. ``--fused-experts E``
 writes gpt-oss-shaped layers instead (hidden size 2880, fused ``mlp.experts.down_proj``
@@ -9,6 +9,8 @@ writes gpt-oss-shaped layers instead (hidden size 2880, fused ``mlp.experts.down
 ``weight_scale_inv`` per 128 x 128 block, ``quant_method: fp8``), as DeepSeek-V3 does.
 ``--mxfp4`` with ``--fused-experts`` stores the experts as gpt-oss ships them: MXFP4
 ``_blocks`` (uint8 [E, rows, groups, 16]) and ``_scales`` (one e8m0 exponent per group of 32).
+``--qwen3-moe`` with ``--fused-experts`` writes Qwen3-MoE-30B-A3B-shaped layers instead, whose
+fused ``down_proj`` ``[E, 2048, 768]`` holds d_model on axis 1 (the other orientation).
 
 Tensor contents are random but reused per shape: timing and memory do not depend on them.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 
 D_MODEL, D_FF, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 3840, 15360, 16, 8, 256, 32768
 OSS_D, OSS_HEADS, OSS_KV_HEADS, OSS_HEAD_DIM = 2880, 64, 8, 64  # gpt-oss: expert width = hidden size
+QWEN3_D, QWEN3_FF, QWEN3_HEADS, QWEN3_KV_HEADS, QWEN3_HEAD_DIM = 2048, 768, 32, 4, 128  # Qwen3-MoE-30B-A3B
 
 
 def layer_shapes(d: int = D_MODEL, ff: int = D_FF) -> dict[str, tuple[int, ...]]:
@@ -61,9 +64,34 @@ def fused_layer_shapes(experts: int, d: int = OSS_D) -> dict[str, tuple[int, ...
     }
 
 
-def shapes(experts: int = 0) -> dict[str, tuple[int, ...]]:
-    """One decoder layer: Gemma-3-12B's, or gpt-oss's with ``experts`` fused experts."""
-    return fused_layer_shapes(experts) if experts else layer_shapes()
+def qwen3_moe_layer_shapes(experts: int) -> dict[str, tuple[int, ...]]:
+    """A Qwen3-MoE decoder layer as transformers 5 holds it: fused experts, d_model on axis 1 of ``down_proj``."""
+    d = QWEN3_D
+    return {
+        "input_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (QWEN3_HEADS * QWEN3_HEAD_DIM, d),
+        "self_attn.k_proj.weight": (QWEN3_KV_HEADS * QWEN3_HEAD_DIM, d),
+        "self_attn.v_proj.weight": (QWEN3_KV_HEADS * QWEN3_HEAD_DIM, d),
+        "self_attn.o_proj.weight": (d, QWEN3_HEADS * QWEN3_HEAD_DIM),
+        "self_attn.q_norm.weight": (QWEN3_HEAD_DIM,),
+        "self_attn.k_norm.weight": (QWEN3_HEAD_DIM,),
+        "post_attention_layernorm.weight": (d,),
+        "mlp.gate.weight": (experts, d),
+        "mlp.experts.gate_up_proj": (experts, 2 * QWEN3_FF, d),
+        "mlp.experts.down_proj": (experts, d, QWEN3_FF),
+    }
+
+
+def shapes(experts: int = 0, qwen3: bool = False) -> dict[str, tuple[int, ...]]:
+    """One decoder layer: Gemma-3-12B's, or gpt-oss's (``qwen3``: Qwen3-MoE's) with ``experts`` fused experts."""
+    if experts:
+        return qwen3_moe_layer_shapes(experts) if qwen3 else fused_layer_shapes(experts)
+    return layer_shapes()
+
+
+def width(experts: int = 0, qwen3: bool = False) -> int:
+    """d_model of ``shapes(experts, qwen3)``."""
+    return (QWEN3_D if qwen3 else OSS_D) if experts else D_MODEL
 
 
 BLOCK = 128
@@ -71,12 +99,13 @@ GROUP = 32  # MXFP4 values per e8m0 scale
 FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
-def stored(experts: int = 0, fp8: bool = False, mxfp4: bool = False) -> dict[str, tuple[str, tuple[int, ...]]]:
+def stored(experts: int = 0, fp8: bool = False, mxfp4: bool = False,
+           qwen3: bool = False) -> dict[str, tuple[str, tuple[int, ...]]]:
     """One decoder layer as stored: name -> (dtype code, shape); with ``fp8``, each projection
     as float8 values and a float32 scale per block; with ``mxfp4``, each fused expert tensor
     (logical [E, C, R]) as blocks [E, R, C / 32, 16] and scales [E, R, C / 32]."""
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for name, shape in shapes(experts).items():
+    for name, shape in shapes(experts, qwen3).items():
         if fp8 and name.endswith("_proj.weight"):
             out[name] = ("F8_E4M3", shape)
             out[name[: -len("weight")] + "weight_scale_inv"] = ("F32", tuple(-(-n // BLOCK) for n in shape))
@@ -92,20 +121,22 @@ def stored(experts: int = 0, fp8: bool = False, mxfp4: bool = False) -> dict[str
 SIZES = {"BF16": 2, "F8_E4M3": 1, "F32": 4, "U8": 1}
 
 
-def layer_bytes(experts: int = 0, fp8: bool = False, mxfp4: bool = False) -> int:
-    return sum(SIZES[dtype] * math.prod(s) for dtype, s in stored(experts, fp8, mxfp4).values())
+def layer_bytes(experts: int = 0, fp8: bool = False, mxfp4: bool = False, qwen3: bool = False) -> int:
+    return sum(SIZES[dtype] * math.prod(s) for dtype, s in stored(experts, fp8, mxfp4, qwen3).values())
 
 
-def largest_edited_fp32_bytes(experts: int = 0) -> int:
+def largest_edited_fp32_bytes(experts: int = 0, qwen3: bool = False) -> int:
     """The largest piece the rewrite edits at once: a whole matrix, or one expert's slice."""
+    if experts and qwen3:
+        return 4 * QWEN3_D * max(QWEN3_FF, QWEN3_HEADS * QWEN3_HEAD_DIM)
     if experts:
         return 4 * OSS_D * max(OSS_D, OSS_HEADS * OSS_HEAD_DIM)
     return 4 * D_MODEL * max(D_FF, HEADS * HEAD_DIM)
 
 
 def make(out: Path, layers: int, shard_bytes: int, seed: int = 0, experts: int = 0, fp8: bool = False,
-         mxfp4: bool = False) -> Path:
-    """Write a gemma3_text-shaped (or, with ``experts``, gpt_oss-shaped) bf16 checkpoint, or
+         mxfp4: bool = False, qwen3: bool = False) -> Path:
+    """Write a gemma3_text-shaped (or, with ``experts``, gpt_oss- or qwen3_moe-shaped) bf16 checkpoint, or
     with ``fp8`` a block-FP8 one, or with ``mxfp4`` gpt-oss's MXFP4 experts; one random tensor
     per dtype and shape is made and reused, so memory does not grow with the layer count."""
     import torch
@@ -125,9 +156,9 @@ def make(out: Path, layers: int, shard_bytes: int, seed: int = 0, experts: int =
                                   ).to(dtypes[dtype])
         return pool[dtype, shape]
 
-    d = OSS_D if experts else D_MODEL
+    d = width(experts, qwen3)
     items = [("model.embed_tokens.weight", ("BF16", (VOCAB, d)))]
-    items += [(f"model.layers.{i}.{k}", v) for i in range(layers) for k, v in stored(experts, fp8, mxfp4).items()]
+    items += [(f"model.layers.{i}.{k}", v) for i in range(layers) for k, v in stored(experts, fp8, mxfp4, qwen3).items()]
     items.append(("model.norm.weight", ("BF16", (d,))))
     shards: list[list[tuple[str, tuple[str, tuple[int, ...]]]]] = [[]]
     size = 0
@@ -147,7 +178,10 @@ def make(out: Path, layers: int, shard_bytes: int, seed: int = 0, experts: int =
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     config = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "hidden_size": D_MODEL,
               "intermediate_size": D_FF}
-    if experts:
+    if experts and qwen3:
+        config = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": QWEN3_D,
+                  "moe_intermediate_size": QWEN3_FF, "num_experts": experts}
+    elif experts:
         config = {"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "hidden_size": OSS_D,
                   "intermediate_size": OSS_D, "num_local_experts": experts}
     if mxfp4:
@@ -197,12 +231,16 @@ def main() -> None:
     ap.add_argument("--fused-experts", type=int, default=0, metavar="E", help="gpt-oss layers with E fused experts")
     ap.add_argument("--fp8", action="store_true", help="block-FP8 projections (quant_method fp8)")
     ap.add_argument("--mxfp4", action="store_true", help="with --fused-experts: MXFP4 experts (quant_method mxfp4)")
+    ap.add_argument("--qwen3-moe", action="store_true", help="with --fused-experts: Qwen3-MoE-shaped layers, bf16")
     args = ap.parse_args()
-    if args.mxfp4 and not args.fused_experts:
-        ap.error("--mxfp4 stores fused experts: give --fused-experts E")
-    layers = max(1, round(args.gigabytes * 2**30 / layer_bytes(args.fused_experts, args.fp8, args.mxfp4)))
-    make(args.out, layers, int(args.shard_gb * 2**30), experts=args.fused_experts, fp8=args.fp8, mxfp4=args.mxfp4)
-    directions(args.out.with_suffix(".directions.safetensors"), layers, d=OSS_D if args.fused_experts else D_MODEL)
+    if (args.mxfp4 or args.qwen3_moe) and not args.fused_experts:
+        ap.error("--mxfp4 and --qwen3-moe store fused experts: give --fused-experts E")
+    if args.qwen3_moe and (args.mxfp4 or args.fp8):
+        ap.error("--qwen3-moe writes bf16 layers")
+    layers = max(1, round(args.gigabytes * 2**30 / layer_bytes(args.fused_experts, args.fp8, args.mxfp4, args.qwen3_moe)))
+    make(args.out, layers, int(args.shard_gb * 2**30), experts=args.fused_experts, fp8=args.fp8, mxfp4=args.mxfp4,
+         qwen3=args.qwen3_moe)
+    directions(args.out.with_suffix(".directions.safetensors"), layers, d=width(args.fused_experts, args.qwen3_moe))
     print(layers)
 
 

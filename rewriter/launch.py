@@ -11,13 +11,6 @@ ahead made the copy slower, not faster (cold 8 GiB, medians of 4 on a noisy disk
 guessed from the command line without parsing it, and anything unexpected (no such
 directory, no shards, a platform without fadvise) means no hint; the rewrite itself
 checks and reports everything.
-
-They also ask torch's CPU allocator for transparent huge pages (``THP_MEM_ALLOC_ENABLE``,
-read when torch first allocates; a user's own setting wins). Its tensors above 32 MiB are
-mmap'd afresh each time, and a quantized rewrite decodes each weight into new ones: a
-block-FP8 rewrite of 2 GiB faulted in 4.7 GB of 4 KiB pages, 1.2 million faults and a
-third of its CPU time in the kernel; 2 MiB pages cut the faults fivefold and the run's
-wall time by a tenth.
 """
 from __future__ import annotations
 
@@ -34,7 +27,6 @@ HINT_BYTES = 8 << 20  # per call: Linux acts on about one read-ahead window of e
 
 def main() -> None:
     """``abliterate``."""
-    _huge_pages()
     _hint(sys.argv[2:] if sys.argv[1:2] == ["rewrite"] else [])
     from rewriter.cli import main as cli
 
@@ -43,15 +35,10 @@ def main() -> None:
 
 def rewrite_main() -> None:
     """``rewrite``: the same command as ``abliterate rewrite``."""
-    _huge_pages()
     _hint(sys.argv[1:])
     from rewriter.cli import rewrite_main as cli
 
     cli()
-
-
-def _huge_pages() -> None:
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def _hint(args: list[str]) -> None:

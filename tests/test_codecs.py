@@ -90,9 +90,11 @@ def test_quantized_rewrite_keeps_the_format(case: Case, tmp_path: Path) -> None:
 def test_edit_threads_give_the_bits_of_one_thread(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A quantized edit's column chunks and its rounding's column groups run on the edit threads;
     ``verify`` recomputes every edit on one thread and must find the same bits. Small chunks and
-    groups, so that a tiny model has several of each."""
+    groups, and FP8's bands of rows one block tall, so that a tiny model has several of each
+    (the bands' sums along r are added in their order, whichever thread finished first)."""
     monkeypatch.setattr("rewriter.engine.edit.COLUMNS", 16)
     monkeypatch.setattr("rewriter.rounding.COLUMNS", 8)
+    monkeypatch.setattr("rewriter.plugins.fp8.BAND_ROWS", 1)
     _rewritten(case, tmp_path, "--workers", "1", "--edit-threads", "3")
 
 

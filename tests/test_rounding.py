@@ -10,7 +10,7 @@ from rewriter.errors import AbliterateError
 from rewriter.plugins.fp8 import CODECS, _other_e4m3
 from rewriter.plugins.mxfp4 import (E2M1, MXFP4, _groups, _logical, _magnitude, _other_code, _power_of_two,
                                     _round_e2m1)
-from rewriter.rounding import Choose, Rounding, pick
+from rewriter.rounding import Choose, Rounding, pick, sort_key
 
 
 def test_e2m1_rounds_to_nearest_with_ties_to_even() -> None:
@@ -248,3 +248,17 @@ def test_pick_is_torch_where_bit_for_bit(dtype: torch.dtype) -> None:
     a_bytes, b_bytes = (t.unsqueeze(-1).view(torch.uint8) for t in (a, b))  # [..., bytes per element]
     expected = torch.where(mask.unsqueeze(-1), a_bytes, b_bytes)
     assert torch.equal(pick(mask, a, b).unsqueeze(-1).view(torch.uint8), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_sort_key_orders_as_the_floats(dtype: torch.dtype) -> None:
+    """The integer keys the switch selection sorts compare as the costs do, for every pair of
+    values (negatives, subnormals and infinities too); only -0.0 sorts just below +0.0."""
+    torch.manual_seed(5)
+    x = torch.cat([torch.randn(300) * 10.0 ** torch.randint(-40, 30, (300,)),
+                   torch.tensor([0.0, float("inf"), -float("inf"), 1e-45, -1e-45, 3.0, 3.0])]).to(dtype)
+    x = x[~((x == 0) & torch.signbit(x))]  # -0.0 from an underflow: the one pair whose order differs
+    keys = sort_key(x.clone())
+    assert keys.dtype.is_floating_point is False
+    assert torch.equal(keys.unsqueeze(0) < keys.unsqueeze(1), x.unsqueeze(0) < x.unsqueeze(1))
+    assert torch.equal(keys.unsqueeze(0) == keys.unsqueeze(1), x.unsqueeze(0) == x.unsqueeze(1))
