@@ -158,7 +158,8 @@ def make(out: Path, layers: int, shard_bytes: int, seed: int = 0, experts: int =
 
     d = width(experts, qwen3)
     items = [("model.embed_tokens.weight", ("BF16", (VOCAB, d)))]
-    items += [(f"model.layers.{i}.{k}", v) for i in range(layers) for k, v in stored(experts, fp8, mxfp4, qwen3).items()]
+    layer = stored(experts, fp8, mxfp4, qwen3)
+    items += [(f"model.layers.{i}.{k}", v) for i in range(layers) for k, v in layer.items()]
     items.append(("model.norm.weight", ("BF16", (d,))))
     shards: list[list[tuple[str, tuple[str, tuple[int, ...]]]]] = [[]]
     size = 0
@@ -237,7 +238,8 @@ def main() -> None:
         ap.error("--mxfp4 and --qwen3-moe store fused experts: give --fused-experts E")
     if args.qwen3_moe and (args.mxfp4 or args.fp8):
         ap.error("--qwen3-moe writes bf16 layers")
-    layers = max(1, round(args.gigabytes * 2**30 / layer_bytes(args.fused_experts, args.fp8, args.mxfp4, args.qwen3_moe)))
+    per_layer = layer_bytes(args.fused_experts, args.fp8, args.mxfp4, args.qwen3_moe)
+    layers = max(1, round(args.gigabytes * 2**30 / per_layer))
     make(args.out, layers, int(args.shard_gb * 2**30), experts=args.fused_experts, fp8=args.fp8, mxfp4=args.mxfp4,
          qwen3=args.qwen3_moe)
     directions(args.out.with_suffix(".directions.safetensors"), layers, d=width(args.fused_experts, args.qwen3_moe))
