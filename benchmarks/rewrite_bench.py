@@ -121,10 +121,13 @@ def time_edits(src: Path, repeat: int) -> None:
             parts = {p: tensor_from_bytes(bytearray(job.ckpt.files.read(job.ckpt.shard_of[p], e.start, e.end)), e,
                                           stored=True) for p, e in zip(piece.parts, entries)}
             nbytes = sum(job.ckpt.entry(p).end - job.ckpt.entry(p).start for p in piece.parts)
-            work = torch.empty(math.prod(piece.shape), dtype=torch.float32)  # reused, as the engine's scratch is
-            times = _timed(lambda: piece.apply(parts, workspace=work), repeat, time.process_time)  # noqa: B023
+            # the working copy and the decoded tensor's buffer reused, as the engine's scratch is
+            work, decoded = (torch.empty(math.prod(piece.shape), dtype=torch.float32) for _ in range(2))
+            times = _timed(lambda: piece.apply(parts, workspace=work, decoded=decoded),  # noqa: B023
+                           repeat, time.process_time)
             with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-                pooled = _timed(lambda: piece.apply(parts, pool=pool, workspace=work), repeat)  # noqa: B023
+                pooled = _timed(lambda: piece.apply(parts, pool=pool, workspace=work, decoded=decoded),  # noqa: B023
+                                repeat)
         else:
             tensor = (torch.randn(part) * 0.02).to(torch.bfloat16)
             work = torch.empty(tensor.numel(), dtype=torch.float32)

@@ -77,5 +77,6 @@ class LogicalTensors:
 
         packed = self.packed[name]
         assert self.codec is not None
+        into = getattr(self.codec, "decode_into", None)  # optional: see rewriter.codec
         return CodedEdit(edit, packed.parts, partial(self.codec.decode, packed), partial(self.codec.encode, packed),
-                         packed.shape)
+                         packed.shape, partial(into, packed) if into is not None else None)

@@ -262,3 +262,16 @@ def test_sort_key_orders_as_the_floats(dtype: torch.dtype) -> None:
     assert keys.dtype.is_floating_point is False
     assert torch.equal(keys.unsqueeze(0) < keys.unsqueeze(1), x.unsqueeze(0) < x.unsqueeze(1))
     assert torch.equal(keys.unsqueeze(0) == keys.unsqueeze(1), x.unsqueeze(0) == x.unsqueeze(1))
+
+
+def test_fp8_decodes_into_a_used_buffer_what_it_decodes_afresh() -> None:
+    """The engine decodes each weight into one reused buffer (``decode_into``); what the buffer
+    held before (NaN here) leaves no trace, partial edge blocks included."""
+    torch.manual_seed(6)
+    shape = (300, 260)
+    packed = Packed("w", ("w", "s"), shape, (), (128, 128))
+    parts = {"w": (torch.randn(shape) * 100).clamp(-448, 448).to(torch.float8_e4m3fn), "s": torch.rand(3, 3) + 0.5}
+    used = torch.full(shape, torch.nan)
+    into = CODECS[0].decode_into(packed, parts, used)
+    assert into.data_ptr() == used.data_ptr()
+    assert torch.equal(into, CODECS[0].decode(packed, parts))

@@ -16,6 +16,7 @@ from ..rounding import Rounding
 from .edit import TensorEdit
 
 Decode = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+DecodeInto = Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
 Encode = Callable[[torch.Tensor, Mapping[str, torch.Tensor], "Rounding | None"], "dict[str, torch.Tensor]"]
 
 
@@ -31,6 +32,7 @@ class CodedEdit:
     decode: Decode
     encode: Encode
     shape: tuple[int, ...]
+    decode_into: DecodeInto | None = None  # the codec's optional decode into a given buffer
 
     COPIES = 5  # float32 copies of the logical tensor alive at once (4.7 measured for a block-FP8 down_proj)
 
@@ -50,7 +52,8 @@ class CodedEdit:
         return replace(self, edit=self.edit.piece(index), shape=self.shape[1:])
 
     def apply(self, parts: Mapping[str, torch.Tensor], compute: torch.dtype = torch.float32,
-              pool: Executor | None = None, workspace: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], int]:
+              pool: Executor | None = None, workspace: torch.Tensor | None = None,
+              decoded: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], int]:
         """The parts re-encoded after the edit, and how many columns had to be zeroed.
 
         The decoded tensor is edited in place. Rounding keeps the edit's direction out of the
@@ -58,9 +61,14 @@ class CodedEdit:
         about half of what the edit removed. ``pool`` runs the edit's column chunks and the
         rounding's column groups on its threads (the bits do not depend on it). ``workspace``
         holds the edit's working copy, as for ``TensorEdit.apply``: a fresh one for a block-FP8
-        ``down_proj`` (235 MB) took 100-150 ms to allocate and fault in, each weight.
+        ``down_proj`` (235 MB) took 100-150 ms to allocate and fault in, each weight. ``decoded``
+        (1-D float32, at least the logical tensor's size) likewise holds the decoded tensor when
+        the codec can decode into a buffer (``decode_into``).
         """
-        logical = self.decode(parts).to(compute)
+        if decoded is not None and self.decode_into is not None:
+            logical = self.decode_into(parts, decoded[: math.prod(self.shape)].view(self.shape)).to(compute)
+        else:
+            logical = self.decode(parts).to(compute)
         edited, zeroed = self.edit.apply(logical, compute, in_place=True, workspace=workspace, pool=pool)
         rounding = Rounding(self.edit.direction, self.edit.axis, pool)
         return self.encode(edited.to(torch.float32), parts, rounding), zeroed

@@ -365,7 +365,8 @@ def _write_coded(ckpt: Checkpoint, shard: Shard, src: BinaryIO, edit: CodedEdit,
     def apply(item: tuple[int, dict[str, torch.Tensor]]) -> tuple[int, dict[str, torch.Tensor], int]:
         i, parts = item
         piece = edit.piece(i) if n > 1 else edit
-        new, z = piece.apply(parts, scratch.compute, inner, scratch.workspace(math.prod(piece.shape)))
+        numel = math.prod(piece.shape)
+        new, z = piece.apply(parts, scratch.compute, inner, scratch.workspace(numel), scratch.decoded(numel))
         return i, new, z
 
     zeroed = 0
