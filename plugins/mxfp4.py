@@ -55,13 +55,17 @@ class MXFP4:
         return found
 
     def decode(self, packed: Packed, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        *lead, rows, groups, _ = parts[packed.parts[0]].shape
+        return self.decode_into(packed, parts, torch.empty(*lead, groups * GROUP, rows))
+
+    def decode_into(self, packed: Packed, parts: Mapping[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         blocks, scales = parts[packed.parts[0]], parts[packed.parts[1]]
         # each byte's two values at once, as one int64 of two float32 (the low nibble's first,
         # as the bytes lie): one lookup with int32 indices, 2x as fast as decoding each nibble
         values = _pairs().index_select(0, blocks.reshape(-1).to(torch.int32)).view(torch.float32)
         values = values.view(*blocks.shape[:-1], GROUP)
         values *= _power_of_two(scales.to(torch.int32) - BIAS)
-        return values.flatten(-2).transpose(-1, -2).contiguous()
+        return out.copy_(values.flatten(-2).transpose(-1, -2))
 
     def encode(self, packed: Packed, tensor: torch.Tensor, like: Mapping[str, torch.Tensor],
                rounding: Rounding | None = None) -> dict[str, torch.Tensor]:

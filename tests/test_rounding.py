@@ -264,14 +264,21 @@ def test_sort_key_orders_as_the_floats(dtype: torch.dtype) -> None:
     assert torch.equal(keys.unsqueeze(0) == keys.unsqueeze(1), x.unsqueeze(0) == x.unsqueeze(1))
 
 
-def test_fp8_decodes_into_a_used_buffer_what_it_decodes_afresh() -> None:
+@pytest.mark.parametrize("codec", ["fp8", "mxfp4"])
+def test_codecs_decode_into_a_used_buffer_what_they_decode_afresh(codec: str) -> None:
     """The engine decodes each weight into one reused buffer (``decode_into``); what the buffer
-    held before (NaN here) leaves no trace, partial edge blocks included."""
+    held before (NaN here) leaves no trace (FP8's partial edge blocks included)."""
     torch.manual_seed(6)
-    shape = (300, 260)
-    packed = Packed("w", ("w", "s"), shape, (), (128, 128))
-    parts = {"w": (torch.randn(shape) * 100).clamp(-448, 448).to(torch.float8_e4m3fn), "s": torch.rand(3, 3) + 0.5}
+    if codec == "fp8":
+        c, shape = CODECS[0], (300, 260)
+        packed = Packed("w", ("w", "s"), shape, (), (128, 128))
+        parts = {"w": (torch.randn(shape) * 100).clamp(-448, 448).to(torch.float8_e4m3fn), "s": torch.rand(3, 3) + 0.5}
+    else:
+        c, shape = MXFP4(), (2, 96, 40)  # two experts' [groups * 32, rows]
+        packed = Packed("w", ("w_blocks", "w_scales"), shape)
+        parts = {"w_blocks": torch.randint(0, 256, (2, 40, 3, 16), dtype=torch.uint8),
+                 "w_scales": torch.randint(118, 130, (2, 40, 3), dtype=torch.uint8)}
     used = torch.full(shape, torch.nan)
-    into = CODECS[0].decode_into(packed, parts, used)
+    into = c.decode_into(packed, parts, used)
     assert into.data_ptr() == used.data_ptr()
-    assert torch.equal(into, CODECS[0].decode(packed, parts))
+    assert torch.equal(into, c.decode(packed, parts))
