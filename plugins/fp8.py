@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from rewriter.codec import Packed
+from rewriter.engine.threads import run_each
 from rewriter.errors import AbliterateError
 from rewriter.hookspecs import hookimpl
 from rewriter.io.safetensors_io import TensorEntry
 from rewriter.lazy import torch
 from rewriter.rounding import Choose, Rounding, pick
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 E4M3_MAX = 448.0
 SCALE_DTYPES = ("F32", "BF16", "F16")
@@ -90,13 +89,20 @@ class BlockScaledFP8:
     def decode(self, packed: Packed, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.decode_into(packed, parts, torch.empty(parts[packed.parts[0]].shape, dtype=torch.float32))
 
-    def decode_into(self, packed: Packed, parts: Mapping[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    def decode_into(self, packed: Packed, parts: Mapping[str, torch.Tensor], out: torch.Tensor,
+                    pool: Executor | None = None) -> torch.Tensor:
         q, s = parts[packed.parts[0]], parts[packed.parts[1]]
-        _e4m3_values(q, out)
         grid = _as_grid(s, q.shape).to(torch.float32)
-        for rows, grid_rows in _bands(out, grid, packed.block[0]):
+        height = _band_height(packed.block[0])
+
+        def band(item: tuple[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+            index, (rows, grid_rows) = item
+            codes = q.narrow(-2, index * height, rows.shape[-2])
+            _e4m3_values(codes, rows) if rows.is_contiguous() else rows.copy_(_e4m3_values(codes))  # a stack's band
             blocks, scale = _by_block(rows, grid_rows, packed.block)
             blocks.mul_(scale)
+
+        run_each(pool, band, list(enumerate(_bands(out, grid, packed.block[0]))))
         return out
 
     def encode(self, packed: Packed, tensor: torch.Tensor, like: Mapping[str, torch.Tensor],
@@ -112,7 +118,8 @@ class BlockScaledFP8:
             amax = _block_amax(rows, packed.block)
             grid_rows.copy_(torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)))
 
-        _each(rounding, scale_band, _bands(tensor, grid, packed.block[0]))
+        pool = rounding.pool if rounding is not None else None  # the edit threads
+        run_each(pool, scale_band, _bands(tensor, grid, packed.block[0]))
         q = torch.empty(tensor.shape, dtype=q_like.dtype)
         height = _band_height(packed.block[0])
 
@@ -127,7 +134,7 @@ class BlockScaledFP8:
             blocks, scale = _by_block(_e4m3_values(q_rows), grid_rows, packed.block)
             return rounding.band_total(blocks.mul_(scale).view(rows.shape).sub_(rows), index * height)
 
-        totals = _each(rounding, nearest_band, list(enumerate(_bands(tensor, grid, packed.block[0]))))
+        totals = run_each(pool, nearest_band, list(enumerate(_bands(tensor, grid, packed.block[0]))))
         if rounding is not None:
             residual = rounding.residual(tensor)
             for index, total in enumerate(totals):  # in band order: the same bits on any number of threads
@@ -146,11 +153,6 @@ class BlockScaledFP8:
         for lead in itertools.product(*map(range, tensor.shape[:-2])):
             _round_matrix(tensor[lead], scale[lead], q[lead].view(torch.uint8), packed.block, axis - len(lead),
                           rounding, residual[lead])
-
-
-def _each(rounding: Rounding | None, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
-    """``work`` of every item, on the rounding's edit threads when there is a rounding (an edit)."""
-    return rounding.each(work, items) if rounding is not None else [work(item) for item in items]
 
 
 def _round_matrix(tensor: torch.Tensor, scale: torch.Tensor, q: torch.Tensor, block: tuple[int, ...], axis: int,

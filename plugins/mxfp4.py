@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
 from typing import Any
 
 from rewriter.codec import Packed
@@ -58,7 +59,8 @@ class MXFP4:
         *lead, rows, groups, _ = parts[packed.parts[0]].shape
         return self.decode_into(packed, parts, torch.empty(*lead, groups * GROUP, rows))
 
-    def decode_into(self, packed: Packed, parts: Mapping[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    def decode_into(self, packed: Packed, parts: Mapping[str, torch.Tensor], out: torch.Tensor,
+                    pool: Executor | None = None) -> torch.Tensor:  # one slice: too small to split
         blocks, scales = parts[packed.parts[0]], parts[packed.parts[1]]
         # each byte's two values at once, as one int64 of two float32 (the low nibble's first,
         # as the bytes lie): one lookup with int32 indices, 2x as fast as decoding each nibble

@@ -9,10 +9,12 @@ decodes the parts of each planned tensor to float32, applies the edit, and encod
 result back into parts of the same names, shapes and dtypes, with freshly computed scales.
 Parts of tensors outside the plan are copied byte for byte.
 
-A codec may also have ``decode_into(packed, parts, out)``: what ``decode`` returns, written
-into ``out`` (float32, contiguous, of the logical shape) and returned. The engine then
-decodes every weight into one reused buffer per thread instead of a new tensor (a new
-tensor over 32 MiB is mapped and page-faulted afresh each time).
+A codec may also have ``decode_into(packed, parts, out, pool=None)``: what ``decode`` returns,
+written into ``out`` (float32, contiguous, of the logical shape) and returned; ``pool``, when
+given, holds the edit threads, for passes that do not depend on each other (the bits must
+not depend on it). The engine then decodes every weight into one reused buffer per thread
+instead of a new tensor (a new tensor over 32 MiB is mapped and page-faulted afresh each
+time).
 
 Both ``decode`` and ``encode`` must accept any number of leading dimensions, so that a
 stacked tensor (fused experts) is handled one slice along axis 0 at a time: slice ``i`` of

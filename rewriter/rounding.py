@@ -14,11 +14,11 @@ else in a quantized edit, and the other rows keep their nearest value.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 from . import dtypes
-from .engine.threads import R, T, run_each
+from .engine.threads import run_each
 from .lazy import torch
 
 ROWS = 4  # a switch is looked for among the 1/ROWS of the rows where |r| is largest: they move r . w most
@@ -47,7 +47,7 @@ class Rounding:
         self.axis = axis
         self._r = direction.to(torch.float64)
         self.rows = torch.topk(self._r.abs(), max(1, self._r.numel() // ROWS)).indices
-        self._pool = pool
+        self.pool = pool  # the edit threads: a codec may run its own independent passes on them
 
     def choose(self, wanted: torch.Tensor, nearest: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """The values to store at ``rows``: each that of ``nearest`` or ``other`` (both float32).
@@ -106,11 +106,6 @@ class Rounding:
         else:
             residual[..., start : start + total.shape[-2], :].add_(total)
 
-    def each(self, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
-        """``work`` of every item, in order, on the rounding's threads: for a codec's independent
-        passes (bands of rows) around the rounding, so that they too use every edit thread."""
-        return run_each(self._pool, work, items)
-
     def choose_at(self, residual: torch.Tensor, wanted: torch.Tensor, nearest: torch.Tensor,
                   other: torch.Tensor) -> torch.Tensor:
         """``choose`` from what rounding to nearest added along ``r`` (``residual``, as
@@ -146,7 +141,7 @@ class Rounding:
 
             work(cols, choose)
 
-        run_each(self._pool, group, range(0, columns, COLUMNS))
+        run_each(self.pool, group, range(0, columns, COLUMNS))
 
 
 def _balance(x: torch.Tensor, q: torch.Tensor, o: torch.Tensor, r: torch.Tensor, residual: torch.Tensor,

@@ -2,6 +2,8 @@
 the direction out does so where rounding to nearest puts much of it back."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -264,21 +266,24 @@ def test_sort_key_orders_as_the_floats(dtype: torch.dtype) -> None:
     assert torch.equal(keys.unsqueeze(0) == keys.unsqueeze(1), x.unsqueeze(0) == x.unsqueeze(1))
 
 
-@pytest.mark.parametrize("codec", ["fp8", "mxfp4"])
+@pytest.mark.parametrize("codec", ["fp8", "fp8-stack", "mxfp4"])
 def test_codecs_decode_into_a_used_buffer_what_they_decode_afresh(codec: str) -> None:
-    """The engine decodes each weight into one reused buffer (``decode_into``); what the buffer
-    held before (NaN here) leaves no trace (FP8's partial edge blocks included)."""
+    """The engine decodes each weight into one reused buffer (``decode_into``), FP8 band by band
+    on the edit threads; what the buffer held before (NaN here) leaves no trace (FP8's
+    partial edge blocks and a stack's bands, which are not contiguous, included)."""
     torch.manual_seed(6)
-    if codec == "fp8":
-        c, shape = CODECS[0], (300, 260)
+    if codec.startswith("fp8"):
+        c, shape = CODECS[0], ((2, 300, 260) if codec == "fp8-stack" else (300, 260))
         packed = Packed("w", ("w", "s"), shape, (), (128, 128))
-        parts = {"w": (torch.randn(shape) * 100).clamp(-448, 448).to(torch.float8_e4m3fn), "s": torch.rand(3, 3) + 0.5}
+        parts = {"w": (torch.randn(shape) * 100).clamp(-448, 448).to(torch.float8_e4m3fn),
+                 "s": torch.rand(*shape[:-2], 3, 3) + 0.5}
     else:
         c, shape = MXFP4(), (2, 96, 40)  # two experts' [groups * 32, rows]
         packed = Packed("w", ("w_blocks", "w_scales"), shape)
         parts = {"w_blocks": torch.randint(0, 256, (2, 40, 3, 16), dtype=torch.uint8),
                  "w_scales": torch.randint(118, 130, (2, 40, 3), dtype=torch.uint8)}
     used = torch.full(shape, torch.nan)
-    into = c.decode_into(packed, parts, used)
+    with ThreadPoolExecutor(3) as pool:
+        into = c.decode_into(packed, parts, used, pool)
     assert into.data_ptr() == used.data_ptr()
     assert torch.equal(into, c.decode(packed, parts))

@@ -16,7 +16,7 @@ from ..rounding import Rounding
 from .edit import TensorEdit
 
 Decode = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
-DecodeInto = Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
+DecodeInto = Callable[[Mapping[str, torch.Tensor], torch.Tensor, "Executor | None"], torch.Tensor]
 Encode = Callable[[torch.Tensor, Mapping[str, torch.Tensor], "Rounding | None"], "dict[str, torch.Tensor]"]
 
 
@@ -66,7 +66,7 @@ class CodedEdit:
         the codec can decode into a buffer (``decode_into``).
         """
         if decoded is not None and self.decode_into is not None:
-            logical = self.decode_into(parts, decoded[: math.prod(self.shape)].view(self.shape)).to(compute)
+            logical = self.decode_into(parts, decoded[: math.prod(self.shape)].view(self.shape), pool).to(compute)
         else:
             logical = self.decode(parts).to(compute)
         edited, zeroed = self.edit.apply(logical, compute, in_place=True, workspace=workspace, pool=pool)
