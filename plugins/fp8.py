@@ -16,6 +16,7 @@ nearest e4m3 value (ties to even, as torch converts), saturating at +-448.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+from rewriter import compiled
 from rewriter.codec import Packed
 from rewriter.engine.threads import run_each
 from rewriter.errors import AbliterateError
@@ -158,24 +160,38 @@ class BlockScaledFP8:
 def _round_matrix(tensor: torch.Tensor, scale: torch.Tensor, q: torch.Tensor, block: tuple[int, ...], axis: int,
                   rounding: Rounding, residual: torch.Tensor) -> None:
     """``_round_candidates`` of one matrix (``q``: its codes as uint8, ``scale``: its float32 grid):
-    each group's candidates are gathered, rounded both ways and stored back while in cache."""
+    each group's candidates are gathered, rounded both ways and stored back while in cache, by
+    ``fp8_kernel.round_columns`` where numba is installed. Each element stores the code of the
+    neighbour chosen (not the chosen value re-rounded, which a scale of a float32 subnormal
+    could move)."""
     across, at = 1 - axis, rounding.rows
+    gather, store = (compiled.kernel("rewriter.plugins.fp8_kernel", f) for f in ("candidates", "store"))
+    balance = compiled.kernel("rewriter.switch_kernel", "balance")
 
     def work(cols: slice, choose: Choose) -> None:
+        if gather is not None and store is not None and balance is not None:
+            codes = q.numpy()
+            x, near, other, other_code = gather(tensor.numpy(), scale.numpy(), codes, at.numpy(), tuple(block), axis,
+                                                cols.start, cols.stop - cols.start, _e4m3_table())
+            chosen = near.copy()  # (balance writes every element)
+            balance(x, near, other, rounding.candidate_r.numpy(), residual.reshape(-1)[cols].numpy(), chosen)
+            store(codes, at.numpy(), axis, cols.start, chosen, near, other_code)
+            return
         n = cols.stop - cols.start
         first = cols.start // block[across]
         blocks = -(-cols.stop // block[across]) - first
         s = (scale.index_select(axis, torch.div(at, block[axis], rounding_mode="floor")).narrow(across, first, blocks)
              .repeat_interleave(block[across], across).narrow(across, cols.start - first * block[across], n))
         wanted = tensor.narrow(across, cols.start, n).index_select(axis, at)
-        codes = q.narrow(across, cols.start, n).index_select(axis, at).view(torch.float8_e4m3fn)
+        codes = q.narrow(across, cols.start, n).index_select(axis, at)
         near = _e4m3_values(codes)
-        other = _e4m3_values(_other_e4m3(codes, near, (wanted / s).clamp_(-E4M3_MAX, E4M3_MAX))).mul_(s)
+        other_codes = _other_e4m3(codes.view(torch.float8_e4m3fn), near, (wanted / s).clamp_(-E4M3_MAX, E4M3_MAX))
+        other = _e4m3_values(other_codes).mul_(s)
+        near.mul_(s)
         # [candidates, columns] for the rounding: the transposed views where the candidates run along rows
-        chosen = choose(*(t if axis == 0 else t.t() for t in (wanted, near.mul_(s), other)))
-        q.narrow(across, cols.start, n).index_copy_(axis, at, (chosen if axis == 0 else chosen.t()).div_(s)
-                                                    .clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-                                                    .view(torch.uint8))
+        chosen = choose(*(t if axis == 0 else t.t() for t in (wanted, near, other)))
+        switched = (chosen if axis == 0 else chosen.t()).view(torch.int32) != near.view(torch.int32)
+        q.narrow(across, cols.start, n).index_copy_(axis, at, pick(switched, other_codes.view(torch.uint8), codes))
 
     rounding.choose_each(residual, tensor.shape[across], work)
 
@@ -228,6 +244,12 @@ def _bands(t: torch.Tensor, grid: torch.Tensor, height: int) -> list[tuple[torch
 def _band_height(height: int) -> int:
     """Rows in each band of ``_bands``: whole blocks of ``height`` rows, about ``BAND_ROWS`` in all."""
     return height * max(1, BAND_ROWS // height)
+
+
+@functools.cache
+def _e4m3_table() -> Any:
+    """The float32 value of each of the 256 e4m3 codes (a numpy array, for the compiled kernel)."""
+    return _e4m3_values(torch.arange(256, dtype=torch.uint8)).numpy()
 
 
 def _e4m3_values(codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

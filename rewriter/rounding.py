@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-from . import dtypes
+from . import compiled, dtypes
 from .engine.threads import run_each
 from .lazy import torch
 
@@ -28,6 +28,8 @@ SUM = 128  # elements of r per float32 product of the residual (see add_band)
 # from block FP8 and edited, the rest sorted whole (a half covered them all, no faster, and ordered
 # MXFP4's ties in cost otherwise; an eighth, enough for rounding noise alone, fell short in 97%)
 FIRST = 1 / 3
+WHOLE = 1 << 32  # a column's residual in the units its switches' gains are added in (finer than float32)
+CAP = 4 * WHOLE  # gains beyond twice the residual can never be taken
 
 # (wanted, nearest, other) of a group's candidates, [candidates, columns] -> the values to store
 Choose = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
@@ -48,6 +50,7 @@ class Rounding:
         self._r = direction.to(torch.float64)
         self.rows = torch.topk(self._r.abs(), max(1, self._r.numel() // ROWS)).indices
         self.pool = pool  # the edit threads: a codec may run its own independent passes on them
+        self.candidate_r = self._r[self.rows].to(torch.float32)  # r at ``rows``, for a codec's compiled kernel
 
     def choose(self, wanted: torch.Tensor, nearest: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """The values to store at ``rows``: each that of ``nearest`` or ``other`` (both float32).
@@ -148,7 +151,19 @@ def _balance(x: torch.Tensor, q: torch.Tensor, o: torch.Tensor, r: torch.Tensor,
              out: torch.Tensor) -> None:
     """Write into ``out`` ``q`` with the cheapest useful switches to ``o`` made, for each column
     of these [candidates, columns] tensors (``r``: [candidates, 1]): in order of added squared
-    error per unit moved along ``r``, while ``residual`` is more than half the next move away.
+    error per unit moved along ``r`` (ties: the lower candidate first), while ``residual`` is
+    more than half the next move away. Compiled where numba is installed (float32), else
+    ``_balance_torch``: the same values either way."""
+    kernel = compiled.kernel("rewriter.switch_kernel", "balance")
+    if kernel is None or x.dtype != torch.float32:
+        _balance_torch(x, q, o, r, residual, out)
+        return
+    kernel(*(t.contiguous().numpy() for t in (x, q, o, r.reshape(-1), residual)), out.numpy())
+
+
+def _balance_torch(x: torch.Tensor, q: torch.Tensor, o: torch.Tensor, r: torch.Tensor, residual: torch.Tensor,
+                   out: torch.Tensor) -> None:
+    """``_balance`` in eager torch: the reference the compiled kernel is held to.
 
     Only the switches before the one that covers the residual can be taken, so the cheapest
     ``FIRST`` of the candidates are found by a partial selection (3x faster than a sort),
@@ -162,8 +177,8 @@ def _balance(x: torch.Tensor, q: torch.Tensor, o: torch.Tensor, r: torch.Tensor,
     cost = pick(gain * wanted >= 0, torch.full_like(cost, torch.inf), cost)
     # one column per row from here: selecting along contiguous memory is 1.5x faster, and
     # selecting integers that order as the costs do 1.6x faster than selecting the floats
-    order, gain, o, out_t = sort_key(cost.t().contiguous()), gain.t(), o.t(), out.t()
-    never = sort_key(torch.full((1,), torch.inf, dtype=cost.dtype))  # a switch that may not be made
+    order, gain, o, out_t = _indexed(sort_key(cost.t().contiguous())), gain.t(), o.t(), out.t()
+    never = _indexed(sort_key(torch.full((1, 1), torch.inf, dtype=cost.dtype)))  # a switch that may not be made
     out_t.copy_(q.t())
     first = min(order.shape[1], max(1, int(order.shape[1] * FIRST)))
     short = _switch(out_t, o, gain, order, never, wanted.abs(), first)
@@ -184,11 +199,30 @@ def _switch(out: torch.Tensor, o: torch.Tensor, gain: torch.Tensor, order: torch
     else:
         best, idx = torch.sort(order, dim=1)
     g = gain.gather(1, idx).abs_().mul_(best < never)  # no gain from a switch that may not be made
+    g = units(g, wanted.unsqueeze(1))
     total = g.cumsum(1)
-    before = total - g
-    take = (before + g / 2 < wanted.unsqueeze(1)) & (g > 0)
+    take = (2 * (total - g) + g < 2 * WHOLE) & (g > 0)  # the move leaves the total less than half of it short
     out.scatter_(1, idx, pick(take, o.gather(1, idx), out.gather(1, idx)))
-    return total[:, -1] < wanted
+    return total[:, -1] < WHOLE
+
+
+def units(gain: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """Each switch's |gain| in integer units of ``WHOLE`` to its column's ``wanted`` |residual|
+    (float64, rounded down; at most ``CAP``, which no switch that could be taken reaches).
+    Integer totals are exact in any order: the compiled kernel adds the cheapest switches in
+    whatever order it finds them and still makes the very switches this does."""
+    scaled = gain.double().div_(wanted.double()).mul_(WHOLE).clamp_(max=CAP)
+    return scaled.nan_to_num_(nan=CAP).to(torch.int64)
+
+
+def _indexed(keys: torch.Tensor) -> torch.Tensor:
+    """[columns, candidates] keys narrower than 64 bits made unique, ``key << 32 | candidate``: ties
+    in cost then go to the lower candidate whatever the selection's own order of equal keys
+    (which differs between topk, sort and the compiled kernel)."""
+    if keys.element_size() == 8:
+        return keys
+    wide = torch.empty(keys.shape, dtype=torch.int64).copy_(keys)
+    return wide.bitwise_left_shift_(32).bitwise_or_(torch.arange(keys.shape[1]))
 
 
 def sort_key(x: torch.Tensor) -> torch.Tensor:

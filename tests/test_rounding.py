@@ -12,6 +12,7 @@ from rewriter.errors import AbliterateError
 from rewriter.plugins.fp8 import CODECS, _other_e4m3
 from rewriter.plugins.mxfp4 import (E2M1, MXFP4, _groups, _logical, _magnitude, _other_code, _power_of_two,
                                     _round_e2m1)
+from rewriter import compiled, rounding
 from rewriter.rounding import Choose, Rounding, pick, sort_key
 
 
@@ -87,7 +88,7 @@ def _reference_choose(r: torch.Tensor, axis: int, wanted: torch.Tensor, nearest:
     cost = (ot + qt - 2 * xt) * flip.sign() / rf.abs().clamp_min(torch.finfo(xt.dtype).tiny)
     want = residual.to(xt.dtype).unsqueeze(1)
     cost.masked_fill_(gain * want >= 0, torch.inf)
-    best, idx = torch.sort(cost, dim=1)
+    best, idx = torch.sort(cost, dim=1, stable=True)  # ties: the lower candidate first
     g = gain.gather(1, idx).abs_().masked_fill_(torch.isinf(best), 0)
     before = g.cumsum(1) - g
     take = (before + g / 2 < want.abs()) & (g > 0)
@@ -287,3 +288,69 @@ def test_codecs_decode_into_a_used_buffer_what_they_decode_afresh(codec: str) ->
         into = c.decode_into(packed, parts, used, pool)
     assert into.data_ptr() == used.data_ptr()
     assert torch.equal(into, c.decode(packed, parts))
+
+
+@pytest.mark.parametrize("kind, axis", [("fp8", 0), ("fp8", 1), ("mxfp4", 0), ("mxfp4", 1)])
+def test_compiled_rounding_writes_the_bytes_of_the_torch_one(kind: str, axis: int,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The numba switch selection (the ``fast`` extra, which the tests install) stores what the
+    eager torch reference stores, byte for byte, for both codecs and both orientations."""
+    assert compiled.kernel("rewriter.switch_kernel", "balance") is not None  # the kernel is under test
+    torch.manual_seed(7)
+    if kind == "fp8":
+        codec, shape = CODECS[0], (1024, 640)
+        packed = Packed("w", ("w", "s"), shape, (), (128, 128))
+        like = {"w": torch.empty(shape, dtype=torch.float8_e4m3fn), "s": torch.empty(8, 5)}
+    else:
+        codec, shape, like = MXFP4(), ((512, 2048) if axis == 1 else (2048, 512)), {}
+        packed = Packed("x", ("b", "s"), shape)
+    r, w, edited = _edited(shape, axis)
+    with ThreadPoolExecutor(2) as pool:
+        fast = codec.encode(packed, edited, like, Rounding(r, axis, pool))
+    monkeypatch.setattr(compiled, "kernel", lambda module, name: None)
+    reference = codec.encode(packed, edited, like, Rounding(r, axis))
+    assert fast.keys() == reference.keys()
+    for name, part in reference.items():
+        assert torch.equal(fast[name].view(torch.uint8), part.view(torch.uint8)), name
+    assert not torch.equal(fast[packed.parts[0]].view(torch.uint8),
+                           codec.encode(packed, edited, like)[packed.parts[0]].view(torch.uint8))  # switches made
+
+
+@pytest.mark.parametrize("case", ["ties", "small gains", "hostile"])
+def test_compiled_switches_order_ties_and_totals_as_torch(case: str) -> None:
+    """The cases where the kernel's shortcuts could part from torch's full ordering: costs that
+    tie (MXFP4's coarse grid makes many: the lower candidate goes first in both), a run of
+    gains too small for float32 to resolve right at the residual (each tested as torch tests
+    it, past the kernel's first few scans to its sort of the rest), and hostile values (NaN,
+    inf, zero residuals, r over 32 decades): the same bits."""
+    from rewriter.switch_kernel import balance
+
+    torch.manual_seed(8)
+    k, n = 64, 300
+    if case == "ties":
+        r = torch.where(torch.rand(k, 1) < 0.5, -0.125, 0.125)
+        q = torch.randint(-8, 8, (k, n)) * 0.25
+        x = q + torch.randint(-8, 9, (k, n)) / 64
+        o = q + torch.where(x > q, 0.25, -0.25)
+        residual = torch.randn(n, dtype=torch.float64) * 2
+    elif case == "hostile":  # NaN and inf weights, values and residuals, gains below a unit of theirs, zeros
+        r = torch.randn(k, 1) * 10.0 ** torch.randint(-30, 3, (k, 1))
+        q = torch.randint(-8, 8, (k, n)) * 0.25
+        x = q + torch.randn(k, n) / 16
+        o = q + torch.where(x > q, 0.25, -0.25)
+        for t, value in ((x, torch.nan), (q, -torch.nan), (o, torch.inf), (x, -torch.inf)):
+            t.view(-1)[torch.randint(0, k * n, (40,))] = value
+        residual = torch.randn(n, dtype=torch.float64) * 10.0 ** torch.randint(-12, 3, (n,))
+        residual[:4] = torch.tensor([torch.nan, torch.inf, 0.0, -0.0], dtype=torch.float64)
+    else:  # costs 1.2^i in candidate order; gains of 1 but for candidates 10-39, 1e-6
+        i = torch.arange(k).unsqueeze(1)
+        r = torch.where((i >= 10) & (i < 40), 1e-6, 1.0).float()
+        q, o = torch.zeros(k, n), torch.ones(k, n)
+        x = ((1 - 1.2 ** i.float() * r) / 2).expand(k, n).contiguous()
+        residual = -10 * (1 + torch.linspace(0, 3e-6, n, dtype=torch.float64))  # 10 gains of 1, then the small ones
+    expected, out = torch.empty(k, n), torch.empty(k, n)
+    rounding._balance_torch(x, q, o, r, residual, expected)
+    balance(x.numpy(), q.numpy(), o.numpy(), r.reshape(-1).numpy(), residual.numpy(), out.numpy())
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+    switched = (expected != q).sum(0)
+    assert int(switched.min()) < int(switched.max())  # columns differ in what they take: it means something
