@@ -161,12 +161,12 @@ def _round_matrix(tensor: torch.Tensor, scale: torch.Tensor, q: torch.Tensor, bl
                   rounding: Rounding, residual: torch.Tensor) -> None:
     """``_round_candidates`` of one matrix (``q``: its codes as uint8, ``scale``: its float32 grid):
     each group's candidates are gathered, rounded both ways and stored back while in cache, by
-    ``fp8_kernel.round_columns`` where numba is installed. Each element stores the code of the
+    ``fp8_kernel.candidates`` and ``switch_kernel`` where numba is installed. Each element stores the code of the
     neighbour chosen (not the chosen value re-rounded, which a scale of a float32 subnormal
     could move)."""
     across, at = 1 - axis, rounding.rows
-    gather, store = (compiled.kernel("rewriter.plugins.fp8_kernel", f) for f in ("candidates", "store"))
-    balance = compiled.kernel("rewriter.switch_kernel", "balance")
+    gather = compiled.kernel("rewriter.plugins.fp8_kernel", "candidates")
+    balance, store = (compiled.kernel("rewriter.switch_kernel", f) for f in ("balance", "store"))
 
     def work(cols: slice, choose: Choose) -> None:
         if gather is not None and store is not None and balance is not None:

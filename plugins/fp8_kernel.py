@@ -3,7 +3,7 @@
 
 In torch, gathering a group's candidates, finding each one's other e4m3 neighbour, scaling
 both and storing the chosen codes back take some twenty passes over temporaries; here they
-are one pass that feeds ``switch_kernel.balance`` and one that stores the codes. (The two
+are one pass that feeds ``switch_kernel.balance`` (whose ``store`` then stores the codes). (They
 are called from Python, not from one compiled function: numba's cache of a function does
 not notice a change to another module's function it calls.)
 """
@@ -52,15 +52,3 @@ def candidates(tensor: np.ndarray, scale: np.ndarray, codes: np.ndarray, rows: n
             other[i, j] = values[o] * s
             other_code[i, j] = o
     return x, near, other, other_code
-
-
-@njit(nogil=True, cache=True)
-def store(codes: np.ndarray, rows: np.ndarray, axis: int, start: int, chosen: np.ndarray, near: np.ndarray,
-          other_code: np.ndarray) -> None:  # pragma: no cover - compiled
-    """Store the other neighbour's code where ``balance`` chose it (``chosen`` is not ``near``'s bits)."""
-    switched, kept = chosen.view(np.int32), near.view(np.int32)
-    for i in range(rows.shape[0]):
-        for j in range(chosen.shape[1]):
-            if switched[i, j] != kept[i, j]:
-                row, col = (rows[i], start + j) if axis == 0 else (start + j, rows[i])
-                codes[row, col] = other_code[i, j]

@@ -13,21 +13,25 @@ every value to the nearest e2m1 value, ties to even.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from typing import Any
 
+from rewriter import compiled
 from rewriter.codec import Packed
+from rewriter.engine.threads import run_each
 from rewriter.errors import AbliterateError
 from rewriter.hookspecs import hookimpl
 from rewriter.io.safetensors_io import TensorEntry
 from rewriter.lazy import torch
-from rewriter.rounding import Rounding
+from rewriter.rounding import Choose, Rounding, pick
 
 GROUP = 32
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitudes by 3-bit code; bit 3 is the sign
 BIAS = 127
 CHUNK = 1 << 18  # elements rounded at once: the temporaries stay in cache
+BAND = 4 * GROUP  # logical rows rounded to nearest at once, on the edit threads: a band's temporaries stay in cache
 
 
 class MXFP4:
@@ -62,54 +66,161 @@ class MXFP4:
     def decode_into(self, packed: Packed, parts: Mapping[str, torch.Tensor], out: torch.Tensor,
                     pool: Executor | None = None) -> torch.Tensor:  # one slice: too small to split
         blocks, scales = parts[packed.parts[0]], parts[packed.parts[1]]
+        decode = compiled.kernel("rewriter.plugins.mxfp4_kernel", "decode")
+        if decode is not None and out.is_contiguous() and out.dtype == torch.float32:
+            for m in itertools.product(*map(range, blocks.shape[:-3])):
+                decode(blocks[m].flatten(-2).numpy(), scales[m].numpy(), out[m].numpy())
+            return out
         # each byte's two values at once, as one int64 of two float32 (the low nibble's first,
         # as the bytes lie): one lookup with int32 indices, 2x as fast as decoding each nibble
         values = _pairs().index_select(0, blocks.reshape(-1).to(torch.int32)).view(torch.float32)
         values = values.view(*blocks.shape[:-1], GROUP)
-        values *= _power_of_two(scales.to(torch.int32) - BIAS)
+        values *= _power_of_two(scales.to(torch.int32) - BIAS).unsqueeze(-1)
         return out.copy_(values.flatten(-2).transpose(-1, -2))
 
     def encode(self, packed: Packed, tensor: torch.Tensor, like: Mapping[str, torch.Tensor],
                rounding: Rounding | None = None) -> dict[str, torch.Tensor]:
-        rows = _groups(tensor)
-        amax = torch.maximum(rows.amax(-1), rows.amin(-1).neg_())  # no tensor-sized temporary of |rows|
-        exponent = torch.where(amax > 0, torch.ceil(torch.log2(amax / E2M1[-1])), torch.full_like(amax, -BIAS))
-        exponent = exponent.clamp_(-BIAS, BIAS).to(torch.int32)
-        scale, unscale = _power_of_two(exponent), _power_of_two(-exponent)
-        scaled = rows * unscale
-        codes, negative = _round_e2m1(scaled), _negative(scaled)
-        if rounding is not None and rounding.axis % tensor.dim() == tensor.dim() - 1:
-            _round_rows(tensor, rows, scaled, codes, negative, scale, unscale, rounding)
-        elif rounding is not None:  # the other neighbour of every element, then the choice at the candidates
-            sign = torch.where(torch.signbit(scaled), -scale, scale)
-            nearest, other = (_logical(_magnitude(c) * sign, tensor.shape) for c in (codes, _other_code(codes, scaled.abs())))
-            axis = rounding.axis % tensor.dim()
-            chosen = nearest.index_copy_(axis, rounding.rows,
-                                         rounding.choose(tensor, nearest, other.index_select(axis, rounding.rows)))
-            scaled = _groups(chosen) * unscale
-            codes, negative = _round_e2m1(scaled), _negative(scaled)
-        codes |= negative
-        blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
-        return {packed.parts[0]: blocks.contiguous(), packed.parts[1]: (exponent + BIAS).to(torch.uint8)}
+        tensor = tensor.contiguous()
+        *lead, height, width = tensor.shape
+        across = _across(rounding, tensor.dim())
+        kernels = _kernels()
+        codes = torch.empty(tensor.shape, dtype=torch.uint8)  # the logical layout, sign in bit 3
+        exponent = torch.empty((*lead, width, height // GROUP), dtype=torch.int32)  # the stored layout
+        nearest = _nearest_compiled(kernels[0]) if kernels is not None else _nearest_torch
+
+        def band(start: int) -> torch.Tensor | None:
+            """Round ``BAND`` logical rows to nearest; with a rounding, return what that added along r."""
+            diff = nearest(tensor, start, min(start + BAND, height), codes, exponent, rounding is not None)
+            return rounding.band_total(diff, start) if rounding is not None and diff is not None else None
+
+        pool = rounding.pool if rounding is not None else None  # the edit threads
+        totals = run_each(pool, band, range(0, height, BAND))
+        if rounding is not None:
+            residual = rounding.residual(tensor)
+            for start, total in zip(range(0, height, BAND), totals):  # in band order: the same bits on any threads
+                if total is not None:
+                    rounding.add_total(residual, total, start)
+            if kernels is not None:
+                _round_compiled(tensor, codes, exponent, residual, rounding, across, kernels)
+            else:
+                _round_torch(tensor, codes, exponent, residual, rounding, across)
+        if kernels is not None:
+            blocks = torch.empty((*lead, width, height // 2), dtype=torch.uint8)
+            for m in itertools.product(*map(range, lead)):
+                kernels[2](codes[m].numpy(), blocks[m].numpy())
+        else:
+            stored = codes.transpose(-1, -2)
+            blocks = (stored[..., 0::2] | (stored[..., 1::2] << 4)).contiguous()
+        return {packed.parts[0]: blocks.view(*lead, width, height // GROUP, GROUP // 2),
+                packed.parts[1]: (exponent + BIAS).to(torch.uint8)}
 
 
-def _round_rows(tensor: torch.Tensor, rows: torch.Tensor, scaled: torch.Tensor, codes: torch.Tensor,
-                negative: torch.Tensor, scale: torch.Tensor, unscale: torch.Tensor, rounding: Rounding) -> None:
-    """Re-round ``codes`` (nearest, [..., R, G, 32]) where ``r`` runs along the stored rows (the
-    logical last axis: gpt-oss's ``down_proj``): the candidates are whole stored rows, so only
-    they are gathered and get their other neighbour, in the stored layout, while what rounding
-    to nearest added along ``r`` is summed from the whole tensor's nearest values once. The
-    same choices as rounding the whole logical tensor both ways (which took 2.5x as long)."""
-    residual = rounding.residual(tensor)
-    rounding.add_band(residual, _logical(_magnitude(codes | negative).mul_(scale).sub_(rows), tensor.shape), 0)
-    at = rounding.rows
-    wanted, near, negative, magnitude, scale = (t.index_select(-3, at) for t in (rows, codes, negative, scaled, scale))
-    other = _magnitude(_other_code(near, magnitude.abs_()) | negative).mul_(scale)
-    shape = (*tensor.shape[:-1], len(at))
-    chosen = rounding.choose_at(residual, *(_logical(t, shape) for t in (wanted, _magnitude(near | negative).mul_(scale),
-                                                                          other)))
-    chosen = chosen.transpose(-1, -2).unflatten(-1, (-1, GROUP))
-    codes.index_copy_(-3, at, _round_e2m1(chosen.mul_(unscale.index_select(-3, at))))
+def _across(rounding: Rounding | None, dims: int) -> bool:
+    """Whether ``r`` runs along the logical axis -2 (down each group: gpt-oss's ``gate_up_proj``),
+    not along the logical last axis (the stored rows: its ``down_proj``)."""
+    if rounding is None:
+        return False
+    axis = rounding.axis % dims
+    if axis < dims - 2:
+        raise AbliterateError(f"MXFP4 keeps a direction out along one of its last two axes, not axis {axis}")
+    return axis == dims - 2
+
+
+def _exponent(amax: torch.Tensor) -> torch.Tensor:
+    """Each group's exponent: the smallest e with ``amax <= 6 * 2^e`` (so nothing saturates), exact
+    from the float's own exponent (a float32 log2 is not, a few ulps above a power of two);
+    -127 for a group of zeros (or NaN), 127 for inf."""
+    mantissa, power = torch.frexp(amax)
+    # amax = m * 2^k, m in [0.5, 1): 6 * 2^(k-3) = 0.75 * 2^k covers m <= 0.75, 6 * 2^(k-2) the rest
+    exponent = power.sub_(3).add_(mantissa > 0.75)
+    exponent = torch.where(amax > 0, exponent, -BIAS).masked_fill_(amax == torch.inf, BIAS)
+    return exponent.clamp_(-BIAS, BIAS).to(torch.int32)
+
+
+# (tensor, first row, last row, codes, exponent, with diff) -> rounded minus wanted of those rows, or None
+Nearest = Callable[["torch.Tensor", int, int, "torch.Tensor", "torch.Tensor", bool], "torch.Tensor | None"]
+
+
+def _nearest_torch(tensor: torch.Tensor, start: int, stop: int, codes: torch.Tensor, exponent: torch.Tensor,
+                   diff: bool) -> torch.Tensor | None:
+    """Round logical rows [start, stop) (whole groups) to nearest into ``codes`` and ``exponent``,
+    in eager torch: the reference ``mxfp4_kernel.nearest`` is held to. With ``diff``, return
+    the rounded values minus the values ([..., stop - start, columns])."""
+    groups = tensor[..., start:stop, :].unflatten(-2, (-1, GROUP))  # [..., groups, 32, columns]
+    e = _exponent(torch.maximum(groups.amax(-2), groups.amin(-2).neg_()))  # no band-sized |values|
+    exponent[..., start // GROUP : stop // GROUP] = e.transpose(-1, -2)
+    scale, unscale = _power_of_two(e).unsqueeze(-2), _power_of_two(-e).unsqueeze(-2)
+    scaled = groups * unscale
+    band = _round_e2m1(scaled) | _negative(scaled)
+    codes[..., start:stop, :] = band.flatten(-3, -2)
+    return _magnitude(band).mul_(scale).sub_(groups).flatten(-3, -2) if diff else None
+
+
+def _nearest_compiled(kernel: Callable[..., Any]) -> Nearest:
+    """``_nearest_torch`` by ``mxfp4_kernel.nearest``, a matrix of a stack at a time: the same bits."""
+    def nearest(tensor: torch.Tensor, start: int, stop: int, codes: torch.Tensor, exponent: torch.Tensor,
+                diff: bool) -> torch.Tensor | None:
+        out = torch.empty((*tensor.shape[:-2], stop - start if diff else 0, tensor.shape[-1]))
+        for m in itertools.product(*map(range, tensor.shape[:-2])):
+            kernel(tensor[m].numpy(), start // GROUP, stop // GROUP, codes[m].numpy(), exponent[m].numpy(),
+                   out[m].numpy())
+        return out if diff else None
+
+    return nearest
+
+
+def _candidates(tensor: torch.Tensor, codes: torch.Tensor, exponent: torch.Tensor, at: torch.Tensor,
+                across: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The wanted values, nearest codes, scales and unscales of the candidates ``at`` along the
+    rounding's axis, each shaped like ``tensor.index_select(axis, at)``."""
+    axis = -2 if across else -1
+    if across:  # exponent [..., columns, groups] -> [..., k, columns]
+        e = exponent.index_select(-1, torch.div(at, GROUP, rounding_mode="floor")).transpose(-1, -2)
+    else:  # [..., k, groups] -> [..., rows, k]
+        e = exponent.index_select(-2, at).transpose(-1, -2).repeat_interleave(GROUP, -2)
+    return tensor.index_select(axis, at), codes.index_select(axis, at), _power_of_two(e), _power_of_two(-e)
+
+
+def _round_torch(tensor: torch.Tensor, codes: torch.Tensor, exponent: torch.Tensor, residual: torch.Tensor,
+                 rounding: Rounding, across: bool) -> None:
+    """Re-round ``codes`` (nearest) at the rounding's candidates to the values it chooses between
+    each one's nearest and other neighbour: only they are gathered and get their other
+    neighbour. Each chosen element stores the code of its chosen neighbour."""
+    wanted, near, scale, unscale = _candidates(tensor, codes, exponent, rounding.rows, across)
+    near_value = _magnitude(near).mul_(scale)
+    other = _other_code(near & 7, wanted.mul(unscale).abs_()) | (near & 8)
+    chosen = rounding.choose_at(residual, wanted, near_value, _magnitude(other).mul_(scale))
+    switched = chosen.view(torch.int32) != near_value.view(torch.int32)
+    codes.index_copy_(-2 if across else -1, rounding.rows, pick(switched, other, near))
+
+
+def _round_compiled(tensor: torch.Tensor, codes: torch.Tensor, exponent: torch.Tensor, residual: torch.Tensor,
+                    rounding: Rounding, across: bool, kernels: tuple[Callable[..., Any], ...]) -> None:
+    """``_round_torch`` by ``mxfp4_kernel.candidates`` and ``switch_kernel``, a group of columns at a
+    time (``Rounding.choose_each``) and a matrix of a stack at a time: the same bytes."""
+    _, candidates, _, balance, store = kernels
+    at, r = rounding.rows.numpy(), rounding.candidate_r.numpy()
+    for m in itertools.product(*map(range, tensor.shape[:-2])):
+        values, codes_m, exponent_m, residual_m = tensor[m].numpy(), codes[m].numpy(), exponent[m].numpy(), residual[m]
+
+        def work(cols: slice, choose: Choose) -> None:
+            x, near, other, other_code = candidates(values, codes_m, exponent_m, at, across, cols.start,
+                                                    cols.stop - cols.start)
+            chosen = near.copy()  # (balance writes every element)
+            balance(x, near, other, r, residual_m.reshape(-1)[cols].numpy(), chosen)
+            store(codes_m, at, 0 if across else 1, cols.start, chosen, near, other_code)
+
+        rounding.choose_each(residual_m, residual_m.numel(), work)
+
+
+def _kernels() -> tuple[Callable[..., Any], ...] | None:
+    """``mxfp4_kernel``'s nearest, candidates and pack and ``switch_kernel``'s balance and store,
+    or None where any is missing (no numba, or ``ABLITERATE_TORCH_ONLY``)."""
+    found = tuple(compiled.kernel(module, name) for module, name in (
+        ("rewriter.plugins.mxfp4_kernel", "nearest"), ("rewriter.plugins.mxfp4_kernel", "candidates"),
+        ("rewriter.plugins.mxfp4_kernel", "pack"), ("rewriter.switch_kernel", "balance"),
+        ("rewriter.switch_kernel", "store")))
+    return None if any(k is None for k in found) else found
 
 
 @functools.cache
@@ -120,17 +231,8 @@ def _pairs() -> torch.Tensor:
 
 
 def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
-    """2 ** exponent per group, broadcast over its 32 values (exact: a power of two, subnormal at -127)."""
-    return torch.exp2(exponent.to(torch.float32)).unsqueeze(-1)
-
-
-def _groups(tensor: torch.Tensor) -> torch.Tensor:
-    """The logical tensor [..., C, R] as stored rows of groups, [..., R, C / 32, 32]."""
-    return tensor.transpose(-1, -2).contiguous().unflatten(-1, (-1, GROUP))
-
-
-def _logical(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    return rows.flatten(-2).transpose(-1, -2).reshape(shape)
+    """2 ** exponent, float32 (exact: a power of two, subnormal at -127)."""
+    return torch.exp2(exponent.to(torch.float32))
 
 
 def _magnitude(codes: torch.Tensor) -> torch.Tensor:

@@ -153,3 +153,17 @@ def _take_surely(keys: np.ndarray, g: np.ndarray, m: int, room: int, total: int
         used += g[s]
         lo = s + 1
     return lo, total + used
+
+
+@njit(nogil=True, cache=True)
+def store(codes: np.ndarray, rows: np.ndarray, axis: int, start: int, chosen: np.ndarray, near: np.ndarray,
+          other_code: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Store in ``codes`` (uint8 [rows, columns]) the other neighbour's code where ``balance`` chose it
+    (``chosen`` is not ``near``'s bits): at rows ``rows`` and columns from ``start`` (``axis`` 0),
+    or the transpose (``axis`` 1)."""
+    switched, kept = chosen.view(np.int32), near.view(np.int32)
+    for i in range(rows.shape[0]):
+        for j in range(chosen.shape[1]):
+            if switched[i, j] != kept[i, j]:
+                row, col = (rows[i], start + j) if axis == 0 else (start + j, rows[i])
+                codes[row, col] = other_code[i, j]

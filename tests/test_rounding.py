@@ -10,8 +10,7 @@ import torch
 from rewriter.codec import Packed
 from rewriter.errors import AbliterateError
 from rewriter.plugins.fp8 import CODECS, _other_e4m3
-from rewriter.plugins.mxfp4 import (E2M1, MXFP4, _groups, _logical, _magnitude, _other_code, _power_of_two,
-                                    _round_e2m1)
+from rewriter.plugins.mxfp4 import E2M1, MXFP4, _magnitude, _other_code, _power_of_two, _round_e2m1
 from rewriter import compiled, rounding
 from rewriter.rounding import Choose, Rounding, pick, sort_key
 
@@ -150,11 +149,20 @@ def test_fast_fp8_rounding_matches_the_reference(axis: int) -> None:
     assert _left(reference, r, axis) < 0.01 * _left(w, r, axis)  # the reference keeps r out: the comparison means something
 
 
+def _groups(tensor: torch.Tensor) -> torch.Tensor:
+    """The logical tensor [..., C, R] as stored rows of groups, [..., R, C / 32, 32]."""
+    return tensor.transpose(-1, -2).contiguous().unflatten(-1, (-1, 32))
+
+
+def _logical(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return rows.flatten(-2).transpose(-1, -2).reshape(shape)
+
+
 def _reference_mxfp4(tensor: torch.Tensor, r: torch.Tensor, axis: int, choose: Choose) -> torch.Tensor:
     """MXFP4 re-encoded as first written, decoded: every element's nearest and other value as
     whole logical tensors, then ``choose`` at the candidate rows."""
     exponent = MXFP4().encode(Packed("x", ("b", "s"), tuple(tensor.shape)), tensor, {})["s"].to(torch.int32) - 127
-    scale, unscale = _power_of_two(exponent), _power_of_two(-exponent)
+    scale, unscale = _power_of_two(exponent).unsqueeze(-1), _power_of_two(-exponent).unsqueeze(-1)
     scaled = _groups(tensor) * unscale
     codes = _round_e2m1(scaled.abs())
     sign = torch.where(torch.signbit(scaled), -scale, scale)
@@ -314,6 +322,77 @@ def test_compiled_rounding_writes_the_bytes_of_the_torch_one(kind: str, axis: in
         assert torch.equal(fast[name].view(torch.uint8), part.view(torch.uint8)), name
     assert not torch.equal(fast[packed.parts[0]].view(torch.uint8),
                            codec.encode(packed, edited, like)[packed.parts[0]].view(torch.uint8))  # switches made
+
+
+def test_mxfp4_exponent_is_the_smallest_that_fits_six() -> None:
+    """Each group's exponent is the smallest e with amax <= 6 * 2^e, checked by exact float64
+    arithmetic at and one float32 either side of 6 * 2^e over the whole exponent range
+    (where a float32 log2 rounded onto e and let amax saturate), subnormals, zero and inf."""
+    from rewriter.plugins.mxfp4 import _exponent
+
+    edges = torch.tensor([6.0 * 2.0**e for e in range(-130, 126)], dtype=torch.float64).float()
+    edges = edges[edges > 0]
+    amax = torch.cat([edges, torch.nextafter(edges, torch.tensor(0.0)), torch.nextafter(edges, torch.tensor(1e38)),
+                      torch.tensor([1e-45, 1e-40, 3.0, 4.5, 448.0, 3e38, torch.finfo(torch.float32).max])])
+    exponent = _exponent(amax)
+    wide, fits = amax.double(), lambda e: amax.double() <= 6 * torch.pow(2.0, e.double())
+    inside = (exponent > -127) & (exponent < 127)
+    assert bool(fits(exponent)[inside].all()) and not bool(fits(exponent - 1)[inside].any())
+    assert bool((wide[exponent == -127] <= 6 * 2.0**-127).all()) and bool((wide[exponent == 127] > 6 * 2.0**126).all())
+    special = _exponent(torch.tensor([0.0, torch.inf, torch.nan]))
+    assert special.tolist() == [-127, 127, -127]
+
+
+@pytest.mark.parametrize("case", ["plain", "rounded along rows", "rounded across", "stack"])
+def test_compiled_mxfp4_encoding_is_the_torch_bytes(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mxfp4_kernel`` against the eager torch encoding on hostile values: NaN, inf, groups of
+    zeros (-0.0 too), of float32 subnormals, of values at the e2m1 ties, near the largest
+    float32, values on the grid; with and without a rounding, and for a stack of experts."""
+    from rewriter.plugins.mxfp4 import _kernels
+
+    assert _kernels() is not None  # the kernels are under test
+    torch.manual_seed(11)
+    shape = (3, 256, 96) if case == "stack" else (256, 96)
+    packed = Packed("x", ("b", "s"), shape)
+    w = torch.randn(shape) * 10.0 ** torch.randint(-3, 2, shape)
+    w[..., 1::2] = MXFP4().decode(packed, MXFP4().encode(packed, w, {}))[..., 1::2]  # on the grid: no other neighbour
+    group = w[..., :32, :]  # the first group down each column
+    group[..., 0], group[..., 2] = 0.0, -0.0
+    group[..., 4] = torch.randn(group[..., 4].shape) * 1e-40  # float32 subnormals
+    group[..., 6] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0]).repeat(4)  # the e2m1 ties, at scale 1
+    group[..., 8] = 3e38
+    flat = w.view(-1)
+    where = torch.randint(0, w.numel(), (60,))
+    flat[where[:20]], flat[where[20:40]], flat[where[40:]] = torch.nan, torch.inf, -torch.inf
+    packed = Packed("x", ("b", "s"), shape)
+    rounding = None
+    if case != "plain":
+        axis = -2 if case == "rounded across" else -1
+        r = torch.randn(shape[axis], dtype=torch.float64)
+        rounding = Rounding(r / r.norm(), axis)
+    fast = MXFP4().encode(packed, w, {}, rounding)
+    monkeypatch.setattr(compiled, "kernel", lambda module, name: None)
+    reference = MXFP4().encode(packed, w, {}, rounding)
+    for name in ("b", "s"):
+        assert torch.equal(fast[name], reference[name]), name
+    assert int(reference["s"].min()) == 0 and int(reference["s"].max()) == 254  # the cases reached both ends
+
+
+def test_compiled_mxfp4_decoding_is_the_torch_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mxfp4_kernel.decode`` against torch's: every byte, every scale (255 makes inf, and NaN
+    of a zero), a stack of two experts, the same bits."""
+    assert compiled.kernel("rewriter.plugins.mxfp4_kernel", "decode") is not None
+    torch.manual_seed(12)
+    blocks = torch.randint(0, 256, (2, 72, 8, 16), dtype=torch.uint8)
+    blocks.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    scales = torch.randint(0, 256, (2, 72, 8), dtype=torch.uint8)
+    scales.view(-1)[:4] = torch.tensor([0, 1, 254, 255], dtype=torch.uint8)
+    packed, parts = Packed("x", ("b", "s"), (2, 256, 72)), {"b": blocks, "s": scales}
+    fast = MXFP4().decode(packed, parts)
+    monkeypatch.setattr(compiled, "kernel", lambda module, name: None)
+    reference = MXFP4().decode(packed, parts)
+    assert torch.equal(fast.view(torch.int32), reference.view(torch.int32))
+    assert bool(reference.isnan().any()) and bool(reference.isinf().any())
 
 
 @pytest.mark.parametrize("case", ["ties", "small gains", "hostile"])
