@@ -97,9 +97,16 @@ class BlockScaledFP8:
         grid = _as_grid(s, q.shape).to(torch.float32)
         height = _band_height(packed.block[0])
 
+        decode = compiled.kernel("rewriter.plugins.fp8_kernel", "decode")
+
         def band(item: tuple[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
             index, (rows, grid_rows) = item
             codes = q.narrow(-2, index * height, rows.shape[-2])
+            if decode is not None:
+                for m in itertools.product(*map(range, rows.shape[:-2])):  # a matrix of a stack at a time
+                    decode(codes[m].view(torch.uint8).numpy(), grid_rows[m].contiguous().numpy(), tuple(packed.block),
+                           _e4m3_table(), rows[m].numpy())
+                return
             _e4m3_values(codes, rows) if rows.is_contiguous() else rows.copy_(_e4m3_values(codes))  # a stack's band
             blocks, scale = _by_block(rows, grid_rows, packed.block)
             blocks.mul_(scale)

@@ -1,5 +1,5 @@
-"""Block FP8's re-rounding of a group of columns at the candidate rows, compiled by numba (the
-``fast`` extra; ``fp8._round_matrix`` is the eager torch twin and the reference).
+"""Block FP8's decoding and re-rounding of a group of columns at the candidate rows, compiled by numba (the ``fast`` extra; the eager torch code in ``fp8`` is the
+reference, and the tests hold the two to the same bytes).
 
 In torch, gathering a group's candidates, finding each one's other e4m3 neighbour, scaling
 both and storing the chosen codes back take some twenty passes over temporaries; here they
@@ -52,3 +52,14 @@ def candidates(tensor: np.ndarray, scale: np.ndarray, codes: np.ndarray, rows: n
             other[i, j] = values[o] * s
             other_code[i, j] = o
     return x, near, other, other_code
+
+
+@njit(nogil=True, cache=True)
+def decode(codes: np.ndarray, scale: np.ndarray, block: tuple[int, int], values: np.ndarray,
+           out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """The float32 values of e4m3 ``codes`` (uint8 [rows, columns]) times their blocks' ``scale``."""
+    for i in range(codes.shape[0]):
+        for b in range(scale.shape[1]):
+            s = scale[i // block[0], b]
+            for j in range(b * block[1], min((b + 1) * block[1], codes.shape[1])):
+                out[i, j] = values[codes[i, j]] * s

@@ -378,6 +378,45 @@ def test_compiled_mxfp4_encoding_is_the_torch_bytes(case: str, monkeypatch: pyte
     assert int(reference["s"].min()) == 0 and int(reference["s"].max()) == 254  # the cases reached both ends
 
 
+@pytest.mark.parametrize("case", ["plain", "rounded", "stack, bf16 scales", "one scale, partial blocks"])
+def test_compiled_fp8_coding_is_the_torch_bytes(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FP8 codec with ``fp8_kernel`` (decoding, and the re-rounding with ``rounded``) against
+    eager torch on hostile values: every e4m3 tie and the float32 on either side of it,
+    subnormals, zeros of both signs, values past 448, NaN and inf; a stack with bfloat16
+    scales, one scale over partial blocks; the same bits."""
+    assert compiled.kernel("rewriter.plugins.fp8_kernel", "decode") is not None
+    torch.manual_seed(13)
+    shape = (2, 256, 200) if case.startswith("stack") else (300, 260)
+    block = (300, 260) if case.startswith("one") else (128, 128)
+    grid = [-(-n // b) for n, b in zip(shape[-2:], block)]
+    scale_dtype = torch.bfloat16 if "bf16" in case else torch.float32
+    like = {"w": torch.empty(shape, dtype=torch.float8_e4m3fn), "s": torch.empty(*shape[:-2], *grid, dtype=scale_dtype)}
+    packed = Packed("w", ("w", "s"), shape, (), block)
+    grid_values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid_values = torch.unique(grid_values[torch.isfinite(grid_values)])
+    ties = (grid_values[:-1] + grid_values[1:]) / 2
+    special = torch.cat([ties, torch.nextafter(ties, torch.tensor(-1e9)), torch.nextafter(ties, torch.tensor(1e9)),
+                         grid_values, torch.tensor([0.0, -0.0, 1e-45, -1e-40, 447.9, 460.0, 480.0, 1e30,
+                                                    torch.inf, -torch.inf, torch.nan, -torch.nan])])
+    w = torch.randn(shape) * 10.0 ** torch.randint(-8, 3, shape)
+    flat = w.view(-1)
+    flat[: special.numel()] = special
+    w[..., 127, 0] = 448.0  # the first block's scale is 1 (its largest magnitude): its ties stay ties
+    rounding = None
+    if case == "rounded":
+        r = torch.randn(shape[0], dtype=torch.float64)
+        rounding = Rounding(r / r.norm(), 0)
+    codec = CODECS[0]
+    fast = codec.encode(packed, w, like, rounding)
+    fast_decoded = codec.decode(packed, fast)
+    monkeypatch.setattr(compiled, "kernel", lambda module, name: None)
+    reference = codec.encode(packed, w, like, rounding)
+    for name in ("w", "s"):
+        assert torch.equal(fast[name].view(torch.uint8), reference[name].view(torch.uint8)), name
+    assert torch.equal(fast_decoded.view(torch.int32), codec.decode(packed, reference).view(torch.int32))
+    assert bool(fast_decoded.isnan().any())
+
+
 def test_compiled_mxfp4_decoding_is_the_torch_values(monkeypatch: pytest.MonkeyPatch) -> None:
     """``mxfp4_kernel.decode`` against torch's: every byte, every scale (255 makes inf, and NaN
     of a zero), a stack of two experts, the same bits."""
