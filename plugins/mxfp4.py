@@ -198,29 +198,35 @@ def _round_compiled(tensor: torch.Tensor, codes: torch.Tensor, exponent: torch.T
                     rounding: Rounding, across: bool, kernels: tuple[Callable[..., Any], ...]) -> None:
     """``_round_torch`` by ``mxfp4_kernel.candidates`` and ``switch_kernel``, a group of columns at a
     time (``Rounding.choose_each``) and a matrix of a stack at a time: the same bytes."""
-    _, candidates, _, balance, store = kernels
     at, r = rounding.rows.numpy(), rounding.candidate_r.numpy()
     for m in itertools.product(*map(range, tensor.shape[:-2])):
-        values, codes_m, exponent_m, residual_m = tensor[m].numpy(), codes[m].numpy(), exponent[m].numpy(), residual[m]
+        _round_matrix_compiled(tensor[m].numpy(), codes[m].numpy(), exponent[m].numpy(), residual[m], at, r, across,
+                               rounding, kernels)
 
-        def work(cols: slice, choose: Choose) -> None:
-            x, near, other, other_code = candidates(values, codes_m, exponent_m, at, across, cols.start,
-                                                    cols.stop - cols.start)
-            chosen = near.copy()  # (balance writes every element)
-            balance(x, near, other, r, residual_m.reshape(-1)[cols].numpy(), chosen)
-            store(codes_m, at, 0 if across else 1, cols.start, chosen, near, other_code)
 
-        rounding.choose_each(residual_m, residual_m.numel(), work)
+def _round_matrix_compiled(values: Any, codes: Any, exponent: Any, residual: torch.Tensor, at: Any, r: Any,
+                           across: bool, rounding: Rounding, kernels: tuple[Callable[..., Any], ...]) -> None:
+    """``_round_compiled`` of one matrix (numpy views of its values, codes and exponents)."""
+    _, candidates, _, balance, store = kernels
+
+    def work(cols: slice, choose: Choose) -> None:
+        x, near, other, other_code = candidates(values, codes, exponent, at, across, cols.start, cols.stop - cols.start)
+        chosen = near.copy()  # (balance writes every element)
+        balance(x, near, other, r, residual.reshape(-1)[cols].numpy(), chosen)
+        store(codes, at, 0 if across else 1, cols.start, chosen, near, other_code)
+
+    rounding.choose_each(residual, residual.numel(), work)
 
 
 def _kernels() -> tuple[Callable[..., Any], ...] | None:
     """``mxfp4_kernel``'s nearest, candidates and pack and ``switch_kernel``'s balance and store,
     or None where any is missing (no numba, or ``ABLITERATE_TORCH_ONLY``)."""
-    found = tuple(compiled.kernel(module, name) for module, name in (
+    found = [compiled.kernel(module, name) for module, name in (
         ("rewriter.plugins.mxfp4_kernel", "nearest"), ("rewriter.plugins.mxfp4_kernel", "candidates"),
         ("rewriter.plugins.mxfp4_kernel", "pack"), ("rewriter.switch_kernel", "balance"),
-        ("rewriter.switch_kernel", "store")))
-    return None if any(k is None for k in found) else found
+        ("rewriter.switch_kernel", "store"))]
+    kernels = tuple(k for k in found if k is not None)
+    return kernels if len(kernels) == len(found) else None
 
 
 @functools.cache

@@ -52,7 +52,7 @@ def nearest(tensor: np.ndarray, first: int, last: int, codes: np.ndarray, expone
         for row in range(g * GROUP, (g + 1) * GROUP):
             for i in range(width):
                 m = abs(tensor[row, i])
-                nan[i] |= m != m
+                nan[i] |= math.isnan(m)
                 amax[i] = max(amax[i], m)
         for i in range(width):
             e = _exponent(amax[i], nan[i])

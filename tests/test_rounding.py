@@ -312,7 +312,7 @@ def test_compiled_rounding_writes_the_bytes_of_the_torch_one(kind: str, axis: in
     else:
         codec, shape, like = MXFP4(), ((512, 2048) if axis == 1 else (2048, 512)), {}
         packed = Packed("x", ("b", "s"), shape)
-    r, w, edited = _edited(shape, axis)
+    r, _, edited = _edited(shape, axis)
     with ThreadPoolExecutor(2) as pool:
         fast = codec.encode(packed, edited, like, Rounding(r, axis, pool))
     monkeypatch.setattr(compiled, "kernel", lambda module, name: None)
