@@ -168,21 +168,18 @@ def _round_matrix(tensor: torch.Tensor, scale: torch.Tensor, q: torch.Tensor, bl
                   rounding: Rounding, residual: torch.Tensor) -> None:
     """``_round_candidates`` of one matrix (``q``: its codes as uint8, ``scale``: its float32 grid):
     each group's candidates are gathered, rounded both ways and stored back while in cache, by
-    ``fp8_kernel.candidates`` and ``switch_kernel`` where numba is installed. Each element stores the code of the
-    neighbour chosen (not the chosen value re-rounded, which a scale of a float32 subnormal
-    could move)."""
+    ``fp8_kernel.candidates`` and ``Rounding.switch_codes`` where numba is installed. Each
+    element stores the code of the neighbour chosen (not the chosen value re-rounded, which a
+    scale of a float32 subnormal could move)."""
     across, at = 1 - axis, rounding.rows
     gather = compiled.kernel("rewriter.plugins.fp8_kernel", "candidates")
-    balance, store = (compiled.kernel("rewriter.switch_kernel", f) for f in ("balance", "store"))
 
     def work(cols: slice, choose: Choose) -> None:
-        if gather is not None and store is not None and balance is not None:
-            codes = q.numpy()
-            x, near, other, other_code = gather(tensor.numpy(), scale.numpy(), codes, at.numpy(), tuple(block), axis,
-                                                cols.start, cols.stop - cols.start, _e4m3_table())
-            chosen = near.copy()  # (balance writes every element)
-            balance(x, near, other, rounding.candidate_r.numpy(), residual.reshape(-1)[cols].numpy(), chosen)
-            store(codes, at.numpy(), axis, cols.start, chosen, near, other_code)
+        if gather is not None and rounding.switches_compiled:
+            stored = q.numpy()
+            found = gather(tensor.numpy(), scale.numpy(), stored, at.numpy(), tuple(block), axis, cols.start,
+                           cols.stop - cols.start, _e4m3_table())
+            rounding.switch_codes(stored, axis, cols, residual, *found)
             return
         n = cols.stop - cols.start
         first = cols.start // block[across]

@@ -1,9 +1,10 @@
-"""Block FP8's decoding and re-rounding of a group of columns at the candidate rows, compiled by numba (the ``fast`` extra; the eager torch code in ``fp8`` is the
-reference, and the tests hold the two to the same bytes).
+"""Block FP8's decoding and re-rounding of a group of columns at the candidate rows, compiled
+by numba (the ``fast`` extra; the eager torch code in ``fp8`` is the reference, and the tests
+hold the two to the same bytes).
 
 In torch, gathering a group's candidates, finding each one's other e4m3 neighbour, scaling
 both and storing the chosen codes back take some twenty passes over temporaries; here they
-are one pass that feeds ``switch_kernel.balance`` (whose ``store`` then stores the codes). (They
+are one pass that feeds ``Rounding.switch_codes`` (``switch_kernel``'s selection and store). (They
 are called from Python, not from one compiled function: numba's cache of a function does
 not notice a change to another module's function it calls.)
 """

@@ -16,7 +16,7 @@ import functools
 import itertools
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, NamedTuple
 
 from rewriter import compiled
 from rewriter.codec import Packed
@@ -83,10 +83,10 @@ class MXFP4:
         tensor = tensor.contiguous()
         *lead, height, width = tensor.shape
         across = _across(rounding, tensor.dim())
-        kernels = _kernels()
+        kernels = _kernels(rounding)
         codes = torch.empty(tensor.shape, dtype=torch.uint8)  # the logical layout, sign in bit 3
         exponent = torch.empty((*lead, width, height // GROUP), dtype=torch.int32)  # the stored layout
-        nearest = _nearest_compiled(kernels[0]) if kernels is not None else _nearest_torch
+        nearest = _nearest_compiled(kernels.nearest) if kernels is not None else _nearest_torch
 
         def band(start: int) -> torch.Tensor | None:
             """Round ``BAND`` logical rows to nearest; with a rounding, return what that added along r."""
@@ -101,13 +101,13 @@ class MXFP4:
                 if total is not None:
                     rounding.add_total(residual, total, start)
             if kernels is not None:
-                _round_compiled(tensor, codes, exponent, residual, rounding, across, kernels)
+                _round_compiled(tensor, codes, exponent, residual, rounding, across, kernels.candidates)
             else:
                 _round_torch(tensor, codes, exponent, residual, rounding, across)
         if kernels is not None:
             blocks = torch.empty((*lead, width, height // 2), dtype=torch.uint8)
             for m in itertools.product(*map(range, lead)):
-                kernels[2](codes[m].numpy(), blocks[m].numpy())
+                kernels.pack(codes[m].numpy(), blocks[m].numpy())
         else:
             stored = codes.transpose(-1, -2)
             blocks = (stored[..., 0::2] | (stored[..., 1::2] << 4)).contiguous()
@@ -195,38 +195,41 @@ def _round_torch(tensor: torch.Tensor, codes: torch.Tensor, exponent: torch.Tens
 
 
 def _round_compiled(tensor: torch.Tensor, codes: torch.Tensor, exponent: torch.Tensor, residual: torch.Tensor,
-                    rounding: Rounding, across: bool, kernels: tuple[Callable[..., Any], ...]) -> None:
-    """``_round_torch`` by ``mxfp4_kernel.candidates`` and ``switch_kernel``, a group of columns at a
-    time (``Rounding.choose_each``) and a matrix of a stack at a time: the same bytes."""
-    at, r = rounding.rows.numpy(), rounding.candidate_r.numpy()
+                    rounding: Rounding, across: bool, candidates: Callable[..., Any]) -> None:
+    """``_round_torch`` by ``mxfp4_kernel.candidates`` and ``Rounding.switch_codes``, a group of
+    columns at a time (``Rounding.choose_each``) and a matrix of a stack at a time: the same bytes."""
+    at = rounding.rows.numpy()
     for m in itertools.product(*map(range, tensor.shape[:-2])):
-        _round_matrix_compiled(tensor[m].numpy(), codes[m].numpy(), exponent[m].numpy(), residual[m], at, r, across,
-                               rounding, kernels)
+        _round_matrix_compiled(tensor[m].numpy(), codes[m].numpy(), exponent[m].numpy(), residual[m], at, across,
+                               rounding, candidates)
 
 
-def _round_matrix_compiled(values: Any, codes: Any, exponent: Any, residual: torch.Tensor, at: Any, r: Any,
-                           across: bool, rounding: Rounding, kernels: tuple[Callable[..., Any], ...]) -> None:
+def _round_matrix_compiled(values: Any, codes: Any, exponent: Any, residual: torch.Tensor, at: Any, across: bool,
+                           rounding: Rounding, candidates: Callable[..., Any]) -> None:
     """``_round_compiled`` of one matrix (numpy views of its values, codes and exponents)."""
-    _, candidates, _, balance, store = kernels
-
     def work(cols: slice, choose: Choose) -> None:
-        x, near, other, other_code = candidates(values, codes, exponent, at, across, cols.start, cols.stop - cols.start)
-        chosen = near.copy()  # (balance writes every element)
-        balance(x, near, other, r, residual.reshape(-1)[cols].numpy(), chosen)
-        store(codes, at, 0 if across else 1, cols.start, chosen, near, other_code)
+        found = candidates(values, codes, exponent, at, across, cols.start, cols.stop - cols.start)
+        rounding.switch_codes(codes, 0 if across else 1, cols, residual, *found)
 
     rounding.choose_each(residual, residual.numel(), work)
 
 
-def _kernels() -> tuple[Callable[..., Any], ...] | None:
-    """``mxfp4_kernel``'s nearest, candidates and pack and ``switch_kernel``'s balance and store,
-    or None where any is missing (no numba, or ``ABLITERATE_TORCH_ONLY``)."""
-    found = [compiled.kernel(module, name) for module, name in (
-        ("rewriter.plugins.mxfp4_kernel", "nearest"), ("rewriter.plugins.mxfp4_kernel", "candidates"),
-        ("rewriter.plugins.mxfp4_kernel", "pack"), ("rewriter.switch_kernel", "balance"),
-        ("rewriter.switch_kernel", "store"))]
-    kernels = tuple(k for k in found if k is not None)
-    return kernels if len(kernels) == len(found) else None
+class _Kernels(NamedTuple):
+    """``mxfp4_kernel``'s compiled functions."""
+
+    nearest: Callable[..., Any]
+    candidates: Callable[..., Any]
+    pack: Callable[..., Any]
+
+
+def _kernels(rounding: Rounding | None) -> _Kernels | None:
+    """``mxfp4_kernel``'s kernels, or None where any is missing (no numba, or ``ABLITERATE_TORCH_ONLY``),
+    or where the rounding's compiled selection is."""
+    found = [compiled.kernel("rewriter.plugins.mxfp4_kernel", name) for name in _Kernels._fields]
+    kernels = [k for k in found if k is not None]
+    if len(kernels) < len(found) or (rounding is not None and not rounding.switches_compiled):
+        return None
+    return _Kernels(*kernels)
 
 
 @functools.cache

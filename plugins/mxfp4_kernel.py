@@ -1,4 +1,4 @@
-"""MXFP4's encoding compiled by numba (the ``fast`` extra; the eager torch code in ``mxfp4`` is
+"""MXFP4's coding compiled by numba (the ``fast`` extra; the eager torch code in ``mxfp4`` is
 the reference, and the tests hold the two to the same bytes).
 
 In torch, rounding a group of 32 values takes some twenty passes over temporaries (its
@@ -17,10 +17,9 @@ from numba import njit
 GROUP = 32
 BIAS = 127
 E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)  # as mxfp4.E2M1
-SIGN = np.array([1.0, -1.0], np.float32)
 VALUE = np.concatenate((E2M1, -E2M1))  # by 4-bit code, bit 3 the sign
-STORED = np.array([math.ldexp(1.0, s - BIAS) if s < 255 else np.inf for s in range(256)], np.float32)  # e8m0 scales
-POWER = np.array([math.ldexp(1.0, e) for e in range(-BIAS, BIAS + 1)], np.float32)  # 2^e at e + 127: exact
+# 2^(s - 127) by e8m0 byte s (exact, subnormal at 0; inf at 255): an exponent e's scale at e + 127
+POWER = np.array([math.ldexp(1.0, s - BIAS) if s < 255 else np.inf for s in range(256)], np.float32)
 
 
 @njit(nogil=True, cache=True)
@@ -81,10 +80,10 @@ def _candidate(tensor: np.ndarray, codes: np.ndarray, exponent: np.ndarray, row:
     e = exponent[col, row // GROUP]
     scale, unscale = POWER[e + BIAS], POWER[BIAS - e]
     w, code = tensor[row, col], codes[row, col]
-    magnitude, sign = code & 7, SIGN[code >> 3]
+    magnitude = code & 7
     wanted, held = abs(w * unscale), E2M1[magnitude]
-    o = magnitude + ((wanted > held) & (magnitude < 7)) - (wanted < held)
-    return w, held * sign * scale, E2M1[o] * sign * scale, np.uint8(o | (code & 8))
+    o = np.uint8((magnitude + ((wanted > held) & (magnitude < 7)) - (wanted < held)) | (code & 8))
+    return w, VALUE[code] * scale, VALUE[o] * scale, o
 
 
 @njit(nogil=True, cache=True)
@@ -115,7 +114,7 @@ def decode(blocks: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:  # 
     height, groups = scales.shape
     for g in range(groups):
         for i in range(height):
-            scale = STORED[scales[i, g]]
+            scale = POWER[scales[i, g]]
             for b in range(GROUP // 2):
                 byte = blocks[i, g * 16 + b]
                 out[g * GROUP + 2 * b, i] = VALUE[byte & 15] * scale

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import Any
 
 from . import compiled, dtypes
 from .engine.threads import run_each
@@ -50,7 +51,7 @@ class Rounding:
         self._r = direction.to(torch.float64)
         self.rows = torch.topk(self._r.abs(), max(1, self._r.numel() // ROWS)).indices
         self.pool = pool  # the edit threads: a codec may run its own independent passes on them
-        self.candidate_r = self._r[self.rows].to(torch.float32)  # r at ``rows``, for a codec's compiled kernel
+        self._candidate_r = self._r[self.rows].to(torch.float32).numpy()  # r at ``rows``, for the compiled selection
 
     def choose(self, wanted: torch.Tensor, nearest: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """The values to store at ``rows``: each that of ``nearest`` or ``other`` (both float32).
@@ -146,6 +147,24 @@ class Rounding:
 
         run_each(self.pool, group, range(0, columns, COLUMNS))
 
+
+    @property
+    def switches_compiled(self) -> bool:
+        """Whether ``switch_codes`` can run (numba's selection and store are there): a codec that
+        gathers its candidates with a compiled kernel then hands them over to it."""
+        return all(compiled.kernel("rewriter.switch_kernel", f) is not None for f in ("balance", "store"))
+
+    def switch_codes(self, codes: Any, axis: int, cols: slice, residual: torch.Tensor, x: Any, near: Any, other: Any,
+                     other_code: Any) -> None:
+        """For a ``choose_each`` group ``cols`` whose candidates a codec's compiled kernel gathered
+        (``x``, ``near``, ``other``: [candidates, columns] float32 numpy arrays, ``other_code``:
+        each one's other code), store ``other_code`` in ``codes`` (a uint8 numpy matrix; the
+        candidates at ``rows`` along ``axis``) wherever the selection switches to ``other``."""
+        balance, store = (compiled.kernel("rewriter.switch_kernel", f) for f in ("balance", "store"))
+        assert balance is not None and store is not None  # (switches_compiled)
+        chosen = near.copy()  # (balance writes every element)
+        balance(x, near, other, self._candidate_r, residual.reshape(-1)[cols].numpy(), chosen)
+        store(codes, self.rows.numpy(), axis, cols.start, chosen, near, other_code)
 
 def _balance(x: torch.Tensor, q: torch.Tensor, o: torch.Tensor, r: torch.Tensor, residual: torch.Tensor,
              out: torch.Tensor) -> None:
