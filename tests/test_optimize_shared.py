@@ -34,7 +34,9 @@ def test_two_workers_finish_one_study_and_a_report_chooses_the_same(chat_model: 
                                                                      where: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the study's path is relative, as a shared folder's often is
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))  # the workers import the plugin
-    # trials slowed to about a second (tests/slow_plugin.py): both workers start before the study is done
+    # trials slowed to about a second, and each worker's first waits for the other's (tests/slow_plugin.py):
+    # both workers start before the study is done
+    monkeypatch.setenv("ABLITERATE_TEST_WORKERS", "2")
     result = CliRunner().invoke(main, args(chat_model, tmp_path / "plan.yml", where, "--jobs", "2", "--trials", "12",
                                            "--strategy", "slow-standard", "-p", "tests.slow_plugin"))
     assert result.exit_code == 0, result.output
