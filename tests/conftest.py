@@ -61,12 +61,13 @@ def qwen_fp8(qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def qwen_directions(qwen: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Directions measured on Qwen with the project's own measurement prompts."""
+    """Directions measured on Qwen with the first 32 of each of the project's own measurement sets."""
     from rewriter.lab.measure import measure
     from rewriter.lab.prompts import default_prompts
 
     path = tmp_path_factory.mktemp("qwen") / "directions.safetensors"
-    measure(qwen, default_prompts("harmful-measure"), default_prompts("harmless-measure"), progress=False).save(path)
+    bad, good = (default_prompts(f"{kind}-measure")[:32] for kind in ("harmful", "harmless"))
+    measure(qwen, bad, good, progress=False).save(path)
     return path
 
 

@@ -18,12 +18,14 @@ def test_run_abliterates_qwen(qwen: Path, tmp_path: Path, capfd: pytest.CaptureF
     out = tmp_path / "run"
     # the installed console script, as a user runs it; its step headings (stderr) go straight to
     # the terminal, so that the longest test of the suite says what it is doing. Fewer trials,
-    # prompts (32 of each set) and shorter answers than the defaults keep the suite short.
+    # prompts (16 of each set) and shorter answers than the defaults keep the suite short: on
+    # 2 cores the evaluation's forward passes and greedy answers cost most (the original refuses
+    # 10 of these 16, each time in its first dozen tokens).
     with capfd.disabled():
         print("\n[end-to-end] abliterate run on the Qwen example: its steps follow", file=sys.stderr, flush=True)
         done = subprocess.run([str(Path(sys.executable).with_name("abliterate")), "run", "qwen2.5-coder-0.5b-instruct",
-                               "-w", str(out), "--search", "--trials", "4", "--max-new-tokens", "48",
-                               "--max-prompts", "32", "--no-capability", "-q"],
+                               "-w", str(out), "--search", "--trials", "2", "--max-new-tokens", "24",
+                               "--max-prompts", "16", "--no-capability", "-q"],
                               stdout=subprocess.PIPE, text=True)
     assert done.returncode == 0, done.stdout
     report = json.loads((out / "report.json").read_text())
@@ -34,7 +36,7 @@ def test_run_abliterates_qwen(qwen: Path, tmp_path: Path, capfd: pytest.CaptureF
     # the plan is searched under a KL cap of 0.05 (on the search prompts): fewer refusals, held-out KL small
     assert after <= 0.5 * before, f"refusals fell only from {before} to {after}"
     assert e["kl"] < 0.1
-    assert report["verified"] and "optimized over 4 trials" in report["search"]
+    assert report["verified"] and "optimized over 2 trials" in report["search"]
     assert [s["status"] for s in report["steps"]] == ["done"] * 7
     for name in ("directions.safetensors", "plan.yml", "plan-heuristic.yml", "plan.png", "layers.png", "report.json",
                  "run.yml", "card.md", "verify.txt", "model/config.json", "model/abliteration.json",

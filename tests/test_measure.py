@@ -31,7 +31,7 @@ def test_qwen_directions_separate_held_out_prompts(qwen: Path, qwen_directions: 
     m = Measurements.load(qwen_directions)
     assert m.layers == list(range(24)) and m.width == 896
     assert m.metadata["convention"] == CONVENTION and m.metadata["winsorize_quantile"] == "0.995"
-    assert m.harmful_count == 64 and m.harmless_count == 64
+    assert m.harmful_count == 32 and m.harmless_count == 32
     metrics = layer_metrics(m)
     best = max(metrics, key=lambda x: x.quality).layer
     print("quality by layer:", [round(x.quality, 4) for x in metrics])
@@ -41,9 +41,9 @@ def test_qwen_directions_separate_held_out_prompts(qwen: Path, qwen_directions: 
     r = m.direction(best)
     r = r / r.norm()
     kw = dict(batch_size=16, q=0.995, chat_template=True, system_prompt=None, desc="", progress=False)
-    # 32 of each held-out set: a mean over 32 prompts separates as clearly as over all of them
-    bad = mean_states(lm, default_prompts("harmful-eval")[:32], **kw)[best]
-    good = mean_states(lm, default_prompts("harmless-eval")[:32], **kw)[best]
+    # 16 of each held-out set: a mean over 16 prompts separates as clearly as over all of them
+    bad = mean_states(lm, default_prompts("harmful-eval")[:16], **kw)[best]
+    good = mean_states(lm, default_prompts("harmless-eval")[:16], **kw)[best]
     print(f"held-out projections on r at layer {best}: harmful {float(bad @ r):.3f}, harmless {float(good @ r):.3f}")
     assert float(bad @ r) > float(good @ r) + 0.5 * float(m.direction(best).norm())
 
@@ -62,20 +62,20 @@ def test_refused_only_averages_the_prompts_the_model_refuses(qwen: Path, monkeyp
     """The harmful means of --refused-only are the plain means of the prompts whose own
     first-token refusal log-odds, scored one by one, are above 0; harmless ones are unchanged."""
     lm = load_model(qwen)
-    bad, good = default_prompts("harmful-measure")[:16], default_prompts("harmless-measure")[:4]
+    bad, good = default_prompts("harmful-measure")[:10], default_prompts("harmless-measure")[:4]
     odds, _ = first_token_scores(lm, bad, opener_ids(lm.tokenizer), {}, batch_size=1)
     refused = [p for p, o in zip(bad, odds.tolist(), strict=True) if o > 0]
     assert 0 < len(refused) < len(bad), "these prompts should mix refusals and answers"
     m = measure(qwen, bad, good, batch_size=8, lm=lm, progress=False, refused_only=True)
     plain = measure(qwen, refused, good, batch_size=8, lm=lm, progress=False)
     assert m.harmful_count == len(refused) and m.harmless_count == len(good)
-    assert m.metadata["harmful_prompts"] == f"refused only (first-token refusal log-odds > 0): {len(refused)} of 16"
+    assert m.metadata["harmful_prompts"] == f"refused only (first-token refusal log-odds > 0): {len(refused)} of 10"
     for n in (0, 12, 22):
         assert float((m.harmful[n] - plain.harmful[n]).norm()) <= 1e-3 * float(plain.harmful[n].norm()), n
         assert torch.equal(m.harmless[n], plain.harmless[n])
     from rewriter.lab import measure as measure_module
     monkeypatch.setattr(measure_module, "refusal_log_odds", lambda logits, openers: -torch.ones(logits.shape[0]))
-    with pytest.raises(AbliterateError, match="refuses none of the 16 harmful prompts"):
+    with pytest.raises(AbliterateError, match="refuses none of the 10 harmful prompts"):
         measure(qwen, bad, good, lm=lm, progress=False, refused_only=True)
 
 

@@ -135,10 +135,10 @@ def test_fp8_qwen_measures_streamed_under_1gb_what_bf16_measures(qwen: Path, qwe
     from rewriter.lab.refusals import first_token_scores, opener_ids
 
     lm = load_model(qwen)
-    pool = default_prompts("harmful-measure")[:40]
+    pool = default_prompts("harmful-measure")[:24]
     odds, _ = first_token_scores(lm, pool, opener_ids(lm.tokenizer), {}, batch_size=8)
-    bad = [p for p, o in zip(pool, odds.tolist(), strict=True) if abs(o) > 1][:20]
-    good = default_prompts("harmless-measure")[:10]
+    bad = [p for p, o in zip(pool, odds.tolist(), strict=True) if abs(o) > 1][:12]
+    good = default_prompts("harmless-measure")[:6]
     (tmp_path / "bad.txt").write_text("\n".join(bad) + "\n")
     (tmp_path / "good.txt").write_text("\n".join(good) + "\n")
     out = tmp_path / "d.safetensors"
