@@ -178,9 +178,9 @@ def _check_expert_width(config: Config, name: str, shape: tuple[int, ...], axis:
     expert width the config declares (``moe_intermediate_size``, else ``intermediate_size``, at
     the top or in a sub-config): otherwise the config describes other weights, which transformers
     would refuse to load, and an edit along the right axis would hide the mismatch."""
-    declared = {c.get("moe_intermediate_size") or c.get("intermediate_size")
-                for c in (config, *(v for v in config.values() if isinstance(v, dict)))}
-    widths = sorted(w for w in declared if isinstance(w, int) and not isinstance(w, bool))
+    declared = [c.get("moe_intermediate_size") or c.get("intermediate_size")
+                for c in (config, *(v for v in config.values() if isinstance(v, dict)))]
+    widths = sorted({w for w in declared if isinstance(w, int) and not isinstance(w, bool)})  # (any JSON value)
     if widths and shape[axis] not in widths:
         raise AbliterateError(f"{name} has shape {list(shape)}: d_ff {shape[axis]} on axis {axis}, but config.json "
                               f"declares an expert width of {' or '.join(map(str, widths))}; the config does not "

@@ -434,19 +434,34 @@ def test_declared_fp8_on_plain_weights_is_refused(src: Path, directions_file: Pa
          tmp_path / "out")
 
 
-def test_fused_expert_width_that_the_config_does_not_declare_is_refused(tmp_path: Path) -> None:
+def _gpt_oss_declaring(tmp_path: Path, width: object) -> list[str]:
+    """The rewrite arguments of a tiny gpt-oss (experts [E, d_ff 32, d_model 64]) whose config.json
+    declares ``intermediate_size: width``."""
     from rewriter.archcheck import random_model, save, tiny_config
 
-    model = random_model(tiny_config("gpt_oss", {"intermediate_size": 32}))  # experts [E, d_ff 32, d_model 64]
+    model = random_model(tiny_config("gpt_oss", {"intermediate_size": 32}))
     ckpt = save(model, tmp_path / "gpt-oss", "hub")
     directions = tmp_path / "d.safetensors"
     random_measurements(model.config.hidden_size, model.config.num_hidden_layers).save(directions)
     config = json.loads((ckpt / "config.json").read_text())
-    config["intermediate_size"] = 48
+    config["intermediate_size"] = width
     (ckpt / "config.json").write_text(json.dumps(config))
-    fail(["rewrite", str(ckpt), str(tmp_path / "out"), "-d", str(directions), "--layers", "1:1"],
+    return ["rewrite", str(ckpt), str(tmp_path / "out"), "-d", str(directions), "--layers", "1:1"]
+
+
+def test_fused_expert_width_that_the_config_does_not_declare_is_refused(tmp_path: Path) -> None:
+    fail(_gpt_oss_declaring(tmp_path, 48),
          "model.layers.1.mlp.experts.down_proj has shape [4, 32, 64]: d_ff 32 on axis 1, but config.json declares an "
          "expert width of 48", tmp_path / "out")
+
+
+@pytest.mark.parametrize("width", [[], {"a": 1}, [32], "32", None])
+def test_an_expert_width_that_is_no_integer_declares_nothing(tmp_path: Path, width: object) -> None:
+    """A list or object where the width should be (found by the fuzzer: it was hashed, a traceback)
+    declares no width: the check has nothing to compare against, and the rewrite goes on."""
+    result = CliRunner().invoke(main, _gpt_oss_declaring(tmp_path, width))
+    assert result.exit_code == 0, result.output
+    assert list((tmp_path / "out").glob("*.safetensors"))
 
 
 # -- measure, evaluate, optimize: chat templates, prompt lengths, study files --------------------
