@@ -2,13 +2,14 @@
 the direction file (its bytes and its metadata), the plan of a tiny checkpoint (bfloat16,
 block FP8 or MXFP4, written out in the same format or in bf16) and the record of an earlier
 rewrite in OUTPUT, each mutated by hypothesis; the evaluation a model card is written from
-(`push --card-eval`); and of what optimize and measure read from elsewhere: study files and
-chat templates.
+(`push --card-eval`); and of what optimize, measure and evaluate read from elsewhere: study
+files, chat templates and the model's generation_config.json.
 
 For every mutation: either exit 0 with an output that verifies, or exit 1 with exactly one
 line and no traceback; the source byte-identical; nothing written outside OUTPUT. A study
 file is either refused with one line or usable to choose a plan; a chat template either
-renders text of bounded size or is one line, within its time limit.
+renders text of bounded size or is one line, within its time limit; evaluate answers under any
+generation settings, or says in one line why it cannot.
 """
 from __future__ import annotations
 
@@ -334,6 +335,51 @@ TEMPLATE_PARTS = st.sampled_from([
     "<bos>", "<eos>", " w1 ", "{#", "#}", "'", "\"", "(", "[", "]", ".", "|", ",", " else ", "cycler", "self",
     "__class__", "lipsum", "dict(a=1)", "'%s' % ", "'{}'.format(", "'x'.ljust(", "1000000000", "}}",
 ])
+
+
+GENERATION_FIELDS = ["eos_token_id", "bos_token_id", "pad_token_id", "forced_eos_token_id", "max_new_tokens",
+                     "num_beams", "num_return_sequences", "return_dict_in_generate", "cache_implementation",
+                     "max_cache_len", "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
+                     "begin_suppress_tokens", "sequence_bias", "min_new_tokens", "max_time", "stop_strings",
+                     "watermarking_config", "prefill_chunk_size", "use_cache", "low_memory", "output_hidden_states"]
+
+
+@pytest.fixture(scope="module")
+def answering_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny llama that answers (a chat template, a generation_config.json as transformers saves it)
+    and a prompt file."""
+    path = write_checkpoint(build_model("llama"), tmp_path_factory.mktemp("answering") / "m", "llama")
+    tiny_tokenizer(path)
+    prompts = path.parent / "p.txt"
+    prompts.write_text("w1 w2\n")
+    return path, prompts
+
+
+@settings(max_examples=max(EXAMPLES // 8, 1), deadline=None, suppress_health_check=NO_FIXTURE_CHECK)
+@given(path=st.lists(st.one_of(st.sampled_from(GENERATION_FIELDS), st.integers(min_value=0, max_value=50)),
+                     max_size=2), value=WEIRD)
+def test_mutated_generation_settings_answer_or_fail_in_one_line(answering_model: tuple[Path, Path], path: list[object],
+                                                                value: object) -> None:
+    """An eighth of EXAMPLES: each loads the model and answers. Whatever generation_config.json holds,
+    evaluate answers (greedy, one answer a prompt, in bounded time) or says in one line why not."""
+    model, prompts = answering_model
+    file = model / "generation_config.json"
+    pristine = file.read_text()
+    file.write_text(json.dumps(_mutate_json(json.loads(pristine), path, value)))
+    start = time.monotonic()
+    try:
+        result = CliRunner().invoke(main, ["evaluate", str(model), "--harmful", str(prompts), "--harmless", str(prompts),
+                                           "--max-new-tokens", "2", "-q"])
+    finally:
+        file.write_text(pristine)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    if result.exit_code:
+        last = result.output.strip().splitlines()[-1]
+        assert last.startswith("Error: ") and "generation" in last, result.output
+    else:
+        assert "refusals: " in result.output, result.output
+    assert time.monotonic() - start < 60
 
 
 @pytest.fixture(scope="module")

@@ -488,6 +488,51 @@ def test_hostile_chat_templates_are_one_line(chat_model: tuple[Path, Path], tmp_
     assert not (tmp_path / "d.safetensors").exists()
 
 
+@pytest.mark.parametrize("settings, expected", [
+    ([1, 2], "generation_config.json: transformers cannot read it (TypeError: 'list' object is not a mapping)"),
+    ({"max_new_tokens": -3}, "generation_config.json: transformers cannot read it (ValueError: `max_new_tokens` must"),
+    ({"cache_implementation": "nope"}, "generation_config.json: transformers cannot read it (ValueError: Invalid"),
+    ({"no_repeat_ngram_size": "q"}, "generation failed (TypeError: '>' not supported between instances of 'str'"),
+    ({"repetition_penalty": "a"}, "generation failed (ValueError: `penalty` has to be a strictly positive float"),
+    ({"eos_token_id": [1, "a"]}, "generation failed (TypeError: 'str' object cannot be interpreted as an integer)"),
+    ({"eos_token_id": 10**30}, "generation failed (ValueError: Overflow when unpacking long long)"),
+    ({"forced_eos_token_id": 10**6}, "generation failed (IndexError: index 1000000 is out of bounds"),
+])
+def test_hostile_generation_settings_are_one_line(chat_model: tuple[Path, Path], tmp_path: Path, settings: object,
+                                                  expected: str) -> None:
+    """generation_config.json is the checkpoint's too: transformers raised on a bad one while loading
+    the model, or only once it generated, from deep inside (found by trying its fields' wrong types)."""
+    model = copy_checkpoint(chat_model[0], tmp_path / "m")
+    (model / "generation_config.json").write_text(json.dumps(settings))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w1\nw2\n")
+    ends_in_error(["evaluate", str(model), "--harmful", str(prompts), "--harmless", str(prompts),
+                   "--max-new-tokens", "2", "-q"], expected)
+
+
+def test_generation_settings_that_change_the_decoding_are_pinned(chat_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """Beams, several answers a prompt, a dict for a result, a time limit, a static cache of any size:
+    the answers are the greedy ones whatever generation_config.json asks for (the model's own token
+    ids and penalties still apply)."""
+    model = copy_checkpoint(chat_model[0], tmp_path / "m")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w1 w2\nw3 w4 w5\n")
+
+    def answers(name: str) -> list[str]:
+        saved = tmp_path / f"{name}.jsonl"
+        result = run("evaluate", str(model), "--harmful", str(prompts), "--harmless", str(prompts),
+                     "--max-new-tokens", "4", "--save", str(saved), "-q")
+        assert result.exit_code == 0, result.output
+        return [json.loads(line)["answer"] for line in saved.read_text().splitlines()]
+
+    greedy = answers("greedy")
+    settings = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({
+        **settings, "num_beams": 4, "num_return_sequences": 3, "return_dict_in_generate": True, "max_time": 1e-9,
+        "cache_implementation": "static", "max_cache_len": 10**9, "do_sample": True, "temperature": 5.0}))
+    assert answers("asked") == greedy and len(greedy) == 2
+
+
 def test_long_prompts_are_cut_and_counted(chat_model: tuple[Path, Path], tmp_path: Path) -> None:
     prompts = tmp_path / "p.txt"
     prompts.write_text("w1 w2\n" + "w3 " * 600 + "\n")

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
-from ..errors import AbliterateError
+from ..errors import AbliterateError, cause
 from ..io.files import cache_root, write_atomic
 from ..io.hub import parse_spec, repo_files
 from .chat import MAX_PROMPT_TOKENS, cap_prompts
@@ -99,6 +99,18 @@ class Evaluation:
             self.by_category[cat] = {"prompts": len(rows), **{n: sum(v[i] for i in rows) for n, v in verdicts.items()}}
 
 
+# What generate() takes from the checkpoint's generation_config.json, pinned: one greedy answer per
+# prompt as a tensor, bounded in time and memory (no beams, drafts, time limits, static caches of
+# any size, watermarks or compilation). The model's own token ids, penalties and suppressed or
+# forced tokens still apply: they are part of how it answers.
+GREEDY = dict(do_sample=False, top_p=None, top_k=None, temperature=None, num_beams=1, num_return_sequences=1,
+              return_dict_in_generate=False, output_scores=False, output_logits=False, output_attentions=False,
+              output_hidden_states=False, max_time=None, penalty_alpha=None, prompt_lookup_num_tokens=None,
+              dola_layers=None, stop_strings=None, watermarking_config=None, guidance_scale=None, token_healing=False,
+              cache_implementation=None, cache_config=None, disable_compile=True, use_mtp=False,
+              assistant_early_exit=None)
+
+
 def generate(lm: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
              chat_template: bool = True, system_prompt: str | None = None, progress: bool = True) -> list[str]:
     """Greedy continuations of each prompt, in the order given (``generate_ids``, decoded)."""
@@ -120,9 +132,12 @@ def generate_ids(lm: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int
         for done, (idx, enc) in enumerate(batches(lm, texts, batch_size, chat_template)):
             ticks = _TokenTicks(bar, len(idx))
             with torch.inference_mode():
-                ids = lm.model.generate(**enc.to(lm.model.device), max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None,
-                                        stopping_criteria=[ticks])
+                try:
+                    ids = lm.model.generate(**enc.to(lm.model.device), max_new_tokens=max_new_tokens,
+                                            pad_token_id=tok.pad_token_id, stopping_criteria=[ticks], **GREEDY)
+                except Exception as exc:  # transformers checks most generation settings only as it generates
+                    raise AbliterateError(f"{lm.path}: generation failed ({cause(exc)}); transformers generates "
+                                          "with the settings of its generation_config.json, or config.json's") from None
             for i, row in zip(idx, ids[:, enc["input_ids"].shape[1]:].tolist()):
                 stop = next((k for k, t in enumerate(row) if t in ends), len(row) - 1)
                 out[i] = row[:stop + 1]
@@ -134,8 +149,8 @@ def generate_ids(lm: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int
 def _end_ids(lm: LoadedModel) -> set[int]:
     """The tokens that end an answer: the generation config's end-of-sequence ids and the tokenizer's."""
     configured = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
-    ends = set(configured if isinstance(configured, list) else [configured])
-    return {int(t) for t in ends | {lm.tokenizer.eos_token_id} if t is not None}
+    found = [*(configured if isinstance(configured, list) else [configured]), lm.tokenizer.eos_token_id]
+    return {t for t in found if isinstance(t, int) and not isinstance(t, bool)}  # (the config's are any JSON)
 
 
 class _TokenTicks:

@@ -85,8 +85,23 @@ def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu", re
         lm.model.to(device)
         return lm
     config = tf.AutoConfig.from_pretrained(path)
+    check_generation_config(path)
     model = model_class(config, path).from_pretrained(path, dtype=DTYPES[dtype_name(dtype, RUN_DTYPES)]).to(device).eval()
     return LoadedModel(model, load_tokenizer(path), str(path))
+
+
+def check_generation_config(path: Path) -> None:
+    """Read ``generation_config.json`` as from_pretrained will: transformers raises on a bad one
+    (a list where an object belongs, a negative max_new_tokens, an unknown cache implementation)
+    from deep inside the model's loading, where nothing names the file."""
+    if not (path / "generation_config.json").is_file():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        GenerationConfig.from_pretrained(path)
+    except Exception as exc:  # whatever transformers raises on the file's values
+        raise AbliterateError(f"{path / 'generation_config.json'}: transformers cannot read it ({cause(exc)})") from None
 
 
 def quiet_transformers() -> Any:
