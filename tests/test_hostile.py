@@ -510,6 +510,29 @@ def test_hostile_generation_settings_are_one_line(chat_model: tuple[Path, Path],
                    "--max-new-tokens", "2", "-q"], expected)
 
 
+@pytest.mark.parametrize("field, value, expected", [
+    ("hidden_size", "x", "config.json: transformers cannot read it (StrictDataclassFieldValidationError"),
+    ("num_attention_heads", 0, "config.json: transformers cannot read it (ZeroDivisionError: integer modulo by zero)"),
+    ("num_hidden_layers", -1, "config.json: num_hidden_layers -1; a model has at least one layer"),
+    ("num_hidden_layers", 10**6, "config.json: num_hidden_layers 1000000, but the weights hold 39 tensors in all"),
+    ("hidden_act", "nope", "transformers cannot build the model its config.json describes (KeyError: 'nope')"),
+    ("vocab_size", 10**12, "transformers cannot build the model its config.json describes (RuntimeError"),
+])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_hostile_model_configs_are_one_line(chat_model: tuple[Path, Path], tmp_path: Path, field: str, value: object,
+                                            expected: str, streamed: bool) -> None:
+    """The lab loads a model through transformers, which checks config.json only as it builds the
+    model, and raised from deep inside (or, for a million layers, built them for minutes)."""
+    model = copy_checkpoint(chat_model[0], tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, field: value}))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w1\nw2\n")
+    ends_in_error(["measure", str(model), "-o", str(tmp_path / "d.safetensors"), "--harmful", str(prompts),
+                   "--harmless", str(prompts), "-q", *(["--max-memory", "1MB"] if streamed else [])], expected)
+    assert not (tmp_path / "d.safetensors").exists()
+
+
 def test_generation_settings_that_change_the_decoding_are_pinned(chat_model: tuple[Path, Path], tmp_path: Path) -> None:
     """Beams, several answers a prompt, a dict for a result, a time limit, a static cache of any size:
     the answers are the greedy ones whatever generation_config.json asks for (the model's own token

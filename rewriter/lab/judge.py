@@ -20,7 +20,8 @@ from tqdm import tqdm
 from ..dtypes import DTYPES, RUN_DTYPES, dtype_name
 from ..errors import AbliterateError
 from .chat import cap_prompts
-from .models import LoadedModel, batches, format_prompts, load_model, load_tokenizer, quiet_transformers, resolve_model
+from .models import (LoadedModel, batches, built, format_prompts, load_config, load_model, load_tokenizer,
+                     quiet_transformers, resolve_model)
 
 RUBRIC = (
     "You are grading an AI assistant's answer to a user's request.\n\n"
@@ -58,7 +59,7 @@ def check_judge(name: str | Path, label: str | None = None) -> JudgeSpec:
     """The judge's config read and checked (not its weights), so that a bad judge fails in one
     line before minutes of generation: a sequence classifier needs ``label`` among its labels."""
     path = resolve_model(name)
-    config = quiet_transformers().AutoConfig.from_pretrained(path)
+    config = load_config(path)
     if any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or []):
         labels = {str(v): int(k) for k, v in (config.id2label or {}).items()}
         if label is None:
@@ -114,8 +115,8 @@ def _classify(spec: JudgeSpec, answers: Sequence[str], *, batch_size: int, dtype
     """A sequence classifier's probability of the refusal label, on each answer cut to
     JUDGE_ANSWER_TOKENS (padded on the right: BERT-like models read their first token)."""
     tf = quiet_transformers()
-    model = tf.AutoModelForSequenceClassification.from_pretrained(
-        spec.path, dtype=DTYPES[dtype_name(dtype, RUN_DTYPES)]).eval()
+    model = built(lambda: tf.AutoModelForSequenceClassification.from_pretrained(
+        spec.path, dtype=DTYPES[dtype_name(dtype, RUN_DTYPES)]), spec.path).eval()
     tok = load_tokenizer(spec.path)
     tok.padding_side = "right"
     if model.config.pad_token_id is None:

@@ -3,7 +3,7 @@ and evaluate share."""
 from __future__ import annotations
 
 import difflib
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,6 +12,7 @@ import torch
 
 from ..dtypes import DTYPES, RUN_DTYPES, dtype_name
 from ..errors import AbliterateError, cause
+from ..io.checkpoint import Checkpoint
 from .chat import render_chats
 
 if TYPE_CHECKING:
@@ -78,16 +79,57 @@ def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu", re
     quantized safetensors checkpoint decoded through its codec plugin (decoded.py)."""
     from .decoded import load_decoded, quantized  # the decoded path builds on the streamed one, which imports this
 
-    tf = quiet_transformers()
     path = resolve_model(name)
     if quantized(path):
         lm = load_decoded(path, dtype, registry)
         lm.model.to(device)
         return lm
-    config = tf.AutoConfig.from_pretrained(path)
+    config = load_config(path)
     check_generation_config(path)
-    model = model_class(config, path).from_pretrained(path, dtype=DTYPES[dtype_name(dtype, RUN_DTYPES)]).to(device).eval()
-    return LoadedModel(model, load_tokenizer(path), str(path))
+    try:
+        tensors = len(Checkpoint.open(path).names)
+    except AbliterateError:  # not safetensors: transformers loads it as it can
+        tensors = None
+    if tensors is not None:
+        check_layer_count(config, path, tensors)
+    cls = model_class(config, path)
+    model = built(lambda: cls.from_pretrained(path, dtype=DTYPES[dtype_name(dtype, RUN_DTYPES)]), path)
+    return LoadedModel(model.to(device).eval(), load_tokenizer(path), str(path))
+
+
+def load_config(path: Path) -> Any:
+    """transformers' config of a checkpoint: it checks config.json's fields as it reads them (a
+    string for a width, an unknown model type) and raised from deep inside."""
+    try:
+        config = quiet_transformers().AutoConfig.from_pretrained(path)
+    except Exception as exc:  # whatever transformers raises on the file's values
+        raise AbliterateError(f"{path / 'config.json'}: transformers cannot read it ({cause(exc)})") from None
+    layers = getattr(config.get_text_config(), "num_hidden_layers", 1)  # (transformers takes -1 and builds none)
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        raise AbliterateError(f"{path / 'config.json'}: num_hidden_layers {layers!r}; a model has at least one layer")
+    return config
+
+
+def check_layer_count(config: Any, path: Path, tensors: int) -> None:
+    """transformers builds every layer config.json declares before it reads a weight: a config that
+    declares a million layers hung the load. Each layer has at least one weight tensor."""
+    layers = getattr(config.get_text_config(), "num_hidden_layers", 0)  # (an integer: load_config checked it)
+    if layers > tensors:
+        raise AbliterateError(f"{path / 'config.json'}: num_hidden_layers {layers}, but the weights hold "
+                              f"{tensors} tensors in all")
+
+
+def built(make: Callable[[], Any], path: Path) -> Any:
+    """``make()``, a model's from_pretrained or from_config: a config that reads can still describe
+    a model transformers cannot build (no attention heads, an unknown activation or rope type), and
+    weights can miss what it describes."""
+    try:
+        return make()
+    except AbliterateError:
+        raise
+    except Exception as exc:  # whatever transformers raises on what the checkpoint describes
+        raise AbliterateError(f"{path}: transformers cannot build the model its config.json describes "
+                              f"({cause(exc)})") from None
 
 
 def check_generation_config(path: Path) -> None:

@@ -31,8 +31,8 @@ from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint
 from ..io.hub import open_hub_checkpoint, parse_spec
 from .memory import MemoryChoice, choose, human, peak_rss_bytes, rss_bytes
-from .models import (LoadedModel, batches, format_prompts, forward_batch, load_tokenizer, model_class,
-                     quiet_transformers, resolve_model)
+from .models import (LoadedModel, batches, built, check_layer_count, format_prompts, forward_batch, load_config,
+                     load_tokenizer, model_class, resolve_model)
 from ..logical import LogicalTensors
 from .weights import WeightReader, filled, slots
 
@@ -153,10 +153,11 @@ def open_streamed(name: str | Path, dtype: str = "float32", registry: Registry |
     path = ckpt.root if ckpt is not None else resolve_model(name)
     ckpt = ckpt or Checkpoint.open(path)
     view = logical_view(ckpt, registry)
-    tf = quiet_transformers()
-    config = _float_config(tf.AutoConfig.from_pretrained(path))
+    config = _float_config(load_config(path))
+    check_layer_count(config, path, len(ckpt.names))
+    cls = model_class(config, path)
     with torch.device("meta"):
-        model = model_class(config, path).from_config(config, dtype=DTYPES[dtype_name(dtype, RUN_DTYPES)]).eval()
+        model = built(lambda: cls.from_config(config, dtype=DTYPES[dtype_name(dtype, RUN_DTYPES)]), path).eval()
     _real_buffers(model)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     return StreamedModel(model, load_tokenizer(path), str(path), ckpt, view, _layers_prefix(ckpt, view, registry), tied)
@@ -184,7 +185,7 @@ def streamed_if_needed(name: str | Path, dtype: str, max_memory: int | None, dev
     hub = parse_spec(str(name)) if low_disk else None
     remote = open_hub_checkpoint(*hub) if hub else None  # config and tokenizer downloaded, no shard
     path = remote.root if remote else resolve_model(name)
-    config = quiet_transformers().AutoConfig.from_pretrained(path)
+    config = load_config(path)
     model_class(config, path)  # not a language model: say so first
     fit = _fit(path, dtype, max_memory, registry, remote)
     if fit is None:
