@@ -3,7 +3,8 @@ the direction file (its bytes and its metadata), the plan of a tiny checkpoint (
 block FP8 or MXFP4, written out in the same format or in bf16) and the record of an earlier
 rewrite in OUTPUT, each mutated by hypothesis; the evaluation a model card is written from
 (`push --card-eval`); and of what optimize, measure and evaluate read from elsewhere: study
-files, chat templates, and the model's config.json and generation_config.json.
+files, chat templates, and the model's config.json, generation_config.json and
+tokenizer_config.json.
 
 For every mutation: either exit 0 with an output that verifies, or exit 1 with exactly one
 line and no traceback; the source byte-identical; nothing written outside OUTPUT. A study
@@ -346,6 +347,9 @@ MODEL_FIELDS = ["model_type", "architectures", "hidden_size", "num_hidden_layers
                 "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size", "hidden_act", "rope_scaling",
                 "rope_parameters", "max_position_embeddings", "tie_word_embeddings", "rms_norm_eps", "attention_bias",
                 "attn_implementation", "dtype", "torch_dtype", "eos_token_id", "pad_token_id", "text_config"]
+TOKENIZER_FIELDS = ["model_max_length", "chat_template", "eos_token", "pad_token", "bos_token", "unk_token",
+                    "padding_side", "truncation_side", "tokenizer_class", "added_tokens_decoder",
+                    "clean_up_tokenization_spaces", "extra_special_tokens"]
 
 
 @pytest.fixture(scope="module")
@@ -360,13 +364,13 @@ def answering_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
 
 
 @settings(max_examples=max(EXAMPLES // 8, 1), deadline=None, suppress_health_check=NO_FIXTURE_CHECK)
-@given(name=st.sampled_from(["generation_config.json", "config.json"]),
-       path=st.lists(st.one_of(st.sampled_from(GENERATION_FIELDS + MODEL_FIELDS), st.integers(min_value=0, max_value=50)),
-                     max_size=2), value=WEIRD)
+@given(name=st.sampled_from(["generation_config.json", "config.json", "tokenizer_config.json"]),
+       path=st.lists(st.one_of(st.sampled_from(GENERATION_FIELDS + MODEL_FIELDS + TOKENIZER_FIELDS),
+                               st.integers(min_value=0, max_value=50)), max_size=2), value=WEIRD)
 def test_mutated_model_settings_answer_or_fail_in_one_line(answering_model: tuple[Path, Path], name: str,
                                                            path: list[object], value: object) -> None:
-    """An eighth of EXAMPLES: each loads the model and answers. Whatever its config.json or
-    generation_config.json holds, evaluate answers (greedy, one answer a prompt, in bounded time
+    """An eighth of EXAMPLES: each loads the model and answers. Whatever its config.json,
+    generation_config.json or tokenizer_config.json holds, evaluate answers (greedy, one answer a prompt, in bounded time
     and memory) or says in one line why not."""
     model, prompts = answering_model
     file = model / name

@@ -533,6 +533,28 @@ def test_hostile_model_configs_are_one_line(chat_model: tuple[Path, Path], tmp_p
     assert not (tmp_path / "d.safetensors").exists()
 
 
+@pytest.mark.parametrize("changes, expected", [
+    ({"model_max_length": "x"}, "no usable tokenizer (model_max_length 'x' is not a number)"),
+    ({"model_max_length": [512]}, "no usable tokenizer (model_max_length [512] is not a number)"),
+    ({"pad_token": 7}, "no usable tokenizer (TypeError: Special token pad_token has to be either str or AddedToken"),
+    ({"padding_side": "middle"}, "no usable tokenizer (ValueError: Padding side should be selected between"),
+    ({"unk_token": ""}, "no usable tokenizer (RecursionError: maximum recursion depth exceeded"),
+    ({"pad_token": None, "eos_token": None}, "no usable tokenizer (no padding or end-of-sequence token to pad"),
+])
+def test_hostile_tokenizer_configs_are_one_line(chat_model: tuple[Path, Path], tmp_path: Path, changes: dict[str, object],
+                                                expected: str) -> None:
+    """tokenizer_config.json as well (found by the fuzzer): a string for the length limit loaded, then
+    failed the first comparison with a prompt's length; an unknown unk token recursed without end
+    in transformers' lookup; no pad or end token failed the first padded batch."""
+    model = copy_checkpoint(chat_model[0], tmp_path / "m")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, **changes}))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w1\nw2\n")
+    ends_in_error(["evaluate", str(model), "--harmful", str(prompts), "--harmless", str(prompts),
+                   "--max-new-tokens", "2", "-q"], expected)
+
+
 def test_generation_settings_that_change_the_decoding_are_pinned(chat_model: tuple[Path, Path], tmp_path: Path) -> None:
     """Beams, several answers a prompt, a dict for a result, a time limit, a static cache of any size:
     the answers are the greedy ones whatever generation_config.json asks for (the model's own token

@@ -173,11 +173,18 @@ def load_tokenizer(path: Path) -> Any:
 
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(path)
+        for special in ("unk", "bos", "eos", "pad"):  # looked up on use: an unknown unk token recursed without end
+            getattr(tokenizer, f"{special}_token_id")
     except Exception as exc:  # what transformers raises for missing or broken tokenizer files varies
         raise AbliterateError(f"{path}: no usable tokenizer ({cause(exc)})") from None
+    limit = tokenizer.model_max_length  # transformers takes any JSON here, and compares it with each prompt's length
+    if not isinstance(limit, (int, float)) or isinstance(limit, bool):
+        raise AbliterateError(f"{path}: no usable tokenizer (model_max_length {limit!r} is not a number)")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise AbliterateError(f"{path}: no usable tokenizer (no padding or end-of-sequence token to pad a batch with)")
     return tokenizer
 
 
