@@ -10,6 +10,7 @@ import shutil
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -488,6 +489,22 @@ def test_hostile_chat_templates_are_one_line(chat_model: tuple[Path, Path], tmp_
     assert not (tmp_path / "d.safetensors").exists()
 
 
+def _chat_model_with(chat_model: tuple[Path, Path], tmp_path: Path, name: str,
+                     change: Callable[[Any], object]) -> tuple[Path, Path]:
+    """A copy of the chat model whose JSON file ``name`` holds ``change`` of what it held, and a
+    file of two prompts."""
+    model = copy_checkpoint(chat_model[0], tmp_path / "m")
+    (model / name).write_text(json.dumps(change(json.loads((model / name).read_text()))))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w1\nw2\n")
+    return model, prompts
+
+
+def _evaluate(model: Path, prompts: Path) -> list[str]:
+    return ["evaluate", str(model), "--harmful", str(prompts), "--harmless", str(prompts),
+            "--max-new-tokens", "2", "-q"]
+
+
 @pytest.mark.parametrize("settings, expected", [
     ([1, 2], "generation_config.json: transformers cannot read it (TypeError: 'list' object is not a mapping)"),
     ({"max_new_tokens": -3}, "generation_config.json: transformers cannot read it (ValueError: `max_new_tokens` must"),
@@ -502,12 +519,8 @@ def test_hostile_generation_settings_are_one_line(chat_model: tuple[Path, Path],
                                                   expected: str) -> None:
     """generation_config.json is the checkpoint's too: transformers raised on a bad one while loading
     the model, or only once it generated, from deep inside (found by trying its fields' wrong types)."""
-    model = copy_checkpoint(chat_model[0], tmp_path / "m")
-    (model / "generation_config.json").write_text(json.dumps(settings))
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("w1\nw2\n")
-    ends_in_error(["evaluate", str(model), "--harmful", str(prompts), "--harmless", str(prompts),
-                   "--max-new-tokens", "2", "-q"], expected)
+    model, prompts = _chat_model_with(chat_model, tmp_path, "generation_config.json", lambda _: settings)
+    ends_in_error(_evaluate(model, prompts), expected)
 
 
 @pytest.mark.parametrize("field, value, expected", [
@@ -523,11 +536,7 @@ def test_hostile_model_configs_are_one_line(chat_model: tuple[Path, Path], tmp_p
                                             expected: str, streamed: bool) -> None:
     """The lab loads a model through transformers, which checks config.json only as it builds the
     model, and raised from deep inside (or, for a million layers, built them for minutes)."""
-    model = copy_checkpoint(chat_model[0], tmp_path / "m")
-    config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, field: value}))
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("w1\nw2\n")
+    model, prompts = _chat_model_with(chat_model, tmp_path, "config.json", lambda config: {**config, field: value})
     ends_in_error(["measure", str(model), "-o", str(tmp_path / "d.safetensors"), "--harmful", str(prompts),
                    "--harmless", str(prompts), "-q", *(["--max-memory", "1MB"] if streamed else [])], expected)
     assert not (tmp_path / "d.safetensors").exists()
@@ -546,13 +555,9 @@ def test_hostile_tokenizer_configs_are_one_line(chat_model: tuple[Path, Path], t
     """tokenizer_config.json as well (found by the fuzzer): a string for the length limit loaded, then
     failed the first comparison with a prompt's length; an unknown unk token recursed without end
     in transformers' lookup; no pad or end token failed the first padded batch."""
-    model = copy_checkpoint(chat_model[0], tmp_path / "m")
-    config = json.loads((model / "tokenizer_config.json").read_text())
-    (model / "tokenizer_config.json").write_text(json.dumps({**config, **changes}))
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("w1\nw2\n")
-    ends_in_error(["evaluate", str(model), "--harmful", str(prompts), "--harmless", str(prompts),
-                   "--max-new-tokens", "2", "-q"], expected)
+    model, prompts = _chat_model_with(chat_model, tmp_path, "tokenizer_config.json",
+                                      lambda config: {**config, **changes})
+    ends_in_error(_evaluate(model, prompts), expected)
 
 
 def test_generation_settings_that_change_the_decoding_are_pinned(chat_model: tuple[Path, Path], tmp_path: Path) -> None:

@@ -19,17 +19,20 @@ if TYPE_CHECKING:
     from ..registry import Registry
 
 
-def quantized(path: Path) -> bool:
-    """Whether ``path`` is a safetensors checkpoint whose config declares a quantization."""
+def safetensors_checkpoint(path: Path) -> Checkpoint | None:
+    """The checkpoint at ``path``, or None where it is no safetensors checkpoint (transformers loads
+    it as it can)."""
     try:
-        return Checkpoint.open(path).quantization() is not None
-    except AbliterateError:  # not safetensors: transformers loads it as it can
-        return False
+        return Checkpoint.open(path)
+    except AbliterateError:
+        return None
 
 
-def load_decoded(path: Path, dtype: str, registry: Registry | None = None) -> LoadedModel:
-    """The whole model in ``dtype``, every quantized weight decoded through its codec."""
-    sm = open_streamed(path, dtype, registry)
+def load_decoded(ckpt: Checkpoint, dtype: str, registry: Registry | None = None) -> LoadedModel:
+    """The whole model of a quantized checkpoint in ``dtype``, every quantized weight decoded
+    through its codec."""
+    path = ckpt.root
+    sm = open_streamed(path, dtype, registry, ckpt)
     embed, head = sm.model.get_input_embeddings(), sm.model.get_output_embeddings()
     reader = WeightReader(sm.ckpt, sm.view)
     try:

@@ -12,7 +12,6 @@ import torch
 
 from ..dtypes import DTYPES, RUN_DTYPES, dtype_name
 from ..errors import AbliterateError, cause
-from ..io.checkpoint import Checkpoint
 from .chat import render_chats
 
 if TYPE_CHECKING:
@@ -77,46 +76,39 @@ def _did_you_mean(name: str, examples: Collection[str]) -> str:
 def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu", registry: Registry | None = None) -> LoadedModel:
     """A causal LM (or Gemma-3-style image-text-to-text model) and its tokenizer, for inference; a
     quantized safetensors checkpoint decoded through its codec plugin (decoded.py)."""
-    from .decoded import load_decoded, quantized  # the decoded path builds on the streamed one, which imports this
+    # the decoded path builds on the streamed one, which imports this module
+    from .decoded import load_decoded, safetensors_checkpoint
 
     path = resolve_model(name)
-    if quantized(path):
-        lm = load_decoded(path, dtype, registry)
+    ckpt = safetensors_checkpoint(path)
+    if ckpt is not None and ckpt.quantization() is not None:
+        lm = load_decoded(ckpt, dtype, registry)
         lm.model.to(device)
         return lm
-    config = load_config(path)
+    config = load_config(path, len(ckpt.names) if ckpt is not None else None)
     check_generation_config(path)
-    try:
-        tensors = len(Checkpoint.open(path).names)
-    except AbliterateError:  # not safetensors: transformers loads it as it can
-        tensors = None
-    if tensors is not None:
-        check_layer_count(config, path, tensors)
     cls = model_class(config, path)
     model = built(lambda: cls.from_pretrained(path, dtype=DTYPES[dtype_name(dtype, RUN_DTYPES)]), path)
     return LoadedModel(model.to(device).eval(), load_tokenizer(path), str(path))
 
 
-def load_config(path: Path) -> Any:
+def load_config(path: Path, tensors: int | None = None) -> Any:
     """transformers' config of a checkpoint: it checks config.json's fields as it reads them (a
-    string for a width, an unknown model type) and raised from deep inside."""
+    string for a width, an unknown model type) and raised from deep inside. Its layer count is
+    checked too: transformers takes -1 and builds no layer, and builds every layer it is told of
+    before it reads a weight (a million hung the load); where the weights' ``tensors`` are
+    counted, each layer needs at least one."""
     try:
         config = quiet_transformers().AutoConfig.from_pretrained(path)
     except Exception as exc:  # whatever transformers raises on the file's values
         raise AbliterateError(f"{path / 'config.json'}: transformers cannot read it ({cause(exc)})") from None
-    layers = getattr(config.get_text_config(), "num_hidden_layers", 1)  # (transformers takes -1 and builds none)
+    layers = getattr(config.get_text_config(), "num_hidden_layers", 1)
     if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
         raise AbliterateError(f"{path / 'config.json'}: num_hidden_layers {layers!r}; a model has at least one layer")
-    return config
-
-
-def check_layer_count(config: Any, path: Path, tensors: int) -> None:
-    """transformers builds every layer config.json declares before it reads a weight: a config that
-    declares a million layers hung the load. Each layer has at least one weight tensor."""
-    layers = getattr(config.get_text_config(), "num_hidden_layers", 0)  # (an integer: load_config checked it)
-    if layers > tensors:
+    if tensors is not None and layers > tensors:
         raise AbliterateError(f"{path / 'config.json'}: num_hidden_layers {layers}, but the weights hold "
                               f"{tensors} tensors in all")
+    return config
 
 
 def built(make: Callable[[], Any], path: Path) -> Any:

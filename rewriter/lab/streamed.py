@@ -31,8 +31,8 @@ from ..errors import AbliterateError
 from ..io.checkpoint import Checkpoint
 from ..io.hub import open_hub_checkpoint, parse_spec
 from .memory import MemoryChoice, choose, human, peak_rss_bytes, rss_bytes
-from .models import (LoadedModel, batches, built, check_layer_count, format_prompts, forward_batch, load_config,
-                     load_tokenizer, model_class, resolve_model)
+from .models import (LoadedModel, batches, built, format_prompts, forward_batch, load_config, load_tokenizer,
+                     model_class, resolve_model)
 from ..logical import LogicalTensors
 from .weights import WeightReader, filled, slots
 
@@ -153,8 +153,7 @@ def open_streamed(name: str | Path, dtype: str = "float32", registry: Registry |
     path = ckpt.root if ckpt is not None else resolve_model(name)
     ckpt = ckpt or Checkpoint.open(path)
     view = logical_view(ckpt, registry)
-    config = _float_config(load_config(path))
-    check_layer_count(config, path, len(ckpt.names))
+    config = _float_config(load_config(path, len(ckpt.names)))
     cls = model_class(config, path)
     with torch.device("meta"):
         model = built(lambda: cls.from_config(config, dtype=DTYPES[dtype_name(dtype, RUN_DTYPES)]), path).eval()
