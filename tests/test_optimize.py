@@ -123,3 +123,33 @@ def test_optimize_keeps_a_plan_it_did_not_write(chat_model: tuple[Path, Path], t
     result = CliRunner().invoke(main, ["optimize", str(path), "-d", str(directions), "-o", str(mine), "-q"])
     assert result.exit_code == 1 and "was not written by optimize" in result.output
     assert len(result.output.strip().splitlines()) == 1 and mine.read_bytes() == before
+
+
+# In a fresh process, where optuna is first imported by the search itself: the model it loaded
+# is freed once the caller drops the scorer (optuna keeps the tracebacks of its failed optional
+# imports, and with them every frame running at the time: the search's, which held the model).
+RELEASED = """
+import gc, sys, weakref
+from pathlib import Path
+from rewriter.lab import optimize
+from rewriter.lab.prompts import default_prompts
+assert "optuna" not in sys.modules
+bad, good = default_prompts("harmful-measure")[:2], default_prompts("harmless-measure")[:2]
+outcome, scorer = optimize.optimize(Path(sys.argv[1]), Path(sys.argv[2]), bad, good, trials=1, timeout=None,
+                                    max_kl=10.0, strategies=("standard",), study=Path(sys.argv[3]), progress=False)
+model = weakref.ref(scorer.lm.model)
+del scorer
+gc.collect()
+print("alive" if model() is not None else "freed")
+"""
+
+
+def test_a_finished_search_keeps_no_model_alive(chat_model: tuple[Path, Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path, directions = chat_model
+    done = subprocess.run([sys.executable, "-c", RELEASED, str(path), str(directions), str(tmp_path / "study.db")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["freed"], "the search's model outlives it"

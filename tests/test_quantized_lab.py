@@ -139,6 +139,9 @@ def test_fp8_qwen_measures_streamed_under_1gb_what_bf16_measures(qwen: Path, qwe
     odds, _ = first_token_scores(lm, pool, opener_ids(lm.tokenizer), {}, batch_size=8)
     bad = [p for p, o in zip(pool, odds.tolist(), strict=True) if abs(o) > 1][:12]
     good = default_prompts("harmless-measure")[:6]
+    kw = dict(batch_size=8, progress=False, refused_only=True)
+    bf16 = measure(qwen, bad, good, lm=lm, **kw)
+    del lm  # one model in memory at a time: page faults cost several times as much with two
     (tmp_path / "bad.txt").write_text("\n".join(bad) + "\n")
     (tmp_path / "good.txt").write_text("\n".join(good) + "\n")
     out = tmp_path / "d.safetensors"
@@ -148,9 +151,7 @@ def test_fp8_qwen_measures_streamed_under_1gb_what_bf16_measures(qwen: Path, qwe
     assert "streaming the weights layer by layer" in stderr and "streamed 24 layers" in stderr
     assert peak < 1e9, f"peak RSS {peak / 1e9:.2f} GB over the 1GB cap"
     streamed = Measurements.load(out)
-    kw = dict(batch_size=8, progress=False, refused_only=True)
     whole = measure(qwen_fp8, bad, good, **kw)
-    bf16 = measure(qwen, bad, good, lm=lm, **kw)
     assert 0 < streamed.harmful_count == whole.harmful_count == bf16.harmful_count < len(bad)
     for n in streamed.layers:
         assert _cos(streamed.harmful[n], whole.harmful[n]) >= 0.9999, n

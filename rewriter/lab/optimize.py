@@ -18,13 +18,16 @@ model's hidden states, computed once (``PrefixCache``): the layers before it are
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
+import importlib
 import json
 import math
 import os
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -663,9 +666,16 @@ def pareto_chart(outcome: Outcome, path: Path, max_kl: float) -> None:
     plt.close(fig)
 
 
+@functools.cache
 def _optuna() -> Any:
+    """optuna, imported once, on a thread of its own. optuna keeps the error of each optional
+    import that failed (redis, ...) with its traceback, and so every frame that was running
+    when it was first imported, with the locals those frames come to hold: imported from the
+    search, it kept the loaded model alive until the process ended (in ``run``, 3 GB more
+    through the evaluation, whose page faults then cost four times as much)."""
     try:
-        import optuna
+        with ThreadPoolExecutor(1) as pool:
+            optuna = pool.submit(importlib.import_module, "optuna").result()
     except ImportError:
         raise AbliterateError("optimize needs optuna: pip install -e '.[optimize]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
