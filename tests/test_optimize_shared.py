@@ -114,14 +114,19 @@ def test_the_prefix_cache_scores_as_full_passes_do(chat_model: tuple[Path, Path]
     search = Search.open(model, directions, harmful, harmless, trials=4)
     cached = search.scorer(harmful, harmless, batch_size=4)
     full = search.scorer(harmful, harmless, batch_size=4, lm=cached.lm, prefix_cache=False)
-    assert cached.cache.resumable == [1, 2, 3] and full.cache.resumable == []
-    assert torch.equal(cached.reference, full.reference)
+    assert cached.cache.resumable == [] and torch.equal(cached.reference, full.reference)
     for first in range(4):
         plan = Plan(tuple(PlanEntry(n, 2, 1.0) for n in range(first, 4)))
         cached.apply(plan, "standard")
         assert cached.cache.first_layer(cached.editor.edited) == first
         cached.editor.restore()
         assert cached.score(plan, "standard") == full.score(plan, "standard"), first
+        assert cached.cache.resumable == list(range(1, first + 1)), "each layer proven as a trial first resumes there"
+    assert full.cache.resumable == []
+    # the last plan again, its component scales written out: the same edits, not scored again
+    scored = len(cached.scored)
+    same = Plan((PlanEntry(3, 2, 1.0, {c: 1.0 for c in search.space.components}),))
+    assert cached.score(same, "standard") == full.score(plan, "standard") and len(cached.scored) == scored
     nothing = plan_from_params({**{f"{c}_{k}": v for c in search.space.components
                                    for k, v in (("peak", 0.0), ("position", 0.5), ("floor", 0.0), ("width", 1.0))},
                                 "measurement": 2, "center": 1.0, "half_width": 0.5, "strategy": "standard"},

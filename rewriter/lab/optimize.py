@@ -26,7 +26,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -202,10 +202,12 @@ class PrefixCache:
     """The scoring prompts as fixed batches, the original model's logits on them, and the hidden
     states entering each decoder layer: a trial whose edits all lie in layers >= n gets the
     same logits from the states entering layer n, the layers before it passed through
-    (they are the original's, their input the same tokens). Which layers can be resumed is
-    proven once, on the shortest prompt alone: the resumed original's logits must equal the
-    full pass's bit for bit, else that layer is not used (a model whose layers are not a
-    plain sequence falls back to full passes)."""
+    (they are the original's, their input the same tokens). A layer is resumed at once
+    proven, the first time a trial could resume there, on the shortest prompt alone: its
+    resumed pass must give the full pass's logits bit for bit, else the layer is not used (a
+    model whose layers are not a plain sequence falls back to full passes). A search resumes
+    at few layers: proving every layer up front took a pass for each (a fifth of a 0.5B
+    model's search setup)."""
 
     def __init__(self, lm: LoadedModel, texts: Sequence[str], batch_size: int, enabled: bool = True) -> None:
         self.lm = lm
@@ -213,13 +215,14 @@ class PrefixCache:
         self.order = [i for idx, _ in self.batches for i in idx]
         self.layers = _decoder_layers(lm.model) if enabled and texts else None
         self.states: list[dict[int, torch.Tensor]] = []
-        self.resumable: list[int] = []
+        self.proofs: dict[int, bool] = {}  # layer -> whether resuming there was proven exact
         outputs = [lm.forward(enc, output_hidden_states=self.layers is not None) for _, enc in self.batches]
         self.original = self._gather([out.logits[:, -1, :].float() for out in outputs])
+        self.kept: list[int] = []
         if self.layers is not None:
-            kept = self._kept(outputs)
-            self.states = [{n: out.hidden_states[n] for n in kept} for out in outputs]
-            self.resumable = self._proven(kept, texts[self.order[0]])
+            self.kept = self._kept(outputs)
+            self.states = [{n: out.hidden_states[n] for n in self.kept} for out in outputs]
+            self.proof_text = texts[self.order[0]]
 
     def _kept(self, outputs: list[Any]) -> list[int]:
         """Layers 1.. whose states fit in ``PREFIX_CACHE_BYTES`` (evenly spaced if not all do)."""
@@ -228,26 +231,30 @@ class PrefixCache:
         stride = max(1, math.ceil(per_layer * (len(layers) - 1) / PREFIX_CACHE_BYTES))
         return list(range(1, len(layers), stride))
 
-    def _proven(self, layers: list[int], text: str) -> list[int]:
-        """Those of ``layers`` at which resuming ``text``'s pass gives its full pass's logits."""
-        enc = self.lm.tokenizer([text], return_tensors="pt", add_special_tokens=False)
-        out = self.lm.forward(enc, output_hidden_states=True)
-        proven = []
-        for n in layers:
+    @property
+    def resumable(self) -> list[int]:
+        """The layers proven so far to resume exactly."""
+        return sorted(n for n, exact in self.proofs.items() if exact)
+
+    def _proven(self, n: int) -> bool:
+        """Whether resuming the proof prompt's pass at layer ``n`` gives its full pass's logits,
+        with the model as it is now (its edits lie at ``n`` or after: the states entering ``n``
+        are the original's, and what is compared is two ways of computing the rest)."""
+        if n not in self.proofs:
+            enc = self.lm.tokenizer([self.proof_text], return_tensors="pt", add_special_tokens=False)
+            out = self.lm.forward(enc, output_hidden_states=True)
             try:
                 with self._resumed_at(n, out.hidden_states[n]):
-                    same = torch.equal(self.lm.forward(enc).logits, out.logits)
+                    self.proofs[n] = torch.equal(self.lm.forward(enc).logits, out.logits)
             except Exception:  # a decoder that does not take a pass-through layer: full passes there
-                same = False
-            if same:
-                proven.append(n)
-        return proven
+                self.proofs[n] = False
+        return self.proofs[n]
 
     def logits(self, edited: Sequence[str]) -> torch.Tensor:
         """[prompts, vocab] first-response logits of the model as it is now, whose parameters
         ``edited`` differ from the original's."""
         start = self.first_layer(edited)
-        n = max((n for n in self.resumable if n <= start), default=0)
+        n = next((n for n in reversed(self.kept) if n <= start and self._proven(n)), 0)
         rows = []
         for b, (_, enc) in enumerate(self.batches):
             with self._resumed_at(n, self.states[b][n]) if n else nullcontext():
@@ -327,6 +334,7 @@ class Scorer:
     editor: InMemoryEditor = field(init=False)
     cache: PrefixCache = field(init=False)
     openers: list[int] = field(init=False)
+    scored: dict[Hashable, tuple[float, float]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.editor = InMemoryEditor(self.lm, self.ckpt, self.registry)
@@ -345,14 +353,27 @@ class Scorer:
                                      view=self.editor.view))
 
     def score(self, plan: Plan, strategy: str) -> tuple[float, float]:
-        """(refusal score, KL) of ``plan``; the model is restored afterwards."""
-        self.apply(plan, strategy)
-        try:
-            logits = self.cache.logits(self.editor.edited)
-        finally:
-            self.editor.restore()
-        harmful, harmless = logits[: len(self.harmful)], logits[len(self.harmful):]
-        return float(refusal_log_odds(harmful, self.openers).mean()), float(kl_divergence(self.reference, harmless).mean())
+        """(refusal score, KL) of ``plan``; the model is restored afterwards. A plan that edits
+        as one scored before (the heuristic a search was seeded with, scored again for its
+        report) is not passed through the model again: the same edits give the same logits."""
+        key = self._edits_key(plan, strategy)
+        if key not in self.scored:
+            self.apply(plan, strategy)
+            try:
+                logits = self.cache.logits(self.editor.edited)
+            finally:
+                self.editor.restore()
+            harmful, harmless = logits[: len(self.harmful)], logits[len(self.harmful):]
+            self.scored[key] = (float(refusal_log_odds(harmful, self.openers).mean()),
+                                float(kl_divergence(self.reference, harmless).mean()))
+        return self.scored[key]
+
+    def _edits_key(self, plan: Plan, strategy: str) -> Hashable:
+        """What ``plan`` does to the weights, whatever its form: per layer, its measurement, its
+        options and the scale of each of the map's components (a scale a plan leaves out is 1)."""
+        return strategy, tuple((e.layer, e.measurement, e.sparsity, e.ensemble, e.direction,
+                                tuple(e.scale_for(c) for c in self.arch.components))
+                               for e in sorted(plan.entries, key=lambda e: e.layer))
 
 
 @dataclass
