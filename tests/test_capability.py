@@ -52,6 +52,10 @@ def test_teacher_forcing_reads_the_originals_own_answers(tmp_path: Path) -> None
     logp = teacher_forced(lm, prompts, answers, **kw)
     for a, lp in zip(answers, logp):
         assert lp.shape[0] == len(a) and lp.argmax(-1).tolist() == a, "each position predicts its greedy token"
+    # reduced as each batch is done (what the capability measure keeps): the same values
+    top = teacher_forced(lm, prompts, answers, reduce=lambda i, lp: (i, lp.topk(3, dim=-1)), **kw)
+    for i, (lp, (j, t)) in enumerate(zip(logp, top)):
+        assert i == j and torch.equal(t.values, lp.topk(3, dim=-1).values)
 
 
 def test_evaluate_capability(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -142,8 +143,7 @@ def reference(original: str | Path, harmless: Sequence[str], *, batch_size: int,
     lm = load_model(path, dtype)
     kw = dict(batch_size=batch_size, chat_template=chat_template, system_prompt=system_prompt, progress=progress)
     answers = generate_ids(lm, harmless, max_new_tokens=ANSWER_TOKENS, **kw)
-    logp = teacher_forced(lm, harmless, answers, **kw)
-    top = [lp.topk(min(TOP_K, lp.shape[-1]), dim=-1) for lp in logp]
+    top = teacher_forced(lm, harmless, answers, reduce=lambda i, lp: lp.topk(min(TOP_K, lp.shape[-1]), dim=-1), **kw)
     ref = Reference(answers, torch.cat([t.indices for t in top]), torch.cat([t.values for t in top]),
                     known_answers(lm, **kw))
     write_atomic(cache, save_safetensors({
@@ -157,8 +157,10 @@ def measure_capability(lm: LoadedModel, harmless: Sequence[str], ref: Reference,
                        chat_template: bool, system_prompt: str | None, progress: bool) -> Capability:
     """The edited model ``lm`` against the original's reference: answer KL and known-answer accuracy."""
     kw = dict(batch_size=batch_size, chat_template=chat_template, system_prompt=system_prompt, progress=progress)
-    logp = torch.cat(teacher_forced(lm, harmless, ref.answers, **kw))
-    kl = lumped_kl(ref.top_logp, logp.gather(-1, ref.top_ids))
+    ends = torch.tensor([len(a) for a in ref.answers], dtype=torch.int64).cumsum(0).tolist()
+    at = [ref.top_ids[end - len(a):end] for a, end in zip(ref.answers, ends, strict=True)]  # each answer's rows
+    logp = torch.cat(teacher_forced(lm, harmless, ref.answers, reduce=lambda i, lp: lp.gather(-1, at[i]), **kw))
+    kl = lumped_kl(ref.top_logp, logp)
     correct = known_answers(lm, **kw)
     qs = questions()
     by_kind = {}
@@ -180,13 +182,17 @@ def lumped_kl(p_top: torch.Tensor, q_top: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_forced(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[Sequence[int]], *, batch_size: int,
-                   chat_template: bool, system_prompt: str | None, progress: bool) -> list[torch.Tensor]:
-    """Per prompt, [answer tokens, vocab] float32 log-probs of each answer token's position,
-    the model reading prompt + answer (left-padded batches, positions over real tokens)."""
+                   chat_template: bool, system_prompt: str | None, progress: bool,
+                   reduce: Callable[[int, torch.Tensor], Any] = lambda i, logp: logp) -> list[Any]:
+    """Per prompt ``i``, ``reduce(i, logp)`` of its [answer tokens, vocab] float32 log-probs of
+    each answer token's position, the model reading prompt + answer (left-padded batches,
+    positions over real tokens). The callers keep a few tokens per position: reduced as each
+    batch is done, the full log-probs of every answer (64 answers of 128 tokens over a
+    151,936-token vocabulary: 5 GB) are never held at once."""
     tok = lm.tokenizer
     texts = format_prompts(tok, prompts, chat_template, system_prompt)
     rows = [tok(t, add_special_tokens=not chat_template)["input_ids"] + list(a) for t, a in zip(texts, answers, strict=True)]
-    out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+    out: list[Any] = [None] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     with tqdm(total=len(rows), unit="answer", desc="answer KL", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
@@ -203,7 +209,7 @@ def teacher_forced(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[Se
                                   logits_to_keep=keep).logits
             for j, i in enumerate(idx):
                 n = len(answers[i])  # the positions that predict answer tokens: the n before the last
-                out[i] = torch.log_softmax(logits[j, keep - 1 - n:keep - 1].float(), dim=-1).cpu()
+                out[i] = reduce(i, torch.log_softmax(logits[j, keep - 1 - n:keep - 1].float(), dim=-1).cpu())
             bar.update(len(idx))
     return out
 
