@@ -10,10 +10,10 @@ from .recipe import Recipe
 from .run import Run
 
 DEMO_MODEL = "qwen2.5-coder-0.5b-instruct"
-# Seconds each step took on 2 idle cores (README, 2026-11-29; the search at 24 trials, answers of
-# up to 128 tokens, both models evaluated): the estimate printed before the run scales them by the
-# cores and the settings.
-MEASURED = {"measure": 64, "plan": 815, "rewrite and verify": 2, "evaluate": 291}
+# Seconds each step took on 2 idle cores (README, 2026-12-03; the search at 24 trials, answers of
+# up to 128 tokens, both models evaluated, capability measured): the estimate printed before the
+# run scales them by the cores and the settings.
+MEASURED = {"measure": 44, "plan": 354, "rewrite and verify": 3, "evaluate": 948}
 
 
 def run_demo(out: Path, *, strategy: str = "norm-preserving", trials: int = 24, max_new_tokens: int = 128,
