@@ -157,8 +157,7 @@ def measure_capability(lm: LoadedModel, harmless: Sequence[str], ref: Reference,
                        chat_template: bool, system_prompt: str | None, progress: bool) -> Capability:
     """The edited model ``lm`` against the original's reference: answer KL and known-answer accuracy."""
     kw = dict(batch_size=batch_size, chat_template=chat_template, system_prompt=system_prompt, progress=progress)
-    ends = torch.tensor([len(a) for a in ref.answers], dtype=torch.int64).cumsum(0).tolist()
-    at = [ref.top_ids[end - len(a):end] for a, end in zip(ref.answers, ends, strict=True)]  # each answer's rows
+    at = ref.top_ids.split([len(a) for a in ref.answers])  # each answer's rows
     logp = torch.cat(teacher_forced(lm, harmless, ref.answers, reduce=lambda i, lp: lp.gather(-1, at[i]), **kw))
     kl = lumped_kl(ref.top_logp, logp)
     correct = known_answers(lm, **kw)

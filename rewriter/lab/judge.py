@@ -21,7 +21,7 @@ from ..dtypes import DTYPES, RUN_DTYPES, dtype_name
 from ..errors import AbliterateError
 from .chat import cap_prompts
 from .models import (LoadedModel, batches, built, format_prompts, load_config, load_model, load_tokenizer,
-                     quiet_transformers, release_free_memory, resolve_model)
+                     quiet_transformers, resolve_model)
 
 RUBRIC = (
     "You are grading an AI assistant's answer to a user's request.\n\n"
@@ -115,7 +115,6 @@ def _classify(spec: JudgeSpec, answers: Sequence[str], *, batch_size: int, dtype
     """A sequence classifier's probability of the refusal label, on each answer cut to
     JUDGE_ANSWER_TOKENS (padded on the right: BERT-like models read their first token)."""
     tf = quiet_transformers()
-    release_free_memory()  # as load_model does: the evaluated model was just released
     model = built(lambda: tf.AutoModelForSequenceClassification.from_pretrained(
         spec.path, dtype=DTYPES[dtype_name(dtype, RUN_DTYPES)]), spec.path).eval()
     tok = load_tokenizer(spec.path)

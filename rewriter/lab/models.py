@@ -81,7 +81,6 @@ def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu", re
     # the decoded path builds on the streamed one, which imports this module
     from .decoded import load_decoded, safetensors_checkpoint
 
-    release_free_memory()
     path = resolve_model(name)
     ckpt = safetensors_checkpoint(path)
     if ckpt is not None and ckpt.quantization() is not None:
@@ -96,7 +95,7 @@ def load_model(name: str | Path, dtype: str = "float32", device: str = "cpu", re
 
 
 def release_free_memory() -> None:
-    """Hand the memory freed so far back to the system before a model loads. glibc keeps what a
+    """Hand the memory freed so far back to the system before a model is built. glibc keeps what a
     model and its activations freed (2.1 GB after run's search on the 0.5B model) in its heaps,
     where the next model's tensors mostly do not land: the peak grew by that much, and page
     faults here cost several times as much when so much is held. Elsewhere than glibc, only
@@ -128,9 +127,11 @@ def load_config(path: Path, tensors: int | None = None) -> Any:
 
 
 def built(make: Callable[[], Any], path: Path) -> Any:
-    """``make()``, a model's from_pretrained or from_config: a config that reads can still describe
-    a model transformers cannot build (no attention heads, an unknown activation or rope type), and
-    weights can miss what it describes."""
+    """``make()``, a model's from_pretrained or from_config (every model the lab loads, whole,
+    decoded, streamed or a judge), after the memory freed so far is given back: a config that
+    reads can still describe a model transformers cannot build (no attention heads, an unknown
+    activation or rope type), and weights can miss what it describes."""
+    release_free_memory()
     try:
         return make()
     except AbliterateError:
