@@ -292,7 +292,7 @@ def test_disk_full_names_the_file_and_a_rerun_just_works(src: Path, directions_f
     out = tmp_path / "out"
     real_write = shard_writer._write_all
 
-    def full(fd: int, data, offset: int) -> None:
+    def full(fd: int, data, offset: int, turn) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(shard_writer, "_write_all", full)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -84,12 +86,70 @@ def test_ranges_and_tensors_in_file_order(tmp_path: Path) -> None:
 
 def test_small_system_calls_and_the_memory_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Short kernel copies and writes are continued; without copy_file_range, ranges go through memory."""
-    monkeypatch.setattr(shard_writer, "_MAX_IO", 1000)
+    monkeypatch.setattr(shard_writer, "_COPY", 1000)
+    monkeypatch.setattr(shard_writer, "_WRITE", 999)
     monkeypatch.setattr(shard_writer, "_CHUNK", 777)
     src = _source(tmp_path)
     _check(src, tmp_path / "a.safetensors", _rewrite_odd_tensors(src, tmp_path / "a.safetensors"))
     monkeypatch.delattr(os, "copy_file_range", raising=False)
     _check(src, tmp_path / "b.safetensors", _rewrite_odd_tensors(src, tmp_path / "b.safetensors"))
+
+
+def test_tensors_are_written_in_small_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large pwrite fills 2 MiB page-cache folios, which a VM's host may have to fault in
+    again (ten times the system time, see ``_WRITE``): a 5 MiB tensor goes out in calls of 256 KiB."""
+    sizes: list[int] = []
+    real = os.pwrite
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        sizes.append(memoryview(data).nbytes)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    big = torch.arange(5 << 18, dtype=torch.float32)  # 5 MiB
+    src = tmp_path / "big.safetensors"
+    save_file({"big": big}, src)
+    header = read_header(src)
+    writer = ShardWriter(tmp_path / "out.safetensors", header)
+    writer.write_tensor(big + 1)
+    writer.close()
+    writer.commit()
+    assert sizes[0] == header.entries[0].start and sizes[1:] == [256 << 10] * 20
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["big"], big + 1)
+
+
+def test_the_copy_and_the_writes_take_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file system writes one file from one call at a time, and a call waiting for it spins
+    on a core (see ``_COPY``): the writer's two threads never have two calls on the file at once,
+    and each call stays short."""
+    busy, overlaps, sizes = [0], [0], []
+    count = threading.Lock()
+    real_pwrite, real_copy = os.pwrite, os.copy_file_range
+
+    def watched(call, size_of):
+        def run(*args):
+            with count:
+                busy[0] += 1
+                overlaps[0] += busy[0] > 1
+            sizes.append(size_of(args))
+            time.sleep(0.002)  # long enough for the other thread to come in, were it let
+            try:
+                return call(*args)
+            finally:
+                with count:
+                    busy[0] -= 1
+        return run
+
+    monkeypatch.setattr(shard_writer, "_COPY", 4096)
+    monkeypatch.setattr(shard_writer, "_WRITE", 4096)
+    monkeypatch.setattr(os, "pwrite", watched(real_pwrite, lambda a: memoryview(a[1]).nbytes))
+    monkeypatch.setattr(os, "copy_file_range", watched(real_copy, lambda a: a[2]))
+    tensors = {f"t{i}": torch.randn(256, 128, dtype=torch.bfloat16) for i in range(8)}  # 64 KiB each
+    src = tmp_path / "src.safetensors"
+    save_file(tensors, src)
+    out = tmp_path / "out.safetensors"
+    _check(src, out, _rewrite_odd_tensors(src, out))
+    assert overlaps[0] == 0 and max(sizes) <= 4096 and len(sizes) > 100
 
 
 @pytest.mark.skipif(not SHM.is_dir() or SHM.stat().st_dev == Path.cwd().stat().st_dev,
