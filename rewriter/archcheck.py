@@ -504,9 +504,11 @@ def _tokens(seed: int) -> torch.Tensor:
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor, proof: Proof) -> torch.Tensor:
-    """The model's logits; through its language model where the wrapper's text-only forward fails."""
+    """The model's logits; through its language model where the wrapper's text-only forward fails.
+    Without a cache: one pass needs none, and building one can fail where the forward would not
+    (transformers 5.25's nemotron_h asks a layer without attention for its cached length)."""
     try:
-        return model(input_ids=ids).logits
+        return model(input_ids=ids, use_cache=False).logits
     except (AttributeError, TypeError) as exc:
         language = getattr(model, "language_model", None)
         if language is None:
@@ -514,4 +516,4 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor, proof: Proof) -> torch.Te
         note = f"forward through .language_model: the wrapper's text-only forward fails ({exc})"
         if note not in proof.notes:
             proof.notes.append(note)
-        return language(input_ids=ids).logits
+        return language(input_ids=ids, use_cache=False).logits
