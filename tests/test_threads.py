@@ -10,7 +10,7 @@ from typing import cast
 import pytest
 import torch
 
-from rewriter.engine import threads
+from rewriter.engine import rewrite, threads
 from rewriter.engine.buffers import Scratch
 from rewriter.engine.edit import TensorEdit
 from rewriter.io.checkpoint import Checkpoint
@@ -136,3 +136,25 @@ def test_a_quantized_weight_edits_in_the_reused_working_copy() -> None:
     grown = scratch.workspace(10_000)
     assert grown.numel() == 10_000 and grown.data_ptr() != plain.data_ptr()
     assert scratch.workspace(scratch.numel).data_ptr() == grown.data_ptr()
+
+
+def test_quantized_parts_are_read_into_reused_buffers_that_nothing_queued_shares() -> None:
+    """A whole quantized weight's stored parts are read into this thread's buffers, one per part,
+    reused weight to weight (grown only); a re-encoded part that shares memory with one (a codec
+    may hand a part back unchanged, or a view of it) is queued as a copy, since the next weight
+    overwrites the buffer while the write may still wait."""
+    entry = SimpleNamespace(shape=(64, 32), start=0, end=2 * 64 * 32)
+    ckpt = cast(Checkpoint, SimpleNamespace(entry=lambda name: entry))
+    scratch = Scratch({"w": TensorEdit("w", 0, 1.0, torch.ones(64, dtype=torch.float64), subtractive)}, ckpt,
+                      torch.float32)
+    codes = scratch.part_buffer(0, 100)
+    assert scratch.part_buffer(0, 50) is codes and scratch.part_buffer(1, 10) is not codes
+    assert len(scratch.part_buffer(0, 200)) == 200
+    codes = scratch.part_buffer(0, 100)
+    codes[:] = bytes(range(len(codes)))
+    parts = {"q": torch.frombuffer(codes, dtype=torch.uint8)}
+    fresh = torch.zeros(4, dtype=torch.uint8)
+    new = rewrite._apart({"q": fresh, "s": parts["q"][10:20]}, parts)
+    assert new["q"] is fresh
+    codes[:] = bytes(len(codes))  # the next weight's read
+    assert new["s"].tolist() == list(range(10, 20))

@@ -367,10 +367,14 @@ def _write_coded(ckpt: Checkpoint, shard: Shard, src: BinaryIO, edit: CodedEdit,
         piece = edit.piece(i) if n > 1 else edit
         numel = math.prod(piece.shape)
         new, z = piece.apply(parts, scratch.compute, inner, scratch.workspace(numel), scratch.decoded(numel))
-        return i, new, z
+        return i, (_apart(new, parts) if into is not None else new), z
 
     zeroed = 0
-    for i, new, z in map_ordered(scratch.pool, apply, enumerate(part_slices(ckpt, shard, src, edit.parts, n)), lanes):
+    # a whole weight's parts are read into this thread's buffers; a stacked one's slices, small
+    # and several in flight, into their own
+    into = scratch.part_buffer if n == 1 else None
+    items = enumerate(part_slices(ckpt, shard, src, edit.parts, n, into))
+    for i, new, z in map_ordered(scratch.pool, apply, items, lanes):
         zeroed += z
         for e in here:
             writer.write_at(slice_entry(e, i, n).start, new[e.name])
@@ -387,21 +391,34 @@ def coded_slices(ckpt: Checkpoint, edit: CodedEdit) -> int:
     return n
 
 
-def part_slices(ckpt: Checkpoint, shard: Shard, src: BinaryIO, parts: tuple[str, ...],
-                n: int) -> Iterator[dict[str, torch.Tensor]]:
+def part_slices(ckpt: Checkpoint, shard: Shard, src: BinaryIO, parts: tuple[str, ...], n: int,
+                into: Callable[[int, int], bytearray] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Slice i of every part, for i in range(n) (the whole parts when n is 1), each read from
-    this shard's open file or from the shard that holds it."""
+    this shard's open file or from the shard that holds it; with ``into``, part k of this
+    shard into ``into(k, bytes)``."""
     entries = [ckpt.entry(p) for p in parts]
     for i in range(n):
-        yield {e.name: read_part(ckpt, shard, src, slice_entry(e, i, n)) for e in entries}
+        yield {e.name: read_part(ckpt, shard, src, slice_entry(e, i, n),
+                                 into(k, e.end - e.start) if into is not None else None)
+               for k, e in enumerate(entries)}
 
 
-def read_part(ckpt: Checkpoint, shard: Shard, src: BinaryIO, entry: TensorEntry) -> torch.Tensor:
-    """One stored part (or slice of it) in its stored dtype, from this shard's open file or another shard."""
+def read_part(ckpt: Checkpoint, shard: Shard, src: BinaryIO, entry: TensorEntry,
+              into: bytearray | None = None) -> torch.Tensor:
+    """One stored part (or slice of it) in its stored dtype, from this shard's open file (into
+    the front of ``into`` when given) or another shard."""
     owner = ckpt.shard_of[entry.name.partition("[")[0]]
     if owner.name == shard.name:
-        return read_tensor(src, entry, stored=True)
+        return read_tensor(src, entry, into=into, stored=True)
     return tensor_from_bytes(bytearray(ckpt.files.read(owner, entry.start, entry.end)), entry, stored=True)
+
+
+def _apart(new: dict[str, torch.Tensor], parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The re-encoded parts, each copied where it shares memory with a stored part (a codec
+    may return a part it left unchanged, or a view of one): the stored parts were read into
+    buffers that the thread's next weight overwrites while these may still be queued."""
+    held = {p.untyped_storage().data_ptr() for p in parts.values()}
+    return {k: v.clone() if v.untyped_storage().data_ptr() in held else v for k, v in new.items()}
 
 
 def slice_entry(entry: TensorEntry, index: int, count: int) -> TensorEntry:
