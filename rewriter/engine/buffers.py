@@ -78,13 +78,12 @@ class Scratch:
         """This thread's buffer for part ``index`` of a quantized weight as stored, at least
         ``nbytes`` long: the codes of a block-FP8 ``down_proj`` (59 MB) read into a fresh one
         were 14,400 page faults each weight. Reused by the thread's next weight."""
-        parts: list[bytearray] | None = getattr(self._mine, "parts", None)
-        if parts is None:
-            parts = self._mine.parts = []
-        parts.extend(bytearray(0) for _ in range(index + 1 - len(parts)))
-        if len(parts[index]) < nbytes:
-            parts[index] = bytearray(nbytes)
-        return parts[index]
+        name = f"part {index}"
+        buffer: bytearray | None = getattr(self._mine, name, None)
+        if buffer is None or len(buffer) < nbytes:
+            buffer = bytearray(nbytes)
+            setattr(self._mine, name, buffer)
+        return buffer
 
     def _grown(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """This thread's buffer ``name``, reallocated only to grow."""

@@ -9,8 +9,8 @@ offset, so that neither waits for the other (with one thread for both, the copy 
 untouched tensors between two edited ones held up every write, and the caller's next
 edit with it). Their system calls take turns, each short (see ``_WRITE`` and ``_COPY``).
 Both run while the caller reads and edits the next tensor, and, once the shard's last
-buffer is written (``wait_for_buffers``), while it goes on to the next
-shard: copies hold no memory, and the files they read from are held open until ``close``.
+buffer is written (``wait_for_buffers``), while it goes on to the next shard: copies hold
+no memory, and the files they read from are held open until ``close``.
 """
 from __future__ import annotations
 
