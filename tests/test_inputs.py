@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from rewriter.cli import main
 from rewriter.directions import CONVENTION, Measurements
 from rewriter.errors import AbliterateError
-from rewriter.launch import prefetch
+from rewriter.launch import _exit_code, prefetch
 from rewriter.plan import load_plan
 from tests.helpers import random_measurements, tree
 
@@ -135,6 +135,41 @@ def test_console_script_rewrites_as_the_command_does(checkpoint_factory: Callabl
     assert CliRunner().invoke(main, ["rewrite", *args[:1], str(tmp_path / "b"), *args[1:]]).exit_code == 0
     assert tree(tmp_path / "a") == tree(tmp_path / "b")
 
+
+EXITING = """
+import atexit, pathlib, sys, threading, time
+if sys.argv[3] == "torch":
+    import torch  # finish ends the process itself only once torch is loaded
+from rewriter.launch import finish
+out = pathlib.Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("ran"))).start()
+sys.stdout.write("buffered")  # a pipe's stdout is block-buffered: only a flush writes this
+status = int(sys.argv[2]) if sys.argv[2].isdigit() else sys.argv[2]
+finish(lambda: sys.exit(status))
+"""
+
+
+@pytest.mark.parametrize(("status", "torch_loaded", "code"), [("3", "torch", 3), ("a message", "torch", 1),
+                                                              ("3", "no", 3)])
+def test_console_scripts_exit_as_python_would(tmp_path: Path, status: str, torch_loaded: str, code: int) -> None:
+    """``finish`` skips Python's teardown once torch is loaded, and nothing else of its exit: the
+    status, the threads that are not daemons, the atexit functions and the buffered output."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (set here: it would flush each write)
+    done = subprocess.run([sys.executable, "-c", EXITING, str(tmp_path), status, torch_loaded],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == code, done.stderr
+    assert done.stdout == "buffered"
+    assert done.stderr == ("a message\n" if code == 1 else "")
+    assert (tmp_path / "atexit").read_text() == (tmp_path / "thread").read_text() == "ran"
+
+
+def test_exit_codes_are_pythons(capsys: pytest.CaptureFixture[str]) -> None:
+    assert [_exit_code(s) for s in (None, 0, 2, 256, -1, True)] == [0, 0, 2, 0, 255, 1]
+    assert _exit_code("stopped") == 1 and capsys.readouterr().err == "stopped\n"
 
 def test_prefetch_hints_at_most_its_budget_and_never_fails(checkpoint_factory: Callable[[str], Path],
                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
