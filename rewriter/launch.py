@@ -69,10 +69,12 @@ def finish(command: Callable[[], object]) -> NoReturn:
         shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None or stream.closed:
+            continue
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe: as Python's exit, nothing more to say there
-            code = code or 120
+        except OSError:  # a closed pipe: Python's exit says 120 then
+            code = 120
     os._exit(code)
 
 

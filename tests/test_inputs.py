@@ -171,6 +171,7 @@ def test_exit_codes_are_pythons(capsys: pytest.CaptureFixture[str]) -> None:
     assert [_exit_code(s) for s in (None, 0, 2, 256, -1, True)] == [0, 0, 2, 0, 255, 1]
     assert _exit_code("stopped") == 1 and capsys.readouterr().err == "stopped\n"
 
+
 def test_prefetch_hints_at_most_its_budget_and_never_fails(checkpoint_factory: Callable[[str], Path],
                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = checkpoint_factory("llama")
