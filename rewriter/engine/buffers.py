@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 
 from ..io.checkpoint import Checkpoint
 from .edit import TensorEdit
+
+Buffer = TypeVar("Buffer", bytearray, torch.Tensor)
 
 
 class Scratch:
@@ -78,18 +81,18 @@ class Scratch:
         """This thread's buffer for part ``index`` of a quantized weight as stored, at least
         ``nbytes`` long: the codes of a block-FP8 ``down_proj`` (59 MB) read into a fresh one
         were 14,400 page faults each weight. Reused by the thread's next weight."""
-        name = f"part {index}"
-        buffer: bytearray | None = getattr(self._mine, name, None)
-        if buffer is None or len(buffer) < nbytes:
-            buffer = bytearray(nbytes)
-            setattr(self._mine, name, buffer)
-        return buffer
+        return self._kept(f"part {index}", nbytes, bytearray)
 
     def _grown(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """This thread's buffer ``name``, reallocated only to grow."""
-        buffer: torch.Tensor | None = getattr(self._mine, name, None)
-        if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(max(numel, self.numel), dtype=dtype)
+        """This thread's tensor ``name`` of ``dtype``, at least as long as the largest edited tensor."""
+        return self._kept(name, numel, lambda n: torch.empty(max(n, self.numel), dtype=dtype))
+
+    def _kept(self, name: str, size: int, make: Callable[[int], Buffer]) -> Buffer:
+        """This thread's one-dimensional buffer ``name``, at least ``size`` long: ``make(size)``
+        the first time, and again only to grow."""
+        buffer: Buffer | None = getattr(self._mine, name, None)
+        if buffer is None or len(buffer) < size:
+            buffer = make(size)
             setattr(self._mine, name, buffer)
         return buffer
 

@@ -361,6 +361,9 @@ def _write_coded(ckpt: Checkpoint, shard: Shard, src: BinaryIO, edit: CodedEdit,
     # of a slice's decoding and re-encoding is one thread's work, which column chunks do not split
     lanes = scratch.lanes if n > 1 else 1
     inner = scratch.pool if lanes <= 1 else None
+    # a whole weight's parts are read into this thread's buffers; a stacked one's slices, small
+    # and several in flight, into their own
+    into = scratch.part_buffer if n == 1 else None
 
     def apply(item: tuple[int, dict[str, torch.Tensor]]) -> tuple[int, dict[str, torch.Tensor], int]:
         i, parts = item
@@ -370,9 +373,6 @@ def _write_coded(ckpt: Checkpoint, shard: Shard, src: BinaryIO, edit: CodedEdit,
         return i, (_apart(new, parts) if into is not None else new), z
 
     zeroed = 0
-    # a whole weight's parts are read into this thread's buffers; a stacked one's slices, small
-    # and several in flight, into their own
-    into = scratch.part_buffer if n == 1 else None
     items = enumerate(part_slices(ckpt, shard, src, edit.parts, n, into))
     for i, new, z in map_ordered(scratch.pool, apply, items, lanes):
         zeroed += z
